@@ -1,0 +1,31 @@
+"""Exceptions raised by the library. The CLI turns each into one line and exit code 2."""
+
+
+class TestTimeRegistersError(Exception):
+    """Base class of every error this library raises on bad input."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+
+class ImageSourceError(TestTimeRegistersError, ValueError):
+    """An image folder is missing or empty, or no readable image was found."""
+
+
+class NeuronFileError(TestTimeRegistersError, ValueError):
+    """A register-neuron file cannot be read or is not in the expected format."""
+
+
+class IncompatibleNeuronsError(TestTimeRegistersError, ValueError):
+    """Register neurons name a layer or neuron that the model does not have."""
+
+
+class NoOutliersError(TestTimeRegistersError):
+    """Discovery found no high-norm patch token in any image."""
+
+
+class ModelLoadError(TestTimeRegistersError):
+    """A model spec is unknown, or its weights are missing, corrupt or unreachable."""
+
+
+class UnsupportedModelError(TestTimeRegistersError, TypeError):
+    """A hook manager was given a model it does not describe."""

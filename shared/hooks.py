@@ -1,0 +1,302 @@
+"""Scoped hooks and the abstract :class:`HookManager`.
+
+A hook manager declares where things live in one unmodified model: the MLP neurons, the
+block outputs, the attention probabilities, where test-time registers go in and come out,
+and the token layout. It never copies model code. Every hook it places lives inside a
+:class:`Hooks` context, which removes exactly the handles it added, also on exceptions.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .layout import TokenLayout
+
+TensorFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+def _replace_first(value, tensor: torch.Tensor):
+    """Put ``tensor`` where the first tensor of a module's output was."""
+    if isinstance(value, torch.Tensor):
+        return tensor
+    if isinstance(value, tuple):
+        return (tensor, *value[1:])
+    if isinstance(value, list):
+        return [tensor, *value[1:]]
+    if isinstance(value, dict):  # transformers ModelOutput is an ordered dict
+        value[next(iter(value.keys()))] = tensor
+        return value
+    raise TypeError(f"cannot replace a tensor inside a {type(value).__name__}")
+
+
+def _first_tensor(value) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        return value[0]
+    if isinstance(value, dict):
+        return next(iter(value.values()))
+    raise TypeError(f"cannot find a tensor inside a {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class HookSite:
+    """A tensor flowing into (``"input"``) or out of (``"output"``) a module.
+
+    For inputs, the tensor is the first positional argument, or the keyword argument
+    ``keyword`` when the module is called with keywords only. For outputs, it is the output
+    itself, or the first element of a tuple or ``ModelOutput``.
+    """
+
+    module: nn.Module
+    where: Literal["input", "output"]
+    keyword: str = "hidden_states"
+
+    def attach(self, fn: TensorFn, *, prepend: bool = False) -> RemovableHandle:
+        """Call ``fn(tensor)`` each time the tensor flows; a returned tensor replaces it."""
+        if self.where == "input":
+            def pre_hook(module, args, kwargs):
+                if args:
+                    result = fn(args[0])
+                    return None if result is None else ((result, *args[1:]), kwargs)
+                result = fn(kwargs[self.keyword])
+                if result is None:
+                    return None
+                return args, {**kwargs, self.keyword: result}
+
+            return self.module.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=prepend)
+        if self.where == "output":
+            def post_hook(module, args, output):
+                result = fn(_first_tensor(output))
+                return None if result is None else _replace_first(output, result)
+
+            return self.module.register_forward_hook(post_hook, prepend=prepend)
+        raise ValueError(f"where must be 'input' or 'output', got {self.where!r}")
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early; caught by whoever raised the need."""
+
+
+class Hooks:
+    """A context manager owning a set of hook handles.
+
+    On exit, and also on any exception, it removes exactly the handles it added and nothing
+    else, so hooks a user placed on the same modules stay.
+    """
+
+    def __init__(self, hook_manager: "HookManager"):
+        self.hook_manager = hook_manager
+        self._handles: list[RemovableHandle] = []
+
+    def __enter__(self) -> "Hooks":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def keep(self, handle: RemovableHandle) -> RemovableHandle:
+        """Take ownership of a handle made elsewhere (e.g. by an attention probe)."""
+        self._handles.append(handle)
+        return handle
+
+    def on(self, site: HookSite, fn: TensorFn, *, prepend: bool = False) -> None:
+        self.keep(site.attach(fn, prepend=prepend))
+
+    def on_neurons(self, layer: int, fn: TensorFn, *, prepend: bool = False) -> None:
+        """``fn(activations [B, L, num_neurons])`` at every call of layer ``layer``'s MLP."""
+        self.on(self.hook_manager.neuron_site(layer), fn, prepend=prepend)
+
+    def on_block_output(self, layer: int, fn: TensorFn, *, prepend: bool = False) -> None:
+        """``fn(residual [B, L, hidden_size])`` at the output of block ``layer``."""
+        self.on(self.hook_manager.block_output_site(layer), fn, prepend=prepend)
+
+    def on_attention(self, layer: int, fn: Callable[[torch.Tensor], None]) -> None:
+        """``fn(probabilities [B, heads, L, L])`` for block ``layer``; read-only."""
+        self.hook_manager.attach_attention_probe(layer, fn, self)
+
+    def stop_after_block(self, layer: int) -> None:
+        """End the forward pass with :class:`StopForward` once block ``layer`` has run."""
+        def stop(_residual):
+            raise StopForward
+
+        self.on_block_output(layer, stop)
+
+
+@dataclass
+class Capture:
+    """Detached tensors from the most recent forward pass, keyed by layer.
+
+    ``neurons[l]`` is [B, L, num_neurons], ``residual[l]`` is [B, L, hidden_size] and
+    ``attention[l]`` is [B, heads, L, L]. ``layout`` says which positions are which.
+    """
+
+    layout: TokenLayout
+    neurons: dict[int, torch.Tensor] = field(default_factory=dict)
+    residual: dict[int, torch.Tensor] = field(default_factory=dict)
+    attention: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def patches(self, site: Literal["neurons", "residual"], layer: int) -> torch.Tensor:
+        """The patch tokens of a captured sequence: [B, num_patches, features]."""
+        tensor = getattr(self, site)[layer]
+        return tensor[:, self.layout.patches(tensor.shape[1])]
+
+
+class HookManager(abc.ABC):
+    """Declares the sites of one ViT architecture on an unmodified model.
+
+    A subclass names the blocks, each block's MLP output projection (its input is the
+    neuron activations), how attention probabilities are read, where test-time registers
+    are inserted and removed, the token layout, and how to run images through the model.
+    Everything else (discovery, the intervention, captures, logging) is shared.
+    """
+
+    #: Methods of the wrapped model that :class:`~shared.ModifiedModel` runs under the intervention.
+    forward_methods: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module, name: str | None = None):
+        self.model = model
+        self.name = name or type(model).__name__
+
+    # ---- what a subclass declares ----------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def layout(self) -> TokenLayout:
+        """CLS and trained registers of the unmodified model (no test-time registers)."""
+
+    @property
+    @abc.abstractmethod
+    def blocks(self) -> Sequence[nn.Module]:
+        """The transformer blocks, in order."""
+
+    @abc.abstractmethod
+    def mlp_output_projection(self, layer: int) -> nn.Module:
+        """The MLP's output projection in block ``layer``; its input is the neuron activations."""
+
+    @abc.abstractmethod
+    def register_insertion_site(self) -> HookSite:
+        """Where test-time registers are appended to the token sequence."""
+
+    @abc.abstractmethod
+    def register_removal_site(self) -> HookSite:
+        """Where they are taken off again, before any pooling or final output."""
+
+    @abc.abstractmethod
+    def attach_attention_probe(self, layer: int, fn: Callable[[torch.Tensor], None],
+                               hooks: Hooks) -> None:
+        """Arrange for ``fn(probabilities [B, heads, L, L])`` in block ``layer``.
+
+        Every handle made must be passed to ``hooks.keep`` so that it is removed on exit.
+        """
+
+    @property
+    @abc.abstractmethod
+    def patch_size(self) -> tuple[int, int]:
+        """Patch height and width in pixels."""
+
+    def forward_images(self, pixel_values: torch.Tensor):
+        """Run preprocessed images [B, 3, H, W] through the image model."""
+        return self.model(pixel_values)
+
+    def block_output_site(self, layer: int) -> HookSite:
+        return HookSite(self.blocks[layer], "output")
+
+    # ---- derived ---------------------------------------------------------------------
+    def neuron_site(self, layer: int) -> HookSite:
+        return HookSite(self.mlp_output_projection(layer), "input")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    def num_neurons(self, layer: int) -> int:
+        return self.mlp_output_projection(layer).weight.shape[1]
+
+    @property
+    def default_detect_layer(self) -> int:
+        """The layer whose block output is searched for outliers when none is given."""
+        return self.num_layers - 1
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p for p in self.model.parameters() if p.is_floating_point()).dtype
+
+    def check_layer(self, layer: int, what: str = "layer") -> int:
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"{what} must be an int in 0..{self.num_layers - 1}, got {layer!r}")
+        return layer
+
+    def grid_shape(self, pixel_values: torch.Tensor) -> tuple[int, int]:
+        """Patch grid (rows, cols) for a batch of preprocessed images [B, 3, H, W]."""
+        height, width = pixel_values.shape[-2:]
+        return height // self.patch_size[0], width // self.patch_size[1]
+
+    def hooks(self) -> Hooks:
+        return Hooks(self)
+
+    def capture(self, *, neurons: Iterable[int] = (), residual: Iterable[int] = (),
+                attention: Iterable[int] = (), device: torch.device | str | None = None,
+                layout: TokenLayout | None = None) -> "_CaptureContext":
+        """Capture detached tensors at the chosen layers and sites while the context is open.
+
+        >>> with hm.capture(residual=[11], attention=[11]) as cap:
+        ...     hm.forward_images(pixel_values)
+        >>> cap.residual[11].shape   # [B, L, hidden_size]
+        """
+        return _CaptureContext(self, list(neurons), list(residual), list(attention), device,
+                               layout or self.layout)
+
+    def run_with_capture(self, pixel_values: torch.Tensor, **sites):
+        """Run ``forward_images`` once and return ``(output, Capture)``."""
+        with self.capture(**sites) as captured:
+            output = self.forward_images(pixel_values)
+        return output, captured
+
+
+class _CaptureContext:
+    def __init__(self, hook_manager: HookManager, neurons: list[int], residual: list[int],
+                 attention: list[int], device, layout: TokenLayout):
+        for layer in (*neurons, *residual, *attention):
+            hook_manager.check_layer(layer)
+        self._hooks = hook_manager.hooks()
+        self._plan = (neurons, residual, attention)
+        self._device = device
+        self.captured = Capture(layout)
+
+    def _store(self, store: dict, layer: int):
+        def record(tensor: torch.Tensor) -> None:
+            store[layer] = tensor.detach().to(self._device) if self._device else tensor.detach()
+
+        return record
+
+    def __enter__(self) -> Capture:
+        neurons, residual, attention = self._plan
+        try:
+            for layer in neurons:
+                self._hooks.on_neurons(layer, self._store(self.captured.neurons, layer))
+            for layer in residual:
+                self._hooks.on_block_output(layer, self._store(self.captured.residual, layer))
+            for layer in attention:
+                self._hooks.on_attention(layer, self._store(self.captured.attention, layer))
+        except BaseException:
+            self._hooks.close()
+            raise
+        return self.captured
+
+    def __exit__(self, *exc_info) -> None:
+        self._hooks.close()

@@ -1,0 +1,148 @@
+"""Image sources: folders of files or in-memory PIL images, turned into batches on a device."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ImageSourceError
+
+log = logging.getLogger(__name__)
+
+Preprocess = Callable[[Image.Image], torch.Tensor]
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB (16-bit and float greyscale are rescaled first)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        scale = 255.0 / (high - low) if high > low else 0.0
+        image = Image.fromarray(((values - low) * scale).round().astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+class ImageFolder:
+    """The images under a folder (recursively), read lazily and skipped when unreadable.
+
+    With ``limit``, a seeded random sample of that many readable images is taken; files are
+    otherwise visited in sorted order. Iterating yields ``(name, RGB image)``; ``skipped``
+    counts the files that could not be read in the last iteration.
+    """
+
+    def __init__(self, root: str | os.PathLike, limit: int | None = None, seed: int = 0):
+        self.root = Path(root)
+        if not self.root.exists():
+            raise ImageSourceError(f"image folder not found: {self.root}")
+        if not self.root.is_dir():
+            raise ImageSourceError(f"not a folder: {self.root}")
+        self.files = sorted(p for p in self.root.rglob("*")
+                            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(self.root).parts))
+        if not self.files:
+            raise ImageSourceError(f"image folder is empty: {self.root}")
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        self.limit = limit
+        self.seed = seed
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        """An upper bound: the number of files that will be tried."""
+        return min(len(self.files), self.limit) if self.limit else len(self.files)
+
+    def _visit_order(self) -> list[Path]:
+        if self.limit is None or self.limit >= len(self.files):
+            return self.files
+        order = list(self.files)
+        random.Random(self.seed).shuffle(order)
+        return order
+
+    def __iter__(self) -> Iterator[tuple[str, Image.Image]]:
+        self.skipped = 0
+        delivered = 0
+        for path in self._visit_order():
+            if self.limit is not None and delivered >= self.limit:
+                return
+            try:
+                with Image.open(path) as opened:
+                    opened.load()
+                    image = to_rgb(opened)
+                    if image is opened:
+                        image = opened.copy()
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+                self.skipped += 1
+                log.info("skipping %s: %s", path, error)
+                continue
+            if min(image.size) == 0:
+                self.skipped += 1
+                continue
+            delivered += 1
+            yield str(path.relative_to(self.root)), image
+
+
+@dataclass
+class Batch:
+    names: list[str]
+    pixel_values: torch.Tensor  # [B, 3, H, W]
+
+
+def named_images(images) -> Iterable[tuple[str, Image.Image]]:
+    """``(name, image)`` pairs from a folder path, an :class:`ImageFolder` or PIL images."""
+    if isinstance(images, (str, os.PathLike)):
+        return ImageFolder(images)
+    if isinstance(images, ImageFolder):
+        return images
+    return ((f"image_{index}", to_rgb(image)) for index, image in enumerate(images))
+
+
+def batches(images, preprocess: Preprocess | None, batch_size: int,
+            device: torch.device | str, dtype: torch.dtype) -> Iterator[Batch]:
+    """Yield preprocessed batches on ``device``.
+
+    ``images`` is a folder path, an :class:`ImageFolder`, an iterable of PIL images, or a
+    tensor of already preprocessed images [N, 3, H, W].
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4:
+            raise ValueError(f"an image tensor must be [N, 3, H, W], got shape {tuple(images.shape)}")
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            yield Batch([f"image_{start + i}" for i in range(len(chunk))],
+                        chunk.to(device=device, dtype=dtype, non_blocking=True))
+        return
+    if preprocess is None:
+        raise ValueError("preprocess is required to turn PIL images into tensors")
+    names: list[str] = []
+    tensors: list[torch.Tensor] = []
+    for name, image in named_images(images):
+        names.append(name)
+        tensors.append(preprocess(image))
+        if len(tensors) == batch_size:
+            yield Batch(names, torch.stack(tensors).to(device=device, dtype=dtype, non_blocking=True))
+            names, tensors = [], []
+    if tensors:
+        yield Batch(names, torch.stack(tensors).to(device=device, dtype=dtype, non_blocking=True))
+
+
+def count_hint(images) -> int | None:
+    """How many images a source will give, when that is known in advance (for progress bars)."""
+    if isinstance(images, (torch.Tensor, ImageFolder, list, tuple)):
+        return len(images)
+    return None

@@ -1,0 +1,245 @@
+"""Test-time registers (Algorithm 2 of Jiang et al., 2025) and the wrapper that applies them.
+
+``num_registers`` zero tokens are appended after the patches. In every layer with register
+neurons, each register neuron's activation is moved onto a register:
+
+* paper mode (default): the register gets the neuron's maximum over all tokens, and every
+  other token, CLS included, gets the "normal value" (zero by default). With several
+  registers, each neuron goes to one register chosen at random (seeded).
+* ``legacy=True`` reproduces the reference implementation: one signed maximum per layer (the
+  value of largest magnitude over all tokens and all of that layer's register neurons) is
+  written to every register, and only patch tokens get normal values; CLS is left alone.
+
+Trained registers are prefix tokens: they keep their activations. Every image of a batch is
+edited from its own activations only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .hooks import Capture, HookManager
+from .layout import TokenLayout
+from .neurons import RegisterNeurons
+
+NormalValues = Literal["zero", "mean", "only_outliers", "same"]
+NORMAL_VALUES = ("zero", "mean", "only_outliers", "same")
+
+
+def normal_values_for(values: torch.Tensor, stats_mask: torch.Tensor, mode: NormalValues) -> torch.Tensor:
+    """What register-neuron activations become away from the registers.
+
+    Args:
+        values: activations [B, L, K] of the K register neurons of one layer.
+        stats_mask: bool [L], the tokens whose per-image statistics define "normal".
+        mode: ``zero``: 0; ``mean``: the per-image mean over ``stats_mask``; ``only_outliers``:
+            values above mean + 1 std are replaced by the mean, others kept; ``same``: unchanged.
+
+    Returns:
+        [B, L, K], to be written wherever the caller edits.
+    """
+    if mode == "zero":
+        return torch.zeros_like(values)
+    if mode == "same":
+        return values
+    reference = values[:, stats_mask].float()                          # [B, T, K]
+    mean = reference.mean(dim=1, keepdim=True)                         # [B, 1, K]
+    if mode == "mean":
+        return mean.to(values.dtype).expand_as(values)
+    if mode == "only_outliers":
+        std = reference.std(dim=1, keepdim=True, unbiased=False)
+        too_high = values.float() > mean + std
+        return torch.where(too_high, mean.to(values.dtype), values)
+    raise ValueError(f"normal_values must be one of {NORMAL_VALUES}, got {mode!r}")
+
+
+def paper_edit(acts: torch.Tensor, neurons: torch.Tensor, register_of_neuron: torch.Tensor,
+               layout: TokenLayout, scale: torch.Tensor, normal_values: NormalValues = "zero") -> torch.Tensor:
+    """Algorithm 2: move each register neuron's maximum onto its test-time register.
+
+    Args:
+        acts: MLP activations [B, L, N] of one layer, test-time registers included.
+        neurons: long [K], the layer's register neurons.
+        register_of_neuron: long [K], which test-time register (0..R-1) each neuron goes to.
+        layout: the token layout, with ``num_test_time_registers = R``.
+        scale: [R], multiplies the value written to each register.
+        normal_values: see :func:`normal_values_for`.
+
+    Returns:
+        New activations [B, L, N].
+    """
+    seq_len = acts.shape[1]
+    values = acts[:, :, neurons]                                       # [B, L, K]
+    peak = values.amax(dim=1)                                          # [B, K], over all tokens
+    stats_mask = layout.mask(seq_len, cls=True, patches=True, device=acts.device)
+    edited_mask = layout.mask(seq_len, cls=True, patches=True, test_time_registers=True, device=acts.device)
+    new_values = torch.where(edited_mask[None, :, None], normal_values_for(values, stats_mask, normal_values), values)
+    if layout.num_test_time_registers:
+        positions = layout.test_time_registers(seq_len).start + register_of_neuron          # [K]
+        columns = torch.arange(len(neurons), device=acts.device)
+        new_values[:, positions, columns] = peak * scale[register_of_neuron].to(peak.dtype)
+    edited = acts.clone()
+    edited[:, :, neurons] = new_values
+    return edited
+
+
+def legacy_edit(acts: torch.Tensor, neurons: torch.Tensor, layout: TokenLayout, scale: torch.Tensor,
+                normal_values: NormalValues = "zero") -> torch.Tensor:
+    """The reference implementation's edit, per image.
+
+    One signed maximum per layer, the activation of largest magnitude over all tokens and all
+    of the layer's register neurons, goes to every register (times its scale) for every
+    register neuron. Only patch tokens get normal values; CLS and trained registers are left
+    as they are.
+
+    Shapes as in :func:`paper_edit`.
+    """
+    batch, seq_len, _ = acts.shape
+    values = acts[:, :, neurons]                                       # [B, L, K]
+    flat = values.reshape(batch, -1)
+    signed_peak = flat.gather(1, flat.abs().argmax(dim=1, keepdim=True))  # [B, 1]
+    patch_mask = layout.mask(seq_len, patches=True, device=acts.device)
+    new_values = torch.where(patch_mask[None, :, None], normal_values_for(values, patch_mask, normal_values), values)
+    registers = layout.test_time_registers(seq_len)
+    if layout.num_test_time_registers:
+        per_register = signed_peak * scale.to(values.dtype)[None, :]   # [B, R]
+        new_values[:, registers, :] = per_register[:, :, None].expand(-1, -1, len(neurons))
+    edited = acts.clone()
+    edited[:, :, neurons] = new_values
+    return edited
+
+
+class ModifiedModel(nn.Module):
+    """Wrap a model so that every forward pass runs with test-time registers.
+
+    ``forward`` takes and returns what the wrapped model's forward does. Test-time registers
+    are removed before pooling, so they never reach pooled outputs or returned patch tokens;
+    after each call, ``register_tokens`` [B, R, hidden_size] holds them as they left the last
+    block. With no neurons and ``num_registers=0`` no hook is placed at all, so the output is
+    bit-identical to the model's.
+
+    Args:
+        model: the model the hook manager describes (or a module containing it).
+        hook_manager: that model's :class:`HookManager`.
+        neurons: :class:`RegisterNeurons`, ``[(layer, neuron), ...]`` or ``{layer: [neuron, ...]}``.
+        num_registers: test-time registers appended after the patches (0 or more).
+        legacy: reproduce the reference implementation (see the module docstring).
+        normal_values: what register neurons become away from the registers.
+        scale: a number, or one number per register, multiplying the moved value.
+        seed: chooses each neuron's register when there are several (paper mode).
+    """
+
+    def __init__(self, model: nn.Module, hook_manager: HookManager, neurons=(), num_registers: int = 1, *,
+                 legacy: bool = False, normal_values: NormalValues = "zero",
+                 scale: float | Sequence[float] = 1.0, seed: int = 0):
+        super().__init__()
+        if not any(module is hook_manager.blocks[0] for module in model.modules()):
+            raise ValueError("the hook manager does not describe this model: build it from the same model")
+        if not isinstance(num_registers, int) or isinstance(num_registers, bool) or num_registers < 0:
+            raise ValueError(f"num_registers must be a non-negative int, got {num_registers!r}")
+        if normal_values not in NORMAL_VALUES:
+            raise ValueError(f"normal_values must be one of {NORMAL_VALUES}, got {normal_values!r}")
+        self.model = model
+        self.hook_manager = hook_manager
+        self.neurons = RegisterNeurons.coerce(neurons)
+        self.neurons.check_fits(hook_manager)
+        self.num_registers = num_registers
+        self.legacy = legacy
+        self.normal_values = normal_values
+        self.scale = _per_register(scale, num_registers)
+        self.layout = hook_manager.layout.with_test_time_registers(num_registers)
+        self.register_tokens: torch.Tensor | None = None
+
+        generator = torch.Generator().manual_seed(seed)
+        assignment = torch.randint(max(num_registers, 1), (len(self.neurons),), generator=generator)
+        self._plan: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        by_pair = {pair: int(register) for pair, register in zip(self.neurons.pairs(), assignment)}
+        for layer, layer_neurons in self.neurons.by_layer().items():
+            registers = [by_pair[(layer, neuron)] for neuron in layer_neurons]
+            self._plan[layer] = (torch.tensor(layer_neurons), torch.tensor(registers))
+
+    def extra_repr(self) -> str:
+        return (f"num_registers={self.num_registers}, neurons={len(self.neurons)} in layers "
+                f"{sorted(self._plan)}, legacy={self.legacy}, normal_values={self.normal_values!r}")
+
+    @contextlib.contextmanager
+    def intervention(self) -> Iterator[None]:
+        """Apply the test-time registers to calls of the wrapped model inside this context.
+
+        The hooks are placed ahead of any others on the same modules, so captures and user
+        hooks see the edited tensors.
+        """
+        with self.hook_manager.hooks() as hooks:
+            if self.num_registers:
+                hooks.on(self.hook_manager.register_insertion_site(), self._append_registers, prepend=True)
+                hooks.on(self.hook_manager.register_removal_site(), self._strip_registers, prepend=True)
+            for layer in self._plan:
+                hooks.on_neurons(layer, self._edit_for(layer), prepend=True)
+            yield
+
+    def capture(self, **sites) -> contextlib.AbstractContextManager[Capture]:
+        """Like :meth:`HookManager.capture`, with this model's layout (registers included)."""
+        return self.hook_manager.capture(layout=self.layout, **sites)
+
+    def forward(self, *args, **kwargs):
+        with self.intervention():
+            return self.model(*args, **kwargs)
+
+    def forward_images(self, pixel_values: torch.Tensor):
+        """The hook manager's image forward [B, 3, H, W], with test-time registers."""
+        with self.intervention():
+            return self.hook_manager.forward_images(pixel_values)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            hook_manager = self.__dict__.get("hook_manager")
+            if hook_manager is None or name not in hook_manager.forward_methods:
+                raise
+        method = getattr(self.model, name)
+
+        def with_registers(*args, **kwargs):
+            with self.intervention():
+                return method(*args, **kwargs)
+
+        with_registers.__doc__ = method.__doc__
+        return with_registers
+
+    # ---- hooks -----------------------------------------------------------------------
+    def _append_registers(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch, _, width = tokens.shape
+        zeros = tokens.new_zeros(batch, self.num_registers, width)
+        return torch.cat([tokens, zeros], dim=1)
+
+    def _strip_registers(self, tokens: torch.Tensor) -> torch.Tensor:
+        seq_len = tokens.shape[1]
+        self.register_tokens = tokens[:, self.layout.test_time_registers(seq_len)]
+        return tokens[:, self.layout.image_tokens(seq_len)]
+
+    def _edit_for(self, layer: int):
+        neurons_cpu, registers_cpu = self._plan[layer]
+
+        def edit(acts: torch.Tensor) -> torch.Tensor:
+            neurons = neurons_cpu.to(acts.device)
+            scale = torch.tensor(self.scale, device=acts.device, dtype=torch.float32) if self.scale else \
+                torch.zeros(0, device=acts.device)
+            if self.legacy:
+                return legacy_edit(acts, neurons, self.layout, scale, self.normal_values)
+            return paper_edit(acts, neurons, registers_cpu.to(acts.device), self.layout, scale, self.normal_values)
+
+        return edit
+
+
+def _per_register(scale, num_registers: int) -> tuple[float, ...]:
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        return (float(scale),) * num_registers
+    values = tuple(float(s) for s in scale)
+    if len(values) != num_registers:
+        raise ValueError(f"scale has {len(values)} values but there are {num_registers} registers")
+    return values

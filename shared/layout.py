@@ -1,0 +1,72 @@
+"""The token layout: the one place where token positions are declared.
+
+Every sequence the library touches is ordered
+
+    [CLS x num_cls][trained registers x num_trained_registers][patches][test-time registers]
+
+and every slice in the library comes from a :class:`TokenLayout`. The number of patches is
+never stored: it follows from the sequence length, so one layout serves every image size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    num_cls: int = 1
+    num_trained_registers: int = 0
+    num_test_time_registers: int = 0
+
+    def __post_init__(self):
+        for name in ("num_cls", "num_trained_registers", "num_test_time_registers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+
+    @property
+    def num_prefix(self) -> int:
+        """CLS plus trained registers: the tokens before the patches."""
+        return self.num_cls + self.num_trained_registers
+
+    def with_test_time_registers(self, count: int) -> "TokenLayout":
+        return replace(self, num_test_time_registers=count)
+
+    def num_patches(self, seq_len: int) -> int:
+        count = seq_len - self.num_prefix - self.num_test_time_registers
+        if count < 0:
+            raise ValueError(f"a sequence of {seq_len} tokens is too short for {self}")
+        return count
+
+    def cls(self) -> slice:
+        return slice(0, self.num_cls)
+
+    def trained_registers(self) -> slice:
+        return slice(self.num_cls, self.num_prefix)
+
+    def patches(self, seq_len: int) -> slice:
+        return slice(self.num_prefix, self.num_prefix + self.num_patches(seq_len))
+
+    def test_time_registers(self, seq_len: int) -> slice:
+        # Written with explicit bounds: a count of zero gives an empty slice, never x[-0:].
+        start = self.num_prefix + self.num_patches(seq_len)
+        return slice(start, start + self.num_test_time_registers)
+
+    def image_tokens(self, seq_len: int) -> slice:
+        """CLS, trained registers and patches: everything but the test-time registers."""
+        return slice(0, self.num_prefix + self.num_patches(seq_len))
+
+    def mask(self, seq_len: int, *, cls: bool = False, trained_registers: bool = False,
+             patches: bool = False, test_time_registers: bool = False,
+             device: torch.device | str | None = None) -> torch.Tensor:
+        """Boolean [seq_len] mask selecting the named token groups."""
+        selected = torch.zeros(seq_len, dtype=torch.bool, device=device)
+        for wanted, part in ((cls, self.cls()), (trained_registers, self.trained_registers()),
+                             (patches, self.patches(seq_len)),
+                             (test_time_registers, self.test_time_registers(seq_len))):
+            if wanted:
+                selected[part] = True
+        return selected

@@ -1,0 +1,207 @@
+"""Register neurons: a ranked list of (layer, neuron, score), saved as JSON (never pickle)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import IncompatibleNeuronsError, NeuronFileError
+
+if TYPE_CHECKING:
+    from .hooks import HookManager
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("model", "detect_layer", "threshold", "highest_layer", "images_with_outliers", "neurons")
+
+
+@dataclass(frozen=True)
+class RegisterNeuron:
+    layer: int
+    neuron: int
+    score: float = float("nan")
+
+
+@dataclass
+class RegisterNeurons:
+    """Register neurons ranked best first, with how they were found.
+
+    Iterating yields :class:`RegisterNeuron` items. ``threshold``, ``detect_layer`` and
+    ``highest_layer`` are the values discovery actually used.
+    """
+
+    neurons: list[RegisterNeuron]
+    model: str = "unknown"
+    detect_layer: int | None = None
+    threshold: float | None = None
+    highest_layer: int | None = None
+    images_seen: int | None = None
+    images_with_outliers: int | None = None
+    image_size: tuple[int, int] | None = None
+    score: str | None = None
+    source: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[RegisterNeuron]:
+        return iter(self.neurons)
+
+    def __len__(self) -> int:
+        return len(self.neurons)
+
+    def __getitem__(self, index):
+        return self.neurons[index]
+
+    def pairs(self) -> list[tuple[int, int]]:
+        return [(n.layer, n.neuron) for n in self.neurons]
+
+    def by_layer(self) -> dict[int, list[int]]:
+        """``{layer: [neurons, best first]}``, layers ascending."""
+        grouped: dict[int, list[int]] = {}
+        for item in self.neurons:
+            grouped.setdefault(item.layer, []).append(item.neuron)
+        return dict(sorted(grouped.items()))
+
+    def top(self, k: int) -> "RegisterNeurons":
+        """The best ``k`` neurons, with the same provenance."""
+        return replace(self, neurons=self.neurons[:k])
+
+    # ---- conversion ------------------------------------------------------------------
+    @classmethod
+    def coerce(cls, spec) -> "RegisterNeurons":
+        """Accept RegisterNeurons, ``[(layer, neuron), ...]`` or ``{layer: [neuron, ...]}``."""
+        if isinstance(spec, RegisterNeurons):
+            return spec
+        if isinstance(spec, Mapping):
+            items = [(layer, neuron) for layer, neurons in spec.items() for neuron in neurons]
+        elif isinstance(spec, Iterable) and not isinstance(spec, (str, bytes)):
+            items = list(spec)
+        else:
+            raise TypeError("neurons must be RegisterNeurons, [(layer, neuron), ...] or "
+                            f"{{layer: [neuron, ...]}}, got {type(spec).__name__}")
+        parsed = []
+        for item in items:
+            if isinstance(item, RegisterNeuron):
+                parsed.append(item)
+                continue
+            try:
+                layer, neuron = item
+                parsed.append(RegisterNeuron(_as_index(layer, "layer"), _as_index(neuron, "neuron")))
+            except (TypeError, ValueError) as error:
+                raise TypeError(f"cannot read {item!r} as a (layer, neuron) pair: {error}") from None
+        pairs = [(n.layer, n.neuron) for n in parsed]
+        if len(set(pairs)) != len(pairs):
+            raise ValueError(f"duplicate register neurons in {pairs}")
+        return cls(parsed, source="given by hand")
+
+    def check_fits(self, hook_manager: "HookManager") -> None:
+        """Raise :class:`IncompatibleNeuronsError` if a layer or neuron is out of range."""
+        for item in self.neurons:
+            if not 0 <= item.layer < hook_manager.num_layers:
+                raise IncompatibleNeuronsError(
+                    f"register neuron ({item.layer}, {item.neuron}) names layer {item.layer}, but "
+                    f"{hook_manager.name} has layers 0..{hook_manager.num_layers - 1}")
+            width = hook_manager.num_neurons(item.layer)
+            if not 0 <= item.neuron < width:
+                raise IncompatibleNeuronsError(
+                    f"register neuron ({item.layer}, {item.neuron}) is out of range: layer {item.layer} "
+                    f"of {hook_manager.name} has neurons 0..{width - 1}")
+
+    # ---- JSON ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "model": self.model,
+            "detect_layer": self.detect_layer,
+            "threshold": self.threshold,
+            "highest_layer": self.highest_layer,
+            "images_seen": self.images_seen,
+            "images_with_outliers": self.images_with_outliers,
+            "image_size": list(self.image_size) if self.image_size else None,
+            "score": self.score,
+            "source": self.source,
+            **({"extra": self.extra} if self.extra else {}),
+            "neurons": [_neuron_dict(n) for n in self.neurons],
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write JSON atomically: a failed write leaves no partial file behind."""
+        path = Path(path)
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "w") as stream:
+                stream.write(text)
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def from_dict(cls, data: Any, origin: str = "neuron data") -> "RegisterNeurons":
+        if not isinstance(data, dict):
+            raise NeuronFileError(f"{origin}: expected a JSON object at the top level")
+        missing = [key for key in REQUIRED_KEYS if key not in data]
+        if missing:
+            raise NeuronFileError(f"{origin}: missing key(s) {', '.join(missing)}")
+        if not isinstance(data["neurons"], list) or not data["neurons"]:
+            raise NeuronFileError(f"{origin}: 'neurons' must be a non-empty list")
+        try:
+            neurons = [RegisterNeuron(_as_index(item["layer"], "layer"), _as_index(item["neuron"], "neuron"),
+                                      _as_score(item.get("score")))
+                       for item in data["neurons"]]
+        except (TypeError, KeyError, ValueError) as error:
+            raise NeuronFileError(f"{origin}: each neuron needs integer 'layer' and 'neuron' ({error})") from None
+        if len({(n.layer, n.neuron) for n in neurons}) != len(neurons):
+            raise NeuronFileError(f"{origin}: a (layer, neuron) pair is listed twice")
+        image_size = data.get("image_size")
+        return cls(
+            neurons=neurons,
+            model=str(data["model"]),
+            detect_layer=data["detect_layer"],
+            threshold=data["threshold"],
+            highest_layer=data["highest_layer"],
+            images_seen=data.get("images_seen"),
+            images_with_outliers=data["images_with_outliers"],
+            image_size=tuple(image_size) if image_size else None,
+            score=data.get("score"),
+            source=data.get("source"),
+            extra=dict(data.get("extra") or {}),
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, hook_manager: "HookManager | None" = None) -> "RegisterNeurons":
+        """Read a neuron file; with ``hook_manager``, also check it fits that model."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise NeuronFileError(f"neuron file not found: {path}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise NeuronFileError(f"{path} is not a readable JSON neuron file ({error})") from None
+        neurons = cls.from_dict(data, origin=str(path))
+        if hook_manager is not None:
+            neurons.check_fits(hook_manager)
+        return neurons
+
+
+def _neuron_dict(item: RegisterNeuron) -> dict[str, Any]:
+    entry = asdict(item)
+    if entry["score"] != entry["score"]:  # NaN is not valid JSON
+        entry["score"] = None
+    return entry
+
+
+def _as_score(value) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _as_index(value, what: str) -> int:
+    if isinstance(value, bool) or int(value) != value or int(value) < 0:
+        raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
+    return int(value)
