@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
@@ -146,3 +147,8 @@ def count_hint(images) -> int | None:
     if isinstance(images, (torch.Tensor, ImageFolder, list, tuple)):
         return len(images)
     return None
+
+
+def take(images, count: int) -> list[Image.Image]:
+    """The first ``count`` readable RGB images of any source that :func:`named_images` takes."""
+    return [image for _, image in itertools.islice(named_images(images), count)]

@@ -1,0 +1,94 @@
+"""How outlier-ridden a model is: patch-norm ratios and CLS attention, before and after."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ImageSourceError
+from .hooks import HookManager
+from .images import batches
+from .intervention import ModifiedModel
+
+
+@dataclass
+class OutlierReport:
+    """Averages over images; norm ratios use each image's median patch norm.
+
+    ``maps`` keeps per-image maps for figures: ``norms`` [N, rows, cols] at the detection
+    layer and ``cls_attention`` [N, rows, cols] at the attention layer (head mean).
+    """
+
+    images: int
+    max_over_median: float              # mean over images of largest / median patch norm
+    worst_max_over_median: float        # the largest such ratio of any image
+    cls_top_patch_attention: float | None   # CLS attention on its most-attended patch, head mean
+    cls_register_attention: float | None    # CLS attention on the test-time registers, head mean
+    register_over_median: float | None      # test-time register norm / median patch norm
+    maps: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+
+def measure_outliers(runner: HookManager | ModifiedModel, images, preprocess: Callable | None = None, *,
+                     detect_layer: int | None = None, attention_layer: int | None = None,
+                     batch_size: int = 32, keep_maps: int = 0) -> OutlierReport:
+    """Run ``runner`` over ``images`` and measure the outliers at the detection layer.
+
+    ``runner`` is a hook manager (the unmodified model) or a :class:`ModifiedModel`. The
+    attention layer defaults to the last block. ``keep_maps`` keeps that many images' maps.
+    """
+    hook_manager = runner.hook_manager if isinstance(runner, ModifiedModel) else runner
+    layout = runner.layout if isinstance(runner, ModifiedModel) else hook_manager.layout
+    detect_layer = hook_manager.default_detect_layer if detect_layer is None else detect_layer
+    attention_layer = hook_manager.num_layers - 1 if attention_layer is None else attention_layer
+    has_cls = layout.num_cls > 0
+    device = hook_manager.device
+    # per-image sums: norm ratio, CLS top-patch attention, CLS register attention, register ratio
+    sums = torch.zeros(4, dtype=torch.float32, device=device)
+    worst = torch.zeros((), dtype=torch.float32, device=device)
+    count = 0
+    norm_maps, attention_maps = [], []
+    with torch.no_grad():
+        for batch in batches(images, preprocess, batch_size, hook_manager.device, hook_manager.dtype):
+            sites = {"residual": [detect_layer], "attention": [attention_layer] if has_cls else []}
+            with runner.capture(**sites) as captured:
+                runner.forward_images(batch.pixel_values)
+            residual = captured.residual[detect_layer].float()                   # [B, L, D]
+            seq_len = residual.shape[1]
+            norms = torch.linalg.vector_norm(residual, dim=-1)                   # [B, L]
+            patch_norms = norms[:, layout.patches(seq_len)]
+            median = patch_norms.median(dim=1).values
+            ratio = patch_norms.max(dim=1).values / median
+            sums[0] += ratio.sum()
+            if has_cls:
+                cls_row = captured.attention[attention_layer][:, :, layout.cls().start].float()  # [B, H, L]
+                sums[1] += cls_row[:, :, layout.patches(seq_len)].amax(dim=-1).mean(dim=1).sum()
+                sums[2] += cls_row[:, :, layout.test_time_registers(seq_len)].sum(dim=-1).mean(dim=1).sum()
+            if layout.num_test_time_registers:
+                register_norms = norms[:, layout.test_time_registers(seq_len)].amax(dim=1)
+                sums[3] += (register_norms / median).sum()
+            worst = torch.maximum(worst, ratio.max())
+            count += len(batch.names)
+            if len(norm_maps) * batch_size < keep_maps:
+                grid = hook_manager.grid_shape(batch.pixel_values)
+                norm_maps.append(patch_norms.reshape(-1, *grid).cpu())
+                if has_cls:
+                    attention_maps.append(cls_row[:, :, layout.patches(seq_len)].mean(dim=1).reshape(-1, *grid).cpu())
+    if count == 0:
+        raise ImageSourceError("no readable images to measure")
+    means = (sums / count).tolist()
+    maps = {}
+    if norm_maps:
+        maps["norms"] = torch.cat(norm_maps)[:keep_maps]
+    if attention_maps:
+        maps["cls_attention"] = torch.cat(attention_maps)[:keep_maps]
+    return OutlierReport(
+        images=count,
+        max_over_median=means[0],
+        worst_max_over_median=float(worst),
+        cls_top_patch_attention=means[1] if has_cls else None,
+        cls_register_attention=means[2] if has_cls and layout.num_test_time_registers else None,
+        register_over_median=means[3] if layout.num_test_time_registers else None,
+        maps=maps,
+    )

@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from shared import ImageFolder, ImageSourceError
+from shared.images import batches, to_rgb
+
+
+def _write_mixed_folder(root):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(root / "a.png")
+    Image.fromarray(rng.integers(0, 255, (20, 30), dtype=np.uint8)).save(root / "b_grey.jpg")
+    Image.fromarray(rng.integers(0, 255, (20, 30, 4), dtype=np.uint8)).save(root / "c_rgba.png")
+    Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).convert("P").save(root / "d_palette.gif")
+    Image.fromarray(rng.integers(0, 65535, (20, 30), dtype=np.uint16)).save(root / "e_16bit.png")
+    Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).convert("CMYK").save(root / "f_cmyk.jpg")
+    (root / "sub").mkdir()
+    Image.new("RGB", (8, 8), "red").save(root / "sub" / "g.bmp")
+    (root / "notes.txt").write_text("not an image")
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    (root / "empty.jpg").write_bytes(b"")
+    (root / ".hidden.png").write_bytes(b"ignored")
+
+
+def test_folder_reads_every_mode_as_rgb_and_skips_the_rest(tmp_path):
+    _write_mixed_folder(tmp_path)
+    folder = ImageFolder(tmp_path)
+    items = list(folder)
+    assert [name for name, _ in items] == ["a.png", "b_grey.jpg", "c_rgba.png", "d_palette.gif", "e_16bit.png",
+                                           "f_cmyk.jpg", "sub/g.bmp"]
+    assert all(image.mode == "RGB" for _, image in items)
+    assert folder.skipped == 3
+
+
+def test_seeded_sample_is_reproducible_and_only_counts_readable_images(tmp_path):
+    _write_mixed_folder(tmp_path)
+    first = [name for name, _ in ImageFolder(tmp_path, limit=4, seed=3)]
+    again = [name for name, _ in ImageFolder(tmp_path, limit=4, seed=3)]
+    other = [name for name, _ in ImageFolder(tmp_path, limit=4, seed=4)]
+    assert first == again and len(first) == 4 and first != other
+
+
+def test_missing_and_empty_folders(tmp_path):
+    with pytest.raises(ImageSourceError, match="not found"):
+        ImageFolder(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ImageSourceError, match="empty"):
+        ImageFolder(tmp_path / "empty")
+    (tmp_path / "file.png").write_bytes(b"")
+    with pytest.raises(ImageSourceError, match="not a folder"):
+        ImageFolder(tmp_path / "file.png")
+
+
+def test_16_bit_images_are_rescaled_not_clipped():
+    ramp = np.linspace(0, 60000, 64, dtype=np.uint16).reshape(8, 8)
+    rgb = np.asarray(to_rgb(Image.fromarray(ramp)))
+    assert rgb.min() == 0 and rgb.max() == 255
+
+
+def test_batches_stack_and_cast():
+    images = [Image.new("RGB", (10, 10), "blue") for _ in range(5)]
+    preprocess = lambda im: torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255  # noqa: E731
+    sizes = [len(b.names) for b in batches(images, preprocess, 2, "cpu", torch.bfloat16)]
+    assert sizes == [2, 2, 1]
+    batch = next(iter(batches(torch.zeros(3, 3, 4, 4), None, 8, "cpu", torch.float16)))
+    assert batch.pixel_values.dtype == torch.float16 and batch.names == ["image_0", "image_1", "image_2"]
+    with pytest.raises(ValueError, match="preprocess"):
+        next(iter(batches(images, None, 2, "cpu", torch.float32)))

@@ -1,0 +1,35 @@
+import pytest
+import torch
+
+from shared import TokenLayout
+
+
+def test_slices_follow_the_declared_order():
+    layout = TokenLayout(num_cls=1, num_trained_registers=4, num_test_time_registers=2)
+    seq = torch.arange(1 + 4 + 9 + 2)
+    assert seq[layout.cls()].tolist() == [0]
+    assert seq[layout.trained_registers()].tolist() == [1, 2, 3, 4]
+    assert seq[layout.patches(len(seq))].tolist() == list(range(5, 14))
+    assert seq[layout.test_time_registers(len(seq))].tolist() == [14, 15]
+    assert seq[layout.image_tokens(len(seq))].tolist() == list(range(14))
+    assert layout.num_patches(len(seq)) == 9
+
+
+def test_zero_test_time_registers_is_an_empty_slice_not_the_whole_sequence():
+    layout = TokenLayout(num_cls=1)
+    seq = torch.arange(10)
+    assert seq[layout.test_time_registers(10)].numel() == 0
+    assert seq[layout.patches(10)].tolist() == list(range(1, 10))
+
+
+def test_mask_selects_groups():
+    layout = TokenLayout(num_cls=1, num_trained_registers=1, num_test_time_registers=1)
+    mask = layout.mask(5, cls=True, patches=True)
+    assert mask.tolist() == [True, False, True, True, False]
+
+
+def test_bad_layouts_are_rejected():
+    with pytest.raises(ValueError):
+        TokenLayout(num_cls=-1)
+    with pytest.raises(ValueError):
+        TokenLayout(num_cls=1, num_test_time_registers=3).patches(2)

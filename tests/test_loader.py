@@ -1,0 +1,65 @@
+"""open_clip's real factory, offline, on a tiny checkpoint the test writes itself."""
+
+import json
+
+import open_clip
+import pytest
+import torch
+
+from clip import ClipHookManager, load_openclip
+from shared import ModelLoadError
+from tests.conftest import TINY_TEXT, TINY_VISION
+
+NAME = "ttr-test-tiny-vit"
+
+
+@pytest.fixture(scope="module")
+def registered_config(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("configs")
+    (folder / f"{NAME}.json").write_text(json.dumps(
+        {"embed_dim": 32, "vision_cfg": TINY_VISION, "text_cfg": TINY_TEXT}))
+    open_clip.add_model_config(folder)
+    return NAME
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_local_checkpoint_loads_through_the_factory(tmp_path, registered_config, suffix):
+    source = open_clip.create_model(registered_config)
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".pt":
+        torch.save(source.state_dict(), path)
+    else:
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in source.state_dict().items()}, path)
+    model, preprocess, hook_manager = load_openclip(registered_config, path)
+    assert isinstance(hook_manager, ClipHookManager) and hook_manager.model is model
+    assert not model.training
+    for name, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    pixels = preprocess(__import__("PIL.Image").Image.new("RGB", (80, 70), "white")).unsqueeze(0)
+    assert pixels.shape == (1, 3, 64, 64)
+    assert hook_manager.name == f"openclip:{registered_config}:{path}"
+
+
+def test_missing_corrupt_unknown_and_unreachable(tmp_path, registered_config):
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_openclip(registered_config, tmp_path / "missing.pt")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(ModelLoadError, match="could not load"):
+        load_openclip(registered_config, corrupt)
+    with pytest.raises(ModelLoadError, match="unknown open_clip model"):
+        load_openclip("ViT-Nope-99")
+    with pytest.raises(ModelLoadError, match="could not load"):  # a real tag, but nothing can be downloaded
+        load_openclip("ViT-B-16", "laion2b_s34b_b88k")
+
+
+class Payload:
+    """Any class that is not a tensor: weights_only loading must refuse to build it."""
+
+
+def test_pickled_objects_are_refused(tmp_path, registered_config):
+    path = tmp_path / "pickle.pt"
+    torch.save({"payload": Payload()}, path)
+    with pytest.raises(ModelLoadError):
+        load_openclip(registered_config, path)

@@ -1,0 +1,65 @@
+import json
+
+import pytest
+
+from shared import IncompatibleNeuronsError, NeuronFileError, RegisterNeuron, RegisterNeurons
+
+
+def _sample():
+    return RegisterNeurons([RegisterNeuron(3, 17, 12.5), RegisterNeuron(2, 4, 3.25)], model="demo", detect_layer=7,
+                           threshold=21.0, highest_layer=3, images_seen=64, images_with_outliers=60,
+                           image_size=(224, 224), score="raw", source="find_register_neurons",
+                           extra={"threshold_mode": "auto"})
+
+
+def test_json_round_trip_keeps_everything(tmp_path):
+    path = _sample().save(tmp_path / "n.json")
+    data = json.loads(path.read_text())
+    for key in ("model", "detect_layer", "threshold", "highest_layer", "images_with_outliers", "neurons"):
+        assert key in data
+    assert data["neurons"][0] == {"layer": 3, "neuron": 17, "score": 12.5}
+    loaded = RegisterNeurons.load(path)
+    assert loaded == _sample()
+    assert [(n.layer, n.neuron, n.score) for n in loaded] == [(3, 17, 12.5), (2, 4, 3.25)]
+    assert loaded.by_layer() == {2: [4], 3: [17]}
+    assert list(tmp_path.iterdir()) == [path]       # no temporary file left behind
+
+
+def test_coerce_accepts_pairs_and_layer_dicts():
+    assert RegisterNeurons.coerce([(1, 2), (0, 5)]).pairs() == [(1, 2), (0, 5)]
+    assert RegisterNeurons.coerce({4: [1, 2], 0: [9]}).pairs() == [(4, 1), (4, 2), (0, 9)]
+    with pytest.raises(ValueError, match="duplicate"):
+        RegisterNeurons.coerce([(1, 2), (1, 2)])
+    with pytest.raises(TypeError):
+        RegisterNeurons.coerce("1,2")
+    with pytest.raises(TypeError):
+        RegisterNeurons.coerce([(1, -2)])
+
+
+@pytest.mark.parametrize("content, message", [
+    ("not json", "not a readable JSON"),
+    ("[1, 2]", "JSON object"),
+    (json.dumps({"model": "m", "neurons": [{"layer": 0, "neuron": 1}]}), "missing key"),
+    (json.dumps({"model": "m", "detect_layer": 1, "threshold": 1, "highest_layer": 0, "images_with_outliers": 1,
+                 "neurons": [{"layer": "x", "neuron": 1}]}), "integer"),
+    (json.dumps({"model": "m", "detect_layer": 1, "threshold": 1, "highest_layer": 0, "images_with_outliers": 1,
+                 "neurons": []}), "non-empty"),
+])
+def test_bad_files_give_precise_errors(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(NeuronFileError, match=message):
+        RegisterNeurons.load(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(NeuronFileError, match="not found"):
+        RegisterNeurons.load(tmp_path / "nope.json")
+
+
+def test_neurons_that_do_not_fit_the_model(tmp_path, clip_hm):
+    path = _sample().save(tmp_path / "n.json")   # layer 3 does not exist in the 3-block tiny model
+    with pytest.raises(IncompatibleNeuronsError, match="layers 0..2"):
+        RegisterNeurons.load(path, clip_hm)
+    with pytest.raises(IncompatibleNeuronsError, match="neurons 0..255"):
+        RegisterNeurons.coerce([(1, 256)]).check_fits(clip_hm)
