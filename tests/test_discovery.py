@@ -1,0 +1,109 @@
+"""Discovery on the planted demo model: it must find exactly what was planted."""
+
+import pytest
+import torch
+
+from clip import ClipHookManager
+from shared import ModifiedModel, NoOutliersError, find_register_neurons
+from shared.metrics import measure_outliers
+
+
+def _hook_counts(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.fixture(scope="module")
+def found(demo):
+    model, preprocess, planted, images = demo
+    hm = ClipHookManager(model, name="demo")
+    return hm, find_register_neurons(hm, images, preprocess, top_k=len(planted), progress=False)
+
+
+def test_recovers_exactly_the_planted_neurons(demo, found):
+    model, _, planted, images = demo
+    hm, neurons = found
+    assert sorted(neurons.pairs()) == sorted(planted)
+    planted_layer = planted[0][0]
+    assert neurons.highest_layer == planted_layer          # where the outliers first stand out
+    assert neurons.detect_layer == hm.num_layers - 1
+    assert neurons.threshold > 0 and neurons.extra["threshold_mode"] == "auto"
+    assert neurons.images_seen == neurons.images_with_outliers == len(images)
+    scores = [n.score for n in neurons]
+    assert scores == sorted(scores, reverse=True)
+    ratios = neurons.extra["outlier_norm_ratio_by_layer"]
+    assert max(ratios[:planted_layer]) < 2 <= ratios[planted_layer]
+    assert _hook_counts(model) == 0
+
+
+def test_a_wider_search_still_ranks_the_planted_neurons_first(demo, found):
+    _, preprocess, planted, images = demo
+    hm, _ = found
+    wide = find_register_neurons(hm, images[:32], preprocess, top_k=20, highest_layer=hm.num_layers - 1,
+                                 score="abs", sparsity_filter=True, progress=False)
+    assert sorted(wide.pairs()[:len(planted)]) == sorted(planted)
+    assert wide[len(planted)].score < 0.34 * wide[len(planted) - 1].score
+
+
+def test_batch_size_does_not_change_the_result(demo, found):
+    _, preprocess, planted, images = demo
+    hm, neurons = found
+    one_by_one = find_register_neurons(hm, images[:24], preprocess, top_k=len(planted), threshold=neurons.threshold,
+                                       batch_size=1, progress=False)
+    batched = find_register_neurons(hm, images[:24], preprocess, top_k=len(planted), threshold=neurons.threshold,
+                                    batch_size=24, progress=False)
+    assert one_by_one.pairs() == batched.pairs()
+    torch.testing.assert_close([n.score for n in one_by_one], [n.score for n in batched], rtol=1e-4, atol=1e-4)
+
+
+def test_a_folder_path_gives_the_same_neurons(tmp_path, demo, found):
+    _, preprocess, planted, images = demo
+    hm, neurons = found
+    for index, image in enumerate(images[:16]):
+        image.save(tmp_path / f"{index:03d}.png")
+    (tmp_path / "readme.txt").write_text("skipped")
+    from_folder = find_register_neurons(hm, tmp_path, preprocess, top_k=len(planted), progress=False)
+    from_memory = find_register_neurons(hm, images[:16], preprocess, top_k=len(planted), progress=False)
+    assert from_folder.pairs() == from_memory.pairs()
+    assert from_folder.images_seen == 16
+
+
+def test_the_test_time_register_takes_over_the_outliers(demo, found):
+    model, preprocess, planted, images = demo
+    hm, neurons = found
+    before = measure_outliers(hm, images, preprocess)
+    modified = ModifiedModel(model, hm, neurons, num_registers=1)
+    after = measure_outliers(modified, images, preprocess)
+    assert before.worst_max_over_median >= 10
+    assert after.worst_max_over_median <= 2                 # every image
+    assert after.register_over_median >= 10                 # the register carries the high norm
+    assert after.cls_top_patch_attention < 0.5 * before.cls_top_patch_attention
+    legacy = measure_outliers(ModifiedModel(model, hm, neurons, num_registers=1, legacy=True), images, preprocess)
+    assert legacy.worst_max_over_median <= 2
+
+
+def test_bf16_discovery(demo):
+    from clip.demo import build_demo_model
+
+    model, preprocess, planted = build_demo_model(seed=0)
+    hm = ClipHookManager(model.to(torch.bfloat16))
+    neurons = find_register_neurons(hm, demo[3][:16], preprocess, top_k=len(planted), progress=False)
+    assert sorted(neurons.pairs()) == sorted(planted)
+
+
+def test_no_outliers_is_said_plainly_with_a_threshold_to_try(clip_hm):
+    images = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(NoOutliersError, match=r"no high-norm outliers.*largest patch norm.*threshold=") as error:
+        find_register_neurons(clip_hm, images, progress=False)
+    assert "1." in str(error.value)          # the ratio of largest to median patch norm
+    with pytest.raises(NoOutliersError, match="exceeded the threshold 1e\\+06"):
+        find_register_neurons(clip_hm, images, threshold=1e6, progress=False)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"top_k": 0}, "top_k"), ({"threshold": -1.0}, "threshold"), ({"threshold": "high"}, "threshold"),
+    ({"score": "median"}, "score"), ({"detect_layer": 3}, "detect_layer"),
+    ({"detect_layer": 1, "highest_layer": 2}, "cannot be after"), ({"device": "meta"}, "move the model"),
+])
+def test_bad_arguments(clip_hm, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        find_register_neurons(clip_hm, torch.zeros(1, 3, 64, 64), progress=False, **kwargs)
