@@ -2,7 +2,8 @@
 
 from .discovery import auto_threshold, find_register_neurons
 from .errors import (ImageSourceError, IncompatibleNeuronsError, ModelLoadError, NeuronFileError,
-                     NoOutliersError, TestTimeRegistersError, UnsupportedModelError)
+                     NonFiniteActivationsError, NoOutliersError, TestTimeRegistersError,
+                     UnsupportedModelError)
 from .hooks import Capture, HookManager, Hooks, HookSite, StopForward
 from .images import ImageFolder
 from .intervention import ModifiedModel, legacy_edit, paper_edit
@@ -13,7 +14,7 @@ from .neurons import RegisterNeuron, RegisterNeurons
 __all__ = [
     "Capture", "HookManager", "HookSite", "Hooks", "ImageFolder", "ImageSourceError",
     "IncompatibleNeuronsError", "LoadedModel", "ModelLoadError", "ModifiedModel", "NeuronFileError",
-    "NoOutliersError", "RegisterNeuron", "RegisterNeurons", "StopForward", "TestTimeRegistersError",
+    "NonFiniteActivationsError", "NoOutliersError", "RegisterNeuron", "RegisterNeurons", "StopForward", "TestTimeRegistersError",
     "TokenLayout", "UnsupportedModelError", "auto_threshold", "find_register_neurons", "legacy_edit",
     "paper_edit",
 ]

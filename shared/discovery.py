@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from .errors import ImageSourceError, NoOutliersError
+from .errors import ImageSourceError, NonFiniteActivationsError, NoOutliersError
 from .hooks import HookManager, StopForward
 from .images import batches, count_hint
 from .neurons import RegisterNeuron, RegisterNeurons
@@ -62,6 +62,7 @@ class _Stats:
     norm_max: torch.Tensor                            # scalar, detection layer
     norm_sum: torch.Tensor
     norm_square_sum: torch.Tensor
+    non_finite: torch.Tensor                          # scalar, non-finite patch norms in any layer
     norm_count: int = 0
     tokens_seen: int = 0
     images_seen: int = 0
@@ -199,12 +200,15 @@ def _new_stats(hook_manager, candidate_layers, detect_layer, device) -> _Stats:
         norm_max=zeros(()),
         norm_sum=zeros(()),
         norm_square_sum=zeros(()),
+        non_finite=zeros(()),
     )
 
 
 def _accumulate(stats: _Stats, state: dict, activations, norms, hook_manager, detect_layer,
                 score, sparsity_filter) -> None:
     detect_norms = norms[detect_layer]                                       # [B, P]
+    all_norms = torch.stack([norms[layer] for layer in range(detect_layer + 1)])   # [layers, B, P]
+    stats.non_finite += (~torch.isfinite(all_norms)).sum()
     if state["threshold"] is None:
         state["threshold"] = auto_threshold(detect_norms)
         log.info("auto threshold %.4g from the first %d images", state["threshold"], len(detect_norms))
@@ -228,7 +232,6 @@ def _accumulate(stats: _Stats, state: dict, activations, norms, hook_manager, de
         acts = activations[next(iter(stats.score_sums))]
         stats.tokens_seen += acts.shape[0] * acts[:, hook_manager.layout.image_tokens(acts.shape[1])].shape[1]
 
-    all_norms = torch.stack([norms[layer] for layer in range(detect_layer + 1)])   # [layers, B, P]
     medians = all_norms.median(dim=-1).values.clamp_min(torch.finfo(torch.float32).tiny)
     outlier_means = (all_norms * weights).sum(dim=-1)                        # [layers, B]
     stats.ratio_sums += (outlier_means / medians).sum(dim=-1)
@@ -242,6 +245,11 @@ def _finish(stats: _Stats, threshold, hook_manager, detect_layer, highest_layer,
             sparsity_filter, threshold_mode) -> RegisterNeurons:
     if stats.images_seen == 0:
         raise ImageSourceError("no readable images were given to find_register_neurons")
+    non_finite = int(stats.non_finite.item())
+    if non_finite:
+        raise NonFiniteActivationsError(
+            f"the model produced {non_finite} NaN or infinite patch norms in blocks 0..{detect_layer} "
+            f"({hook_manager.dtype}); this is usually overflow: run it in float32 or bfloat16")
     with_outliers = int(stats.images_with_outliers.item())
     if with_outliers == 0:
         raise NoOutliersError(_no_outlier_message(stats, threshold, detect_layer, threshold_mode))

@@ -23,6 +23,10 @@ class NoOutliersError(TestTimeRegistersError):
     """Discovery found no high-norm patch token in any image."""
 
 
+class NonFiniteActivationsError(TestTimeRegistersError):
+    """The model produced NaN or infinite values, typically from overflow in low precision."""
+
+
 class ModelLoadError(TestTimeRegistersError):
     """A model spec is unknown, or its weights are missing, corrupt or unreachable."""
 

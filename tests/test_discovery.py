@@ -107,3 +107,12 @@ def test_no_outliers_is_said_plainly_with_a_threshold_to_try(clip_hm):
 def test_bad_arguments(clip_hm, kwargs, message):
     with pytest.raises(ValueError, match=message):
         find_register_neurons(clip_hm, torch.zeros(1, 3, 64, 64), progress=False, **kwargs)
+
+
+def test_non_finite_activations_are_reported_as_such(clip_model, clip_hm):
+    from shared import NonFiniteActivationsError
+
+    with torch.no_grad():
+        clip_model.visual.transformer.resblocks[1].mlp.c_proj.bias[0] = float("inf")
+    with pytest.raises(NonFiniteActivationsError, match="NaN or infinite patch norms.*float32"):
+        find_register_neurons(clip_hm, torch.randn(2, 3, 64, 64), progress=False)
