@@ -47,6 +47,9 @@ class ClipHookManager(HookManager):
     def mlp_output_projection(self, layer: int) -> nn.Module:
         return self.blocks[layer].mlp.c_proj
 
+    def mlp_input_projection(self, layer: int) -> nn.Module:
+        return self.blocks[layer].mlp.c_fc
+
     def register_insertion_site(self) -> HookSite:
         return HookSite(self.visual.ln_pre, "input")
 

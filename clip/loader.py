@@ -9,7 +9,7 @@ import open_clip
 import torch
 
 from shared.errors import ModelLoadError
-from shared.loading import LoadedModel
+from shared.loading import LoadedModel, first_line
 
 from .hook_manager import ClipHookManager
 
@@ -44,12 +44,7 @@ def load_openclip(name: str, pretrained: str | os.PathLike | None = None, *,
             name, pretrained=pretrained, device=device, precision=precision)
     except Exception as error:  # open_clip raises RuntimeError, OSError, pickle and key errors alike
         what = f"{name} with {pretrained!r}" if pretrained else name
-        raise ModelLoadError(f"could not load open_clip model {what}: {_first_line(error)}") from error
+        raise ModelLoadError(f"could not load open_clip model {what}: {first_line(error)}") from error
     model.eval()
     spec = f"openclip:{name}" + (f":{pretrained}" if pretrained else "")
     return LoadedModel(model, preprocess, ClipHookManager(model, name=spec))
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

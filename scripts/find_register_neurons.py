@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_specs import FORMS, PRECISIONS, load_model  # noqa: E402
+from model_specs import FORMS, PRECISIONS, load_model, load_neurons  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-images", type=positive_int,
                         help=f"images to use; a seeded sample of a folder (default: all, or {DEMO_IMAGES} demo scenes)")
     parser.add_argument("--out", type=Path, default=Path("register_neurons.json"), help="neuron JSON file to write")
-    parser.add_argument("--neurons", type=Path, help="apply this neuron file instead of running discovery")
+    parser.add_argument("--neurons", help="apply this neuron file (or preset:NAME, e.g. preset:dinov2-vitl14) "
+                        "instead of running discovery")
     parser.add_argument("--top-k", type=positive_int, help="neurons to keep (default: 4 for the demo, else 10)")
     parser.add_argument("--threshold", type=threshold_value, default="auto", help="outlier norm threshold or 'auto'")
     parser.add_argument("--detect-layer", type=non_negative_int, help="block searched for outliers (default: last)")
@@ -151,8 +152,9 @@ def run(args) -> int:
     print(f"model: {hook_manager.name} ({hook_manager.num_layers} blocks, "
           f"{hook_manager.num_neurons(0)} MLP neurons per block); {described}")
 
+    skipped = None
     if args.neurons:
-        neurons = RegisterNeurons.load(args.neurons, hook_manager)
+        neurons = load_neurons(args.neurons, hook_manager)
         print(f"loaded {len(neurons)} register neurons from {args.neurons}")
     else:
         top_k = args.top_k or (len(resolved.planted) if resolved.planted else 10)
@@ -161,6 +163,7 @@ def run(args) -> int:
             detect_layer=args.detect_layer, highest_layer=args.highest_layer, score=args.score,
             batch_size=args.batch_size, progress=not args.quiet)
         neurons.save(args.out)
+        skipped = folder.skipped if folder is not None else 0   # counted over the whole discovery pass
         print(f"found {len(neurons)} register neurons in {neurons.images_seen} images "
               f"({neurons.images_with_outliers} with outliers): threshold {neurons.threshold:.4g} "
               f"({neurons.extra['threshold_mode']}), detect layer {neurons.detect_layer}, "
@@ -174,8 +177,10 @@ def run(args) -> int:
         print(f"wrote {args.log}")
 
     compare(args, hook_manager, preprocess, images, neurons)
-    if folder is not None and folder.skipped:
-        print(f"skipped {folder.skipped} unreadable or non-image file(s) in {args.images}")
+    if folder is not None:
+        skipped = folder.skipped if skipped is None else skipped
+        if skipped:
+            print(f"skipped {skipped} unreadable or non-image file(s) in {args.images}")
     print(f"done in {time.perf_counter() - started:.1f} s")
     return 0
 

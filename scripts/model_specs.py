@@ -1,4 +1,4 @@
-"""``--model`` specs for the scripts: ``demo`` or ``openclip:NAME[:PRETRAINED_TAG_OR_PATH]``."""
+"""``--model`` and ``--neurons`` specs for the scripts."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import torch  # noqa: E402
 
 from shared.errors import ModelLoadError  # noqa: E402
 from shared.loading import LoadedModel  # noqa: E402
+from shared.neurons import RegisterNeurons  # noqa: E402
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-FORMS = "demo | openclip:NAME[:PRETRAINED_TAG_OR_PATH]"
+FORMS = "demo | openclip:NAME[:PRETRAINED_TAG_OR_PATH] | dinov2:HF_ID_OR_DIR | deit:TIMM_NAME[:CHECKPOINT]"
 
 
 @dataclass
@@ -42,4 +43,24 @@ def load_model(spec: str, *, device: str = "cpu", precision: str = "fp32", seed:
         name, _, pretrained = rest[len(scheme):].partition(":")
         name = scheme + name
         return ResolvedModel(load_openclip(name, pretrained or None, device=device, precision=precision))
+    if kind == "dinov2" and rest:
+        from dinov2 import load_dinov2
+
+        return ResolvedModel(load_dinov2(rest, device=device, dtype=PRECISIONS[precision]))
+    if kind == "deit" and rest:
+        from deit import load_timm
+
+        name, _, checkpoint = rest.partition(":")
+        return ResolvedModel(load_timm(name, checkpoint or None, device=device, dtype=PRECISIONS[precision]))
     raise ModelLoadError(f"unknown model spec {spec!r}; expected {FORMS}")
+
+
+def load_neurons(spec: str, hook_manager) -> RegisterNeurons:
+    """A neuron file path, or ``preset:NAME`` for a shipped list; checked against the model."""
+    if spec.startswith("preset:"):
+        from dinov2 import load_preset
+
+        neurons = load_preset(spec.removeprefix("preset:"))
+        neurons.check_fits(hook_manager)
+        return neurons
+    return RegisterNeurons.load(spec, hook_manager)

@@ -85,16 +85,29 @@ class StopForward(Exception):
     """Raised by a hook to end a forward pass early; caught by whoever raised the need."""
 
 
+class _ExitCallback:
+    """Looks like a hook handle; ``remove()`` runs a clean-up function once."""
+
+    def __init__(self, callback: Callable[[], None]):
+        self._callback = callback
+
+    def remove(self) -> None:
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback()
+
+
 class Hooks:
     """A context manager owning a set of hook handles.
 
     On exit, and also on any exception, it removes exactly the handles it added and nothing
-    else, so hooks a user placed on the same modules stay.
+    else, so hooks a user placed on the same modules stay. Clean-up callbacks registered with
+    :meth:`on_exit` run in the same last-in, first-out order.
     """
 
     def __init__(self, hook_manager: "HookManager"):
         self.hook_manager = hook_manager
-        self._handles: list[RemovableHandle] = []
+        self._handles: list[RemovableHandle | _ExitCallback] = []
 
     def __enter__(self) -> "Hooks":
         return self
@@ -110,6 +123,10 @@ class Hooks:
         """Take ownership of a handle made elsewhere (e.g. by an attention probe)."""
         self._handles.append(handle)
         return handle
+
+    def on_exit(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` when the context closes, e.g. to restore a setting changed for a probe."""
+        self._handles.append(_ExitCallback(callback))
 
     def on(self, site: HookSite, fn: TensorFn, *, prepend: bool = False) -> None:
         self.keep(site.attach(fn, prepend=prepend))
@@ -184,6 +201,13 @@ class HookManager(abc.ABC):
     def mlp_output_projection(self, layer: int) -> nn.Module:
         """The MLP's output projection in block ``layer``; its input is the neuron activations."""
 
+    def mlp_input_projection(self, layer: int) -> nn.Module:
+        """The MLP's input projection in block ``layer`` (its output is the pre-activations).
+
+        Optional: only :mod:`shared.planting` needs it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not declare mlp_input_projection")
+
     @abc.abstractmethod
     def register_insertion_site(self) -> HookSite:
         """Where test-time registers are appended to the token sequence."""
@@ -197,7 +221,8 @@ class HookManager(abc.ABC):
                                hooks: Hooks) -> None:
         """Arrange for ``fn(probabilities [B, heads, L, L])`` in block ``layer``.
 
-        Every handle made must be passed to ``hooks.keep`` so that it is removed on exit.
+        Every handle made must be passed to ``hooks.keep``, and every setting changed must be
+        restored through ``hooks.on_exit``, so that nothing is left behind.
         """
 
     @property

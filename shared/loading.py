@@ -20,3 +20,9 @@ class LoadedModel:
 
     def __iter__(self):
         return iter((self.model, self.preprocess, self.hook_manager))
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, for one-line errors."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

@@ -1,0 +1,91 @@
+"""Tiny, real models of every supported architecture, for tests.
+
+Each uses its library's own classes with a small config. Like trained ViTs, and unlike
+freshly initialised ones, their tokens carry a positional embedding about twice as strong as the patch content. That
+keeps patch norms within a factor of about 1.5 of each other, so planted outliers are the only
+outliers, while content still decides which patches are markers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import open_clip
+import timm
+import torch
+from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+from clip import ClipHookManager
+from deit import DeitHookManager
+from dinov2 import Dinov2HookManager
+from shared.hooks import HookManager
+
+IMAGE_SIZE = 64
+WIDTH = 64
+LAYERS = 4
+DINOV2 = dict(hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=2, mlp_ratio=4, patch_size=8,
+              image_size=IMAGE_SIZE)
+TIMM = dict(pretrained=False, img_size=IMAGE_SIZE, patch_size=8, embed_dim=WIDTH, depth=LAYERS, num_heads=2)
+CLIP_VISION = dict(image_size=IMAGE_SIZE, patch_size=16, width=WIDTH, layers=LAYERS, head_width=32, mlp_ratio=4)
+CLIP_TEXT = dict(context_length=8, vocab_size=100, width=32, heads=1, layers=1)
+
+
+@dataclass
+class Architecture:
+    name: str
+    build: Callable[[], torch.nn.Module]
+    hook_manager: Callable[[torch.nn.Module], HookManager]
+    num_cls: int
+    num_trained_registers: int
+
+
+def _dominant_positions(position_embedding: torch.Tensor, patch_projection: torch.nn.Conv2d,
+                        generator: torch.Generator) -> None:
+    """Positional embeddings of norm ~4 per token, and patch content of norm ~2 for unit-variance pixels."""
+    weight = patch_projection.weight
+    fan_in, width = weight[0].numel(), weight.shape[0]
+    with torch.no_grad():
+        position_embedding.copy_(0.5 * torch.randn(position_embedding.shape, generator=generator))
+        weight.copy_(2 / (fan_in * width) ** 0.5 * torch.randn(weight.shape, generator=generator))
+
+
+def clip_model(seed: int = 0) -> open_clip.CLIP:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return open_clip.CLIP(embed_dim=32, vision_cfg=CLIP_VISION, text_cfg=CLIP_TEXT).eval()
+
+
+def dinov2_model(seed: int = 0, registers: int = 0) -> torch.nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        if registers:
+            model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=registers, **DINOV2))
+        else:
+            model = Dinov2Model(Dinov2Config(**DINOV2))
+    embeddings = model.embeddings
+    _dominant_positions(embeddings.position_embeddings, embeddings.patch_embeddings.projection,
+                        torch.Generator().manual_seed(seed))
+    if registers:
+        with torch.no_grad():
+            embeddings.register_tokens.normal_(generator=torch.Generator().manual_seed(seed + 1))
+    return model.eval()
+
+
+def timm_model(name: str = "deit3_small_patch16_224", seed: int = 0, **overrides) -> torch.nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = timm.create_model(name, **{**TIMM, **overrides})
+    _dominant_positions(model.pos_embed, model.patch_embed.proj, torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
+ARCHITECTURES = [
+    Architecture("openclip", clip_model, ClipHookManager, 1, 0),
+    Architecture("dinov2", dinov2_model, Dinov2HookManager, 1, 0),
+    Architecture("dinov2-registers", lambda: dinov2_model(registers=4), Dinov2HookManager, 1, 4),
+    Architecture("deit3", timm_model, DeitHookManager, 1, 0),
+    Architecture("timm-reg4-no-embed-class",
+                 lambda: timm_model("vit_small_patch16_224", reg_tokens=4, no_embed_class=True, global_pool="avg"),
+                 DeitHookManager, 1, 4),
+]
