@@ -60,7 +60,8 @@ def load_dinov2(id_or_dir: str | os.PathLike, *, device: torch.device | str = "c
     from transformers import AutoImageProcessor, AutoModel
 
     source = os.fspath(id_or_dir)
-    if (os.sep in source or source.startswith(".")) and not os.path.isdir(source):
+    looks_local = source.startswith(("/", ".", "~")) or source.count("/") > 1 or os.path.exists(source)
+    if looks_local and not os.path.isdir(source):   # hub ids are "org/name"
         raise ModelLoadError(f"model directory not found: {source}")
     try:
         model = AutoModel.from_pretrained(source, dtype=dtype)

@@ -44,7 +44,11 @@ def load_model(spec: str, *, device: str = "cpu", precision: str = "fp32", seed:
         name = scheme + name
         return ResolvedModel(load_openclip(name, pretrained or None, device=device, precision=precision))
     if kind == "dinov2" and rest:
+        from transformers.utils import logging as transformers_logging
+
         from dinov2 import load_dinov2
+
+        transformers_logging.disable_progress_bar()   # stderr stays for our progress and errors
 
         return ResolvedModel(load_dinov2(rest, device=device, dtype=PRECISIONS[precision]))
     if kind == "deit" and rest:

@@ -1,0 +1,135 @@
+"""The real transformers and timm loaders, offline, on tiny checkpoints the tests save themselves."""
+
+import runpy
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+from deit import DeitHookManager, load_timm
+from dinov2 import PRESETS, Dinov2HookManager, load_dinov2, load_preset
+from shared import IncompatibleNeuronsError, ModelLoadError, ModifiedModel
+from tests.tiny_models import dinov2_model, timm_model
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "find_register_neurons.py"
+main = runpy.run_path(str(SCRIPT))["main"]
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_dinov2_from_a_saved_directory(tmp_path, registers):
+    source = dinov2_model(registers=registers)
+    source.save_pretrained(tmp_path)
+    BitImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(tmp_path)
+    model, preprocess, hook_manager = load_dinov2(tmp_path)
+    assert isinstance(hook_manager, Dinov2HookManager) and not model.training
+    assert type(model) is type(source)
+    assert hook_manager.layout.num_trained_registers == registers
+    for name, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    pixels = preprocess(Image.new("RGB", (90, 70), "gray")).unsqueeze(0)
+    assert pixels.shape == (1, 3, 64, 64)
+    modified = ModifiedModel(model, hook_manager, [(1, 3)], num_registers=2)
+    with torch.no_grad():
+        output = modified(pixel_values=pixels)
+        plain = model(pixel_values=pixels)
+    assert type(output) is type(plain)
+    assert output.last_hidden_state.shape == plain.last_hidden_state.shape == (1, 1 + registers + 64, 64)
+    assert output.pooler_output.shape == (1, 64)
+    assert modified.register_tokens.shape == (1, 2, 64)
+
+
+def test_dinov2_without_an_image_processor_uses_the_standard_transform(tmp_path):
+    dinov2_model().save_pretrained(tmp_path)
+    _, preprocess, _ = load_dinov2(tmp_path)
+    assert preprocess(Image.new("RGB", (300, 400))).shape == (3, 224, 224)
+
+
+def test_dinov2_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_dinov2(tmp_path / "missing")
+    with pytest.raises(ModelLoadError, match="could not load"):
+        load_dinov2("facebook/dinov2-small")          # offline: the hub cannot be reached
+    dinov2_model().save_pretrained(tmp_path / "corrupt")
+    (tmp_path / "corrupt" / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ModelLoadError, match="could not load"):
+        load_dinov2(tmp_path / "corrupt")
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_timm_from_a_local_checkpoint(tmp_path, suffix):
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".pth":
+        torch.save(source.state_dict(), path)
+    else:
+        from safetensors.torch import save_file
+        save_file(source.state_dict(), path)
+    model, preprocess, hook_manager = load_timm("vit_tiny_patch16_224", path)
+    assert isinstance(hook_manager, DeitHookManager) and not model.training
+    for name, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    assert preprocess(Image.new("RGB", (300, 200))).shape == (3, 224, 224)
+    assert hook_manager.name == f"deit:vit_tiny_patch16_224:{path}"
+
+
+def test_timm_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="unknown timm model"):
+        load_timm("deit3_nonexistent")
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_timm("vit_tiny_patch16_224", tmp_path / "missing.pth")
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"garbage")
+    with pytest.raises(ModelLoadError, match="could not load"):
+        load_timm("vit_tiny_patch16_224", corrupt)
+    with pytest.raises(ModelLoadError, match="could not load"):   # pretrained weights cannot be downloaded
+        load_timm("vit_tiny_patch16_224")
+
+
+def test_distilled_deit_counts_its_distillation_token_as_a_prefix_token():
+    model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=64, depth=2)
+    layout = DeitHookManager(model.eval()).layout
+    assert layout.num_prefix == 2 and layout.num_trained_registers == 0
+
+
+def test_the_dinov2_large_preset_fits_dinov2_large_and_names_its_source():
+    neurons = load_preset("dinov2-vitl14")
+    assert len(neurons) == 45 and PRESETS["dinov2-vitl14"][1] == "facebook/dinov2-large"
+    assert neurons.by_layer()[17][:3] == [884, 133, 1427] and sorted(neurons.by_layer()) == [12, 13, 14, 15, 16, 17]
+    assert (neurons.detect_layer, neurons.threshold, neurons.highest_layer) == (22, 150.0, 17)
+    assert "860df43" in neurons.source
+    with torch.device("meta"):   # the real architecture, without allocating its weights
+        large = Dinov2Model(Dinov2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                         patch_size=14, image_size=518))
+    neurons.check_fits(Dinov2HookManager(large))
+    with pytest.raises(IncompatibleNeuronsError):
+        neurons.check_fits(Dinov2HookManager(dinov2_model()))
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(3):
+        Image.new("RGB", (80, 80), (40 * index, 90, 200)).save(folder / f"{index}.png")
+    return folder
+
+
+def test_cli_runs_dinov2_and_deit_specs_and_reports_a_model_without_outliers(tmp_path, image_folder, capsys):
+    dinov2_model().save_pretrained(tmp_path / "dinov2")
+    capsys.readouterr()
+    for spec in (f"dinov2:{tmp_path / 'dinov2'}", f"deit:vit_tiny_patch16_224:{tmp_path / 'missing.pth'}"):
+        code = main(["--model", spec, "--images", str(image_folder), "--quiet", "--out", str(tmp_path / "n.json")])
+        error = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(error) == 1, error
+    assert "no high-norm outliers" in error[0] or "not found" in error[0]
+    code = main(["--model", f"dinov2:{tmp_path / 'dinov2'}", "--images", str(image_folder), "--quiet",
+                 "--neurons", "preset:dinov2-vitl14"])
+    assert code == 2 and "layers 0..3" in capsys.readouterr().err
+    code = main(["--model", f"dinov2:{tmp_path / 'dinov2'}", "--images", str(image_folder), "--quiet",
+                 "--neurons", "preset:nope"])
+    assert code == 2 and "unknown preset" in capsys.readouterr().err
+    code = main(["--model", "deit:deit3_nonexistent", "--images", str(image_folder), "--quiet"])
+    assert code == 2 and "unknown timm model" in capsys.readouterr().err
