@@ -65,16 +65,25 @@ class Dinov2HookManager(HookManager):
         return self.model(pixel_values=pixel_values)
 
     def attach_attention_probe(self, layer: int, fn: Callable[[torch.Tensor], None], hooks: Hooks) -> None:
-        config = self.backbone.config
-        previous = config._attn_implementation
-        if previous != "eager":
-            config._attn_implementation = "eager"   # the fast kernels return no probabilities
-            hooks.on_exit(lambda: setattr(config, "_attn_implementation", previous))
+        probe_eager_attention(self.backbone.config, self.blocks[layer].attention, fn, hooks)
 
-        def read_weights(module, args, output):
-            fn(output[1])  # [B, heads, L, L]
 
-        hooks.keep(self.blocks[layer].attention.register_forward_hook(read_weights))
+def probe_eager_attention(config, attention: nn.Module, fn: Callable[[torch.Tensor], None], hooks: Hooks) -> None:
+    """Read attention probabilities from a transformers attention module returning ``(output, weights)``.
+
+    Only the eager path computes the weights, so ``config._attn_implementation`` is set to
+    ``"eager"`` while ``hooks`` is open and restored when it closes. Serves any transformers
+    ViT built like DINOv2 (``ViTModel`` included).
+    """
+    previous = config._attn_implementation
+    if previous != "eager":
+        config._attn_implementation = "eager"   # the fast kernels return no probabilities
+        hooks.on_exit(lambda: setattr(config, "_attn_implementation", previous))
+
+    def read_weights(module, args, output):
+        fn(output[1])  # [B, heads, L, L]
+
+    hooks.keep(attention.register_forward_hook(read_weights))
 
 
 def _backbone(model: nn.Module) -> nn.Module:
