@@ -157,15 +157,18 @@ class ModifiedModel(nn.Module):
 
         generator = torch.Generator().manual_seed(seed)
         assignment = torch.randint(max(num_registers, 1), (len(self.neurons),), generator=generator)
-        self._plan: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         by_pair = {pair: int(register) for pair, register in zip(self.neurons.pairs(), assignment)}
+        # Buffers, so that .to(device) moves the plan once instead of copying it at every call.
+        self.register_buffer("_scale", torch.tensor(self.scale, dtype=torch.float32), persistent=False)
+        self._layers = sorted(self.neurons.by_layer())
         for layer, layer_neurons in self.neurons.by_layer().items():
             registers = [by_pair[(layer, neuron)] for neuron in layer_neurons]
-            self._plan[layer] = (torch.tensor(layer_neurons), torch.tensor(registers))
+            self.register_buffer(f"_neurons_{layer}", torch.tensor(layer_neurons), persistent=False)
+            self.register_buffer(f"_registers_{layer}", torch.tensor(registers), persistent=False)
 
     def extra_repr(self) -> str:
         return (f"num_registers={self.num_registers}, neurons={len(self.neurons)} in layers "
-                f"{sorted(self._plan)}, legacy={self.legacy}, normal_values={self.normal_values!r}")
+                f"{self._layers}, legacy={self.legacy}, normal_values={self.normal_values!r}")
 
     @contextlib.contextmanager
     def intervention(self) -> Iterator[None]:
@@ -178,7 +181,7 @@ class ModifiedModel(nn.Module):
             if self.num_registers:
                 hooks.on(self.hook_manager.register_insertion_site(), self._append_registers, prepend=True)
                 hooks.on(self.hook_manager.register_removal_site(), self._strip_registers, prepend=True)
-            for layer in self._plan:
+            for layer in self._layers:
                 hooks.on_neurons(layer, self._edit_for(layer), prepend=True)
             yield
 
@@ -223,15 +226,14 @@ class ModifiedModel(nn.Module):
         return tokens[:, self.layout.image_tokens(seq_len)]
 
     def _edit_for(self, layer: int):
-        neurons_cpu, registers_cpu = self._plan[layer]
-
         def edit(acts: torch.Tensor) -> torch.Tensor:
-            neurons = neurons_cpu.to(acts.device)
-            scale = torch.tensor(self.scale, device=acts.device, dtype=torch.float32) if self.scale else \
-                torch.zeros(0, device=acts.device)
+            # .to() is a no-op once the wrapper and the model share a device
+            neurons = getattr(self, f"_neurons_{layer}").to(acts.device)
+            scale = self._scale.to(acts.device)
             if self.legacy:
                 return legacy_edit(acts, neurons, self.layout, scale, self.normal_values)
-            return paper_edit(acts, neurons, registers_cpu.to(acts.device), self.layout, scale, self.normal_values)
+            registers = getattr(self, f"_registers_{layer}").to(acts.device)
+            return paper_edit(acts, neurons, registers, self.layout, scale, self.normal_values)
 
         return edit
 
