@@ -7,62 +7,99 @@ and small, except for a hand-set circuit that reproduces the high-norm
 outlier ("register") tokens of Darcet et al. (ICLR 2024), written by a
 sparse set of MLP register neurons as in Jiang et al. (NeurIPS 2025). It is
 NOT a trained model: nothing in it means anything beyond the circuit below.
+The circuit works the same in float32, bfloat16 and float16 (see "Numerics").
 
-Stream layout. Tokens are [B, 197, 192] (CLS + 14 x 14 patches). A few
-orthonormal "circuit directions" of the 192-d stream are reserved (names in
-``_CIRCUIT_DIRS``). Each is orthogonal to the all-ones vector, so LayerNorm's
-mean subtraction leaves it untouched. Random background weights may read these
-directions but never write into them: their outputs are projected onto the
-remaining "content" subspace. All LayerNorms have weight 1 and bias 0. Every
-token leaves ``ln_pre`` with norm sqrt(192). On a smooth background patch
-that norm is dominated by a positional part of equal size at every
-position, so later LayerNorms scale all background tokens alike, and circuit
-values read through any LayerNorm stay comparable between tokens.
+Stream layout. Tokens are [B, 197, 192] (CLS + 14 x 14 patches). 58 of the 192
+stream channels are reserved for the circuit. Each circuit direction (names in
+``_CIRCUIT_DIRS``) lives on its own reserved channel pairs (a, b) as
+``sum_k c_k (e[a_k] - e[b_k])``: one pair for most directions, four pairs with
+unequal weights for ``pos_pref``, ``max_u`` and ``register``. So every circuit
+direction is orthogonal to the all-ones vector, and LayerNorm's mean subtraction
+leaves it untouched. Random background weights may read any channel but write
+only into the content subspace (zero-mean vectors on the 134 free channels):
+their output rows for reserved channels are exactly zero. All LayerNorms have
+weight 1 and bias 0. Every token leaves ``ln_pre`` with norm sqrt(192), so
+stream values are in "ln_pre units" (about 1 per channel). On a smooth background
+patch that norm is dominated by a positional part of equal size at every
+position, so later LayerNorms scale all background tokens alike (to within about
+1%; ``DRIFT`` holds the typical scale), and circuit values read through any
+LayerNorm stay comparable between tokens. Below, one preference step is
+``delta = 0.41`` stream units.
 
 The planted circuit, stage by stage:
 
-* ``visual.conv1`` (patch embedding): 12 orthonormal high-pass filters write
-  to the ``tex*`` directions. Each filter is orthogonal to every polynomial of
+* ``visual.conv1`` (patch embedding): 12 orthonormal high-pass filters write to
+  the ``tex*`` directions. Each filter is orthogonal to every polynomial of
   degree <= 2 in each colour channel, so it gives ~0 on a smooth (gradient,
-  gently curved) patch and a large response on textures and edges. The other
-  172 filters are random, DC-free, and write to the content subspace.
-* ``visual.positional_embedding``: 64 randomly chosen patch positions get
-  distinct preferences ``pos_pref = -0.13 * rank`` (rank 0..63). All other
-  positions, and CLS, share a low floor (-9). ``pos_comp`` =
-  sqrt(10^2 - pos_pref^2) gives every position's embedding the same norm.
-  ``visual.class_embedding`` carries ``cls_flag``.
-* block 0 MLP, 24 texture neurons ``GELU(a*tex_i - b)`` and
-  ``GELU(-a*tex_i - b)``, steep (a = 400, b = 120): they are exactly 0 while
-  ``|tex_i| < 0.3`` (the noise floor of smooth patches) and grow fast beyond
-  it (into the thousands on strong textures). ``c_proj`` writes their sum,
-  scaled down, to ``energy``. A patch's
-  uniformity is ``u = pos_pref - 2000 * energy``: every smooth patch scores
-  exactly its positional preference, and textured or edge patches score far
-  lower.
+  gently curved) patch (|tex| < 0.1 in LN units) and a large response on
+  textures and edges. The other 133 filters are random, DC-free, and write to
+  the content subspace.
+* ``visual.positional_embedding``: 24 randomly chosen patch positions get
+  distinct preferences ``pos_pref = -0.32 * rank`` (rank 0..23, so the best
+  rank has preference 0). All other positions, and CLS, carry ``veto = 4``
+  instead (the class embedding adds 6 more). ``pos_comp`` =
+  sqrt(10^2 - pos_pref^2 - veto^2) gives every position's embedding the same norm.
+* block 0 MLP, 24 clamped texture detectors, one per filter and sign. Each is a
+  pair of neurons ``GELU(h)`` and ``GELU(h - 16)``, ``h = 60 * (+-tex_i - 0.25)``,
+  whose difference is exactly 0 on smooth patches (h <= -9) and saturates at
+  16 once |tex_i| > 0.57. ``c_proj`` writes their sum to ``energy``: 0.125 per
+  saturated detector.
+* block 1 MLP, the texture flag: one more clamped pair, ``GELU(h) - GELU(h - 16)``
+  with ``h = 27 * (q - 0.3)``, where q is ``energy`` counted in saturated
+  detectors. It is 0 below q = 0.3 and saturated from q = 1 on, however many
+  detectors fired, and is written to ``textured`` (0.5 when saturated). A
+  patch's uniformity is ``u = pos_pref - 44 * delta * textured / 0.5``: every
+  smooth patch scores exactly its positional preference, and textured or edge
+  patches score about 44 preference steps lower, more than the whole range of
+  preferences plus the selection margin.
 * block 3 attention, head 0 (global max): constant query, key
-  ``80 * u - 100 * cls_flag``, value ``u``. The softmax is so sharp that every
-  token receives ``max_u``, the largest patch uniformity in the image. This
-  is the global information, written to ``max_u``.
+  ``13 * u / delta`` (13 logits per preference step) minus 13 * 34 for a vetoed
+  position (more for CLS), value ``u`` spread over all 64 head dimensions and
+  scaled back to stream units. The softmax is so sharp that
+  every token receives ``max_u``, the largest uniformity among the preferred
+  positions. This is the global information, written (times 0.25) to ``max_u``.
 * block 3 MLP, two step neurons ``GELU(z)`` and ``GELU(z - 2)``, where
-  ``z = 8 * (u - max_u) / rank_step + 28 - 100 * cls_flag``, i.e. 8 per
-  preference rank with a margin of 3.5 ranks. Their difference is a clamped
-  step, ~2 or ~0 (z is >= +4 or <= -4), written to ``is_top``. It fires on the 1-4
-  smooth patches whose preference rank is within 3 of the best smooth
+  ``z = 8 * (u - max_u) / delta + 28`` (minus 8 * 32 for a vetoed position),
+  i.e. 8 per preference rank with a margin of 3.5 ranks. Their difference is a
+  clamped step, ~2 or ~0 (z is about >= +4 or <= -4; at least +-3 in practice,
+  in every dtype), written to ``is_top``. It fires on the
+  1-4 smooth preferred patches whose rank is within 3 of the best smooth
   patch's. The discrete ranks leave a clean gap between patches that fire and
   patches that do not.
 * block 4 MLP, the PLANTED REGISTER NEURONS (4 of 768, indices spread and
-  seed-dependent): ``GELU(G_k * (is_top - 0.9))`` is ~100 where the step
-  fired and 0 elsewhere, CLS included. ``c_proj`` writes ``alpha_k * act``
-  along the fixed direction ``register``, so those patches reach norms of
-  ~300 against ~15 for every other token, from block 4 to the last block.
+  seed-dependent): ``GELU(G_k * (is_top - 0.9))``, G_k = 125-160, is ~120-160
+  where the step fired and 0 elsewhere, CLS included. ``c_proj`` writes
+  ``alpha_k * act`` along the fixed direction ``register``, so those patches
+  reach norms of ~340 against ~15 for every other token, from block 4 to the
+  last block.
 * blocks 6 and 7, every head (attention sink): one head dimension has a
   constant query bias and a key that reads ``register``, so CLS and all other
   tokens put almost all their attention on the high-norm tokens. The value
-  weights ignore ``register``, so the sink writes almost nothing.
+  weights ignore the ``register`` channels, so the sink writes almost nothing.
 
 With the test-time register intervention (an extra zero token appended
 before ``ln_pre``; the planted activations moved to it), the patches stay
 ordinary, and the extra token takes the high norm and the attention sink.
+
+Numerics. The circuit is built to behave identically in bfloat16 and float16:
+
+* Every vision weight is rounded to a bfloat16 value (exact in float16 as
+  well), so ``model.to(torch.bfloat16)`` or ``.to(torch.float16)`` changes no
+  weight; only activations are rounded.
+* Nothing but the circuit writes to a reserved channel, so a circuit value that
+  should be 0 (``energy``, ``textured``, ``is_top`` and ``register`` on ordinary
+  tokens) is exactly 0 in every dtype: rounding noise of the background cannot
+  leak into it, and the high-gain reads of these directions stay silent.
+* Every clamp is a difference of two GELUs whose inputs stay in the hundreds,
+  and only the texture clamps, whose exact level does not matter, reach that
+  far. Decisions compare quantities whose gaps (one preference step: 13 logits,
+  8 units of z) are large against bfloat16 rounding (relative 2^-9). The
+  preferred ranks are few and the best rank is 0, so the typical winner has
+  u ~ 0 and its comparisons involve no large numbers. Spreading ``u`` over 64
+  value dimensions and ``pos_pref``/``max_u`` over 4 channel pairs averages out
+  the rounding of single channels.
+* Largest magnitudes (any dtype): MLP pre-activations ~600, attention logits
+  ~1050, stream channels ~180 (all far inside float16's range of 65504).
 
 Everything derives from ``seed`` through local generators. The global torch
 and numpy RNG states are left as they were.
@@ -94,38 +131,46 @@ N_PATCHES = (IMAGE_SIZE // PATCH) ** 2  # 196
 EMBED_DIM = 128
 N_TEX = 12  # high-pass patch filters
 
-ENERGY_LAYER = 0  # texture energy (MLP)
+ENERGY_LAYER = 0  # texture detectors (MLP)
+FLAG_LAYER = 1  # texture flag (MLP)
 SELECT_LAYER = 3  # global max (attention head 0) + step (MLP)
 PLANTED_LAYER = 4  # register neurons (MLP)
 SINK_LAYERS = (6, 7)  # attention sinks
 N_PLANTED = 4
 
-# circuit magnitudes. Embedding values are pre-ln_pre; weights that read the stream act on
-# LayerNorm outputs ("LN units", ~1 per channel for an ordinary token).
-POS_RADIUS = 10.0  # norm of (pos_pref, pos_comp) for every position
-N_PREFERRED = 64  # positions with a distinct preference; the rest share the floor
-PREF_STEP = 0.13  # preference gap between consecutive ranks
-PREF_FLOOR = -9.0  # preference of the other positions (and CLS)
+# Circuit magnitudes. Embedding values are pre-ln_pre. After ln_pre every token has norm
+# sqrt(WIDTH), so stream values are in "ln_pre units" (~1 per channel); weights that read the
+# stream act on LayerNorm outputs, which are the stream divided by the token's std (DRIFT).
+POS_RADIUS = 10.0  # norm of (pos_pref, veto, pos_comp) for every position
+N_PREFERRED = 24  # positions with a distinct preference; the others carry a veto
+PREF_STEP = 0.32  # preference gap between consecutive ranks (rank 0 has preference 0)
+VETO = 4.0  # veto of the positions without a preference
+CLS_VETO = 6.0  # extra veto in the class embedding
 POS_NOISE = 4.0  # norm of the random part of each positional embedding
-CLS_FLAG = 6.0  # size of cls_flag in the class embedding
 TEX_GAIN = 3.0  # gain of the high-pass filters
 CONTENT_GAIN = 1.0  # gain of the random content filters
-TEX_A = 400.0  # texture neuron input scale (steep: a sharp threshold)
-TEX_DEAD = 120.0  # texture neurons ignore |tex| < TEX_DEAD / TEX_A = 0.3 (noise floor)
-ENERGY_K = 5e-4  # energy written per unit of texture-neuron activation
-UNIF_LAM = 2000.0  # weight of energy in the uniformity score
-LN_DRIFT = 1.05  # typical std of a background token at block 3 (it is 1 after ln_pre)
-MAX_BETA = 80.0  # inverse temperature of the global-max head (per LN unit)
+TEX_A = 60.0  # texture detector: GELU(TEX_A * (|tex| - TEX_T0)), clamped at TEX_CLAMP
+TEX_T0 = 0.25  # smooth patches stay below |tex| ~ 0.1 (LN units)
+TEX_CLAMP = 16.0
+ENERGY_PER_DETECTOR = 0.125  # energy (stream units) written by one saturated detector
+FLAG_Q0 = 0.3  # the flag starts at 0.3 saturated-detector equivalents ...
+FLAG_CLAMP = 16.0  # ... and saturates at 1: flag = GELU(h) - GELU(h - FLAG_CLAMP)
+FLAG_WRITE = 0.5  # `textured` (stream units) of a saturated flag
+PENALTY_STEPS = 44.0  # uniformity penalty of a textured patch, in preference steps
+# Typical std of a background token at block 1 ln_2, block 3 ln_1 and block 3 ln_2 (1 after ln_pre).
+DRIFT = (1.018, 1.033, 1.037)
+KEY_PER_STEP = 13.0  # global-max logit gap per preference step
+KEY_VETO_STEPS = N_PREFERRED + 10  # veto, in preference steps, in the key ...
+Z_VETO_STEPS = N_PREFERRED + 8  # ... and in the step neurons
 MAXU_WRITE = 0.25  # max_u is stored scaled down to keep token norms tame
 MARGIN_STEPS = 3.5  # selection margin in preference steps
 Z_PER_STEP = 8.0  # step-neuron input per preference step
 STEP_CLAMP = 2.0  # is_top = GELU(z) - GELU(z - STEP_CLAMP), in [0, ~2]
-PLANTED_GAIN = (110.0, 95.0, 125.0, 105.0)  # slopes of the register neurons
+PLANTED_GAIN = (140.0, 125.0, 160.0, 135.0)  # slopes of the register neurons
 PLANTED_THETA = 0.9  # is_top threshold (LN units)
-PLANTED_ALPHA = (0.8, 0.7, 0.75, 0.8)  # their writes along `register`
+PLANTED_ALPHA = (0.66, 0.55, 0.6, 0.66)  # their writes along `register`
 SINK_QUERY = 2.0  # sink logit = SINK_QUERY * SINK_KEY * (register read, ~14 on outliers)
 SINK_KEY = 3.5
-GAMMA_CLS = 100.0  # how strongly cls_flag vetoes selection
 
 # random background weight scales
 ATTN_IN_STD = WIDTH**-0.5
@@ -135,8 +180,9 @@ PROJ_STD = 0.0064
 
 _CIRCUIT_DIRS = (
     [f"tex{i}" for i in range(N_TEX)]
-    + ["energy", "pos_pref", "pos_comp", "cls_flag", "max_u", "is_top", "register"]
+    + ["energy", "textured", "pos_pref", "veto", "pos_comp", "max_u", "is_top", "register"]
 )
+_PAIRS = {"pos_pref": 4, "max_u": 4, "register": 4}  # channel pairs per direction (default 1)
 
 
 def _randn(g: torch.Generator, *shape: int, std: float = 1.0) -> torch.Tensor:
@@ -145,24 +191,40 @@ def _randn(g: torch.Generator, *shape: int, std: float = 1.0) -> torch.Tensor:
 
 
 def _stream_basis(g: torch.Generator) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Random orthonormal basis of the zero-mean subspace of the stream.
+    """Circuit directions on reserved channel pairs, and a content basis on the other channels.
 
-    Returns ({name: [WIDTH] unit vector} for the circuit directions,
-    content basis [WIDTH, WIDTH - 1 - n_circuit]).
+    Each circuit direction is ``sum_k c_k (e[a_k] - e[b_k])`` over its own reserved channel
+    pairs (a_k, b_k), a unit vector orthogonal to the all-ones vector. The content basis is
+    orthonormal, zero on every reserved channel and orthogonal to the all-ones vector.
+
+    Returns ({name: [WIDTH] unit vector}, content basis [WIDTH, n_content]).
     """
-    a = _randn(g, WIDTH, WIDTH)
-    a[:, 0] = 1.0  # QR keeps column 0 = all-ones, the rest become orthogonal to it
-    q, _ = torch.linalg.qr(a)
-    q = q[:, 1:]
-    dirs = {name: q[:, i] for i, name in enumerate(_CIRCUIT_DIRS)}
-    return dirs, q[:, len(_CIRCUIT_DIRS):]
+    perm = torch.randperm(WIDTH, generator=g)
+    dirs, start = {}, 0
+    for name in _CIRCUIT_DIRS:
+        m = _PAIRS.get(name, 1)
+        a, b = perm[start:start + m], perm[start + m:start + 2 * m]
+        start += 2 * m
+        c = torch.ones(m, dtype=torch.float64)
+        if m > 1:  # unequal weights, so that bf16 rounding errors of the channels differ
+            c = 0.6 + 0.8 * torch.rand(m, generator=g, dtype=torch.float64)
+        c = c / (c.norm() * math.sqrt(2))
+        vec = torch.zeros(WIDTH, dtype=torch.float64)
+        vec[a], vec[b] = c, -c
+        dirs[name] = vec
+    free = perm[start:]
+    a = _randn(g, len(free), len(free) - 1)
+    q, _ = torch.linalg.qr(a - a.mean(0, keepdim=True))  # spans the zero-sum vectors on `free`
+    content = torch.zeros(WIDTH, len(free) - 1, dtype=torch.float64)
+    content[free] = q
+    return dirs, content
 
 
-def _highpass_filters(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _highpass_filters(g: torch.Generator, n_content: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Patch filters on the flattened [3, 16, 16] patch (768 values).
 
     Returns (tex [N_TEX, 768] orthonormal, orthogonal to per-channel polynomials
-    of degree <= 2; content [n, 768] unit rows without per-channel DC).
+    of degree <= 2; content [n_content, 768] unit rows without per-channel DC).
     """
     c = torch.linspace(-1, 1, PATCH, dtype=torch.float64)
     yy, xx = torch.meshgrid(c, c, indexing="ij")
@@ -176,12 +238,11 @@ def _highpass_filters(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
             if k == 0:
                 dc.append(v.flatten())
     poly_q, _ = torch.linalg.qr(torch.stack(poly, 1))  # [768, 18]
-    dc_q, _ = torch.linalg.qr(torch.stack(dc, 1))  # [768, 3]
+    dc_q = torch.stack(dc, 1) / PATCH  # [768, 3], orthonormal
 
     tex = _randn(g, 3 * PATCH * PATCH, N_TEX)
     tex = tex - poly_q @ (poly_q.T @ tex)
     tex, _ = torch.linalg.qr(tex)  # orthonormal columns
-    n_content = WIDTH - 1 - len(_CIRCUIT_DIRS)
     content = _randn(g, n_content, 3 * PATCH * PATCH)
     content = content - (content @ dc_q) @ dc_q.T
     content = content / content.norm(dim=1, keepdim=True)
@@ -228,57 +289,75 @@ def _plant_circuit(model: open_clip.CLIP, g: torch.Generator) -> list[tuple[int,
     Returns the sorted planted (layer, neuron) pairs.
     """
     v = model.visual
-    d, content = _stream_basis(g)  # d[name]: [192]; content: [192, 172]
-    keep = content @ content.T  # [192, 192] projector onto the content subspace
-    tex_f, content_f = _highpass_filters(g)  # [12, 768], [172, 768]
+    d, content = _stream_basis(g)  # d[name]: [192]; content: [192, n_content]
+    n_content = content.shape[1]
+    keep = content @ content.T  # projector onto the content subspace; zero on reserved channels
+    tex_f, content_f = _highpass_filters(g, n_content)
     tex_dirs = torch.stack([d[f"tex{i}"] for i in range(N_TEX)], 1)  # [192, 12]
 
     # --- patch embedding: high-pass filters -> tex, random DC-free filters -> content
     w = TEX_GAIN * tex_dirs @ tex_f + CONTENT_GAIN * content @ content_f  # [192, 768]
-    v.conv1.weight.copy_(w.reshape(WIDTH, 3, PATCH, PATCH).float())
+    v.conv1.weight.copy_(w.reshape(WIDTH, 3, PATCH, PATCH))
 
-    # --- positional embedding [197, 192]: preference + complement + random part
+    # --- positional embedding [197, 192]: preference or veto + complement + random part
     rank = torch.randperm(N_PATCHES, generator=g).double()  # 0 = most preferred
-    pref = torch.full((N_PATCHES + 1,), PREF_FLOOR, dtype=torch.float64)  # CLS: floor
-    pref[1:] = torch.where(rank < N_PREFERRED, -PREF_STEP * rank, torch.full_like(rank, PREF_FLOOR))
-    comp = torch.sqrt(POS_RADIUS**2 - pref**2)
-    noise = _randn(g, N_PATCHES + 1, content.shape[1]) @ content.T
+    preferred = rank < N_PREFERRED
+    pref = torch.zeros(N_PATCHES + 1, dtype=torch.float64)
+    veto = torch.full((N_PATCHES + 1,), VETO, dtype=torch.float64)  # CLS: veto
+    pref[1:] = torch.where(preferred, -PREF_STEP * rank, torch.zeros_like(rank))
+    veto[1:] = torch.where(preferred, torch.zeros_like(rank), torch.full_like(rank, VETO))
+    comp = torch.sqrt(POS_RADIUS**2 - pref**2 - veto**2)
+    noise = _randn(g, N_PATCHES + 1, n_content) @ content.T
     noise = POS_NOISE * noise / noise.norm(dim=1, keepdim=True)
-    pos = pref[:, None] * d["pos_pref"] + comp[:, None] * d["pos_comp"] + noise
-    v.positional_embedding.copy_(pos.float())
-    cls = CLS_FLAG * d["cls_flag"] + content @ _randn(g, content.shape[1], std=content.shape[1] ** -0.5)
-    v.class_embedding.copy_(cls.float())
+    pos = pref[:, None] * d["pos_pref"] + veto[:, None] * d["veto"] + comp[:, None] * d["pos_comp"] + noise
+    v.positional_embedding.copy_(pos)
+    v.class_embedding.copy_(CLS_VETO * d["veto"] + content @ _randn(g, n_content, std=n_content**-0.5))
 
-    # LN-unit sizes for a background token: ln_pre maps the pre-LN norm to sqrt(WIDTH)
+    # one preference step / the veto, in stream units (ln_pre scales a smooth token by ln_gain)
     ln_gain = math.sqrt(WIDTH) / math.sqrt(POS_RADIUS**2 + POS_NOISE**2)
-    # one rank, in LN units at block 3 (background tokens have grown ~5% by then)
-    pref_step = ln_gain * PREF_STEP / LN_DRIFT
+    step, veto_s = ln_gain * PREF_STEP, ln_gain * VETO
 
     # --- random background blocks; outputs only into the content subspace
     for blk in v.transformer.resblocks:
-        blk.attn.in_proj_weight.copy_(_randn(g, 3 * WIDTH, WIDTH, std=ATTN_IN_STD).float())
-        blk.attn.out_proj.weight.copy_((keep @ _randn(g, WIDTH, WIDTH, std=ATTN_OUT_STD)).float())
-        blk.mlp.c_fc.weight.copy_(_randn(g, MLP_WIDTH, WIDTH, std=FC_STD).float())
-        blk.mlp.c_proj.weight.copy_((keep @ _randn(g, WIDTH, MLP_WIDTH, std=PROJ_STD)).float())
-    v.proj.copy_(_randn(g, WIDTH, EMBED_DIM, std=WIDTH**-0.5).float())
+        blk.attn.in_proj_weight.copy_(_randn(g, 3 * WIDTH, WIDTH, std=ATTN_IN_STD))
+        blk.attn.out_proj.weight.copy_(keep @ _randn(g, WIDTH, WIDTH, std=ATTN_OUT_STD))
+        blk.mlp.c_fc.weight.copy_(_randn(g, MLP_WIDTH, WIDTH, std=FC_STD))
+        blk.mlp.c_proj.weight.copy_(keep @ _randn(g, WIDTH, MLP_WIDTH, std=PROJ_STD))
+    v.proj.copy_(_randn(g, WIDTH, EMBED_DIM, std=WIDTH**-0.5))
 
     blocks = v.transformer.resblocks
     neuron_order = [torch.randperm(MLP_WIDTH, generator=g) for _ in range(LAYERS)]
 
     def set_neuron(layer: int, idx: int, read: torch.Tensor, bias: float, write: torch.Tensor) -> None:
-        blocks[layer].mlp.c_fc.weight[idx] = read.float()
+        blocks[layer].mlp.c_fc.weight[idx] = read
         blocks[layer].mlp.c_fc.bias[idx] = bias
-        blocks[layer].mlp.c_proj.weight[:, idx] = write.float()
+        blocks[layer].mlp.c_proj.weight[:, idx] = write
 
-    # --- block 0 MLP: texture energy = K * sum_i [GELU(a t_i - b) + GELU(-a t_i - b)]
-    tex_neurons = neuron_order[ENERGY_LAYER][: 2 * N_TEX].tolist()
+    def clamped_pair(layer: int, pair: list[int], read: torch.Tensor, bias: float, clamp: float,
+                     write: torch.Tensor) -> None:
+        """Two neurons writing GELU(h) - GELU(h - clamp), h = read . x + bias: 0 ... clamp."""
+        set_neuron(layer, pair[0], read, bias, write)
+        set_neuron(layer, pair[1], read, bias - clamp, -write)
+
+    # --- block 0 MLP: clamped texture detectors, energy = sum of their outputs
+    order = neuron_order[ENERGY_LAYER].tolist()
+    k_energy = ENERGY_PER_DETECTOR / TEX_CLAMP
     for i in range(N_TEX):
-        for s, idx in zip((1.0, -1.0), tex_neurons[2 * i: 2 * i + 2]):
-            set_neuron(ENERGY_LAYER, idx, s * TEX_A * d[f"tex{i}"], -TEX_DEAD, ENERGY_K * d["energy"])
+        for j, s in enumerate((1.0, -1.0)):
+            pair = order[4 * i + 2 * j: 4 * i + 2 * j + 2]
+            clamped_pair(ENERGY_LAYER, pair, s * TEX_A * d[f"tex{i}"], -TEX_A * TEX_T0, TEX_CLAMP,
+                         k_energy * d["energy"])
 
-    unif = d["pos_pref"] - UNIF_LAM * d["energy"]  # reads uniformity u (LN units)
+    # --- block 1 MLP: texture flag; h = gain * (q - FLAG_Q0), q = energy in saturated detectors
+    gain = (FLAG_CLAMP + 3.0) / (1.0 - FLAG_Q0)
+    read = gain * DRIFT[0] / ENERGY_PER_DETECTOR * d["energy"]
+    clamped_pair(FLAG_LAYER, neuron_order[FLAG_LAYER][:2].tolist(), read, -gain * FLAG_Q0, FLAG_CLAMP,
+                 FLAG_WRITE / FLAG_CLAMP * d["textured"])
 
-    # --- block 3 attention head 0: global max of u over patches -> max_u
+    # uniformity u = preference - penalty * textured (stream units: -rank * step on smooth patches)
+    unif = d["pos_pref"] - PENALTY_STEPS * step / FLAG_WRITE * d["textured"]
+
+    # --- block 3 attention head 0: global max of u over tokens -> max_u
     attn = blocks[SELECT_LAYER].attn
     h = slice(0, HEAD_WIDTH)
     wq, wk, wv = (attn.in_proj_weight[i * WIDTH:(i + 1) * WIDTH] for i in range(3))
@@ -286,18 +365,18 @@ def _plant_circuit(model: open_clip.CLIP, g: torch.Generator) -> list[tuple[int,
     for m in (wq, wk, wv):
         m[h] = 0.0
     bq[0] = math.sqrt(HEAD_WIDTH)  # constant query; score = key[0]
-    wk[0] = (MAX_BETA * unif - GAMMA_CLS * d["cls_flag"]).float()
-    wv[0] = (LN_DRIFT * unif).float()  # undo the LN scale, so max_u is in stream units
-    attn.out_proj.weight[:, h] = 0.0
-    attn.out_proj.weight[:, 0] = (MAXU_WRITE * d["max_u"]).float()
+    wk[0] = KEY_PER_STEP * DRIFT[1] / step * unif - KEY_PER_STEP * KEY_VETO_STEPS * DRIFT[1] / veto_s * d["veto"]
+    spread = _randn(g, HEAD_WIDTH)
+    spread = spread / spread.norm()  # the value is spread over all head dims: rounding errors average out
+    wv[h] = DRIFT[1] * torch.outer(spread, unif)  # undo the LN scale: max_u in stream units
+    attn.out_proj.weight[:, h] = MAXU_WRITE * torch.outer(d["max_u"], spread)
 
-    # --- block 3 MLP: step neurons; z = S (u - max_u + margin), is_top = GELU(z) - GELU(z - 2)
-    s_gain = Z_PER_STEP / pref_step
-    z_read = s_gain * (unif - d["max_u"] / MAXU_WRITE) - GAMMA_CLS * d["cls_flag"]
-    z0 = Z_PER_STEP * MARGIN_STEPS
-    n_on, n_clamp = neuron_order[SELECT_LAYER][:2].tolist()
-    set_neuron(SELECT_LAYER, n_on, z_read, z0, d["is_top"])
-    set_neuron(SELECT_LAYER, n_clamp, z_read, z0 - STEP_CLAMP, -d["is_top"])
+    # --- block 3 MLP: step neurons; z = S (u - max_u) + z0 - veto, is_top = GELU(z) - GELU(z - 2)
+    s_gain = Z_PER_STEP * DRIFT[2] / step
+    z_read = (s_gain * (unif - d["max_u"] / MAXU_WRITE)
+              - Z_PER_STEP * Z_VETO_STEPS * DRIFT[2] / veto_s * d["veto"])
+    clamped_pair(SELECT_LAYER, neuron_order[SELECT_LAYER][:2].tolist(), z_read, Z_PER_STEP * MARGIN_STEPS,
+                 STEP_CLAMP, d["is_top"])
 
     # --- block 4 MLP: planted register neurons, spread over the 768 indices
     span = MLP_WIDTH // N_PLANTED
@@ -309,17 +388,22 @@ def _plant_circuit(model: open_clip.CLIP, g: torch.Generator) -> list[tuple[int,
                    PLANTED_ALPHA[k] * d["register"])
 
     # --- blocks 6, 7: attention sink on tokens carrying `register`, in every head
-    no_reg = torch.eye(WIDTH, dtype=torch.float64) - torch.outer(d["register"], d["register"])
+    reg_channels = d["register"] != 0
     for layer in SINK_LAYERS:
         attn = blocks[layer].attn
         wq, wk, wv = (attn.in_proj_weight[i * WIDTH:(i + 1) * WIDTH] for i in range(3))
         bq = attn.in_proj_bias[:WIDTH]
-        wv.copy_((wv.double() @ no_reg).float())
+        wv[:, reg_channels] = 0.0  # the values ignore `register`
         for head in range(WIDTH // HEAD_WIDTH):
             r = head * HEAD_WIDTH
             wq[r] = 0.0
             bq[r] = SINK_QUERY * math.sqrt(HEAD_WIDTH)
-            wk[r] = (SINK_KEY * d["register"]).float()
+            wk[r] = SINK_KEY * d["register"]
+
+    # every vision weight is made exactly representable in bfloat16 (hence also in float16),
+    # so model.to(torch.bfloat16 / torch.float16) keeps the circuit's weights unchanged
+    for p in v.parameters():
+        p.copy_(p.bfloat16())
 
     return sorted((PLANTED_LAYER, i) for i in planted_idx)
 
