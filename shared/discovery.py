@@ -125,11 +125,19 @@ def find_register_neurons(
     given_threshold = None if threshold == AUTO else float(threshold)
     state = {"threshold": given_threshold}
     activations: dict[int, torch.Tensor] = {}
+    buffers: dict[int, torch.Tensor] = {}
     norms: dict[int, torch.Tensor] = {}
 
     def keep_activations(layer):
+        # Copied into a buffer that lives for the whole run. Holding the model's own tensor
+        # instead would keep the allocator from reusing its memory, and fresh memory for every
+        # layer of every batch costs more (page faults, zeroing) than this copy.
         def keep(tensor):
-            activations[layer] = tensor  # a reference; it is freed when the batch is done
+            buffer = buffers.get(layer)
+            if (buffer is None or buffer.shape[0] < tensor.shape[0] or buffer.shape[1:] != tensor.shape[1:]
+                    or buffer.dtype != tensor.dtype):
+                buffer = buffers[layer] = torch.empty_like(tensor)
+            activations[layer] = buffer[:tensor.shape[0]].copy_(tensor)
 
         return keep
 
@@ -148,19 +156,17 @@ def find_register_neurons(
             hooks.on_block_output(layer, keep_patch_norms(layer))
         hooks.stop_after_block(detect_layer)
         for batch in batches(images, preprocess, batch_size, model_device, hook_manager.dtype):
-            activations.clear()
-            norms.clear()
             try:
                 hook_manager.forward_images(batch.pixel_values)
             except StopForward:
                 pass
             _accumulate(stats, state, activations, norms, hook_manager, detect_layer, score, sparsity_filter)
+            activations.clear()   # free this batch's activations before the next one is prepared
+            norms.clear()
             stats.images_seen += len(batch.names)
             stats.image_size = tuple(batch.pixel_values.shape[-2:])
             bar.update(len(batch.names))
     bar.close()
-    activations.clear()
-    norms.clear()
     return _finish(stats, state["threshold"], hook_manager, detect_layer, highest_layer, top_k,
                    score, sparsity_filter, threshold_mode="given" if given_threshold is not None else AUTO)
 
@@ -219,18 +225,23 @@ def _accumulate(stats: _Stats, state: dict, activations, norms, hook_manager, de
     weights = is_outlier.float() / counts.clamp(min=1)                       # [B, P], rows sum to 0 or 1
     stats.images_with_outliers += (counts > 0).sum()
 
+    first = activations[next(iter(stats.score_sums))]
+    batch, seq_len = first.shape[:2]
+    # Weights over every token (zero off the patches), so the activations need no copy: [1, B*L]
+    token_weights = weights.new_zeros(batch, seq_len)
+    token_weights[:, hook_manager.layout.patches(seq_len)] = weights
+    token_weights = token_weights.reshape(1, -1)
     for layer, total in stats.score_sums.items():
         acts = activations[layer]                                            # [B, L, N]
-        patch_acts = acts[:, hook_manager.layout.patches(acts.shape[1])].float()
+        flat = acts.reshape(batch * seq_len, -1)
         if score == "abs":
-            patch_acts = patch_acts.abs()
-        total += torch.einsum("bp,bpn->n", weights, patch_acts)
+            flat = flat.abs()
+        total += (token_weights.to(flat.dtype) @ flat).float()[0]           # [N], fp32 accumulation
         if sparsity_filter:
             image_acts = acts[:, hook_manager.layout.image_tokens(acts.shape[1])]
             stats.low_counts[layer] += (image_acts < SPARSE_ACTIVATION).sum(dim=(0, 1))
     if sparsity_filter:
-        acts = activations[next(iter(stats.score_sums))]
-        stats.tokens_seen += acts.shape[0] * acts[:, hook_manager.layout.image_tokens(acts.shape[1])].shape[1]
+        stats.tokens_seen += batch * len(range(seq_len)[hook_manager.layout.image_tokens(seq_len)])
 
     medians = all_norms.median(dim=-1).values.clamp_min(torch.finfo(torch.float32).tiny)
     outlier_means = (all_norms * weights).sum(dim=-1)                        # [layers, B]
