@@ -8,16 +8,14 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from clip import ClipHookManager  # noqa: E402
+from tests.tiny_models import clip_model as build_clip  # noqa: E402
 
-TINY_VISION = dict(image_size=64, patch_size=16, width=64, layers=3, head_width=32, mlp_ratio=4)
-TINY_TEXT = dict(context_length=8, vocab_size=100, width=32, heads=1, layers=1)
+CLIP_LAYERS = 3
 
 
 def tiny_clip(seed: int = 0) -> open_clip.CLIP:
-    """A real open_clip CLIP with a 3-block, 64-wide image tower (16 patches at 64 px)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return open_clip.CLIP(embed_dim=32, vision_cfg=TINY_VISION, text_cfg=TINY_TEXT).eval()
+    """The 3-block tiny CLIP most core tests use (64 px, 16 patches, 256 neurons per block)."""
+    return build_clip(seed, layers=CLIP_LAYERS)
 
 
 @pytest.fixture

@@ -6,13 +6,10 @@ import torch
 from shared import ModifiedModel, find_register_neurons
 from shared.metrics import measure_outliers
 from shared.planting import marker_images, plant_register_neurons
-from tests.tiny_models import ARCHITECTURES, IMAGE_SIZE, LAYERS
+from tests.tiny_models import ARCHITECTURES, IMAGE_SIZE, LAYERS, hook_count
 
 PLANTED_LAYER = 1
 
-
-def _hook_counts(model):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def _first_tensor(output):
@@ -65,7 +62,7 @@ def test_every_declared_site_resolves_and_fires_once_per_layer(hook_manager, pix
     expected = {(site, layer): 1 for site in ("neurons", "residual", "attention") for layer in range(LAYERS)}
     expected.update({("insertion", 0): 1, ("removal", 0): 1})
     assert calls == expected
-    assert _hook_counts(hook_manager.model) == 0
+    assert hook_count(hook_manager.model) == 0
 
 
 def test_identity_edits_are_bit_identical_and_perturbing_edits_are_not(hook_manager, pixels):
@@ -122,7 +119,7 @@ def test_planted_neurons_are_found_and_the_register_takes_over(arch, hook_manage
         together = _first_tensor(modified.forward_images(held_out.pixel_values[:6]))
         alone = torch.cat([_first_tensor(modified.forward_images(held_out.pixel_values[i:i + 1])) for i in range(6)])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
-    assert _hook_counts(hook_manager.model) == 0
+    assert hook_count(hook_manager.model) == 0
 
 
 def test_trained_registers_and_cls_are_never_outliers_and_keep_their_activations(arch, hook_manager):

@@ -6,10 +6,8 @@ import torch
 from clip import ClipHookManager
 from shared import ModifiedModel, NoOutliersError, find_register_neurons
 from shared.metrics import measure_outliers
+from tests.tiny_models import hook_count
 
-
-def _hook_counts(model):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +30,7 @@ def test_recovers_exactly_the_planted_neurons(demo, found):
     assert scores == sorted(scores, reverse=True)
     ratios = neurons.extra["outlier_norm_ratio_by_layer"]
     assert max(ratios[:planted_layer]) < 2 <= ratios[planted_layer]
-    assert _hook_counts(model) == 0
+    assert hook_count(model) == 0
 
 
 def test_a_wider_search_still_ranks_the_planted_neurons_first(demo, found):

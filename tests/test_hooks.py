@@ -2,10 +2,8 @@ import pytest
 import torch
 
 from shared import StopForward
+from tests.tiny_models import hook_count
 
-
-def _hook_counts(model):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def test_capture_shapes_and_attention_rows(clip_hm, pixels):
@@ -18,7 +16,7 @@ def test_capture_shapes_and_attention_rows(clip_hm, pixels):
     assert attention.shape == (5, 2, 17, 17)
     torch.testing.assert_close(attention.sum(-1), torch.ones(5, 2, 17))
     assert not any(t.requires_grad for t in (*cap.neurons.values(), attention))
-    assert _hook_counts(clip_hm.model) == 0
+    assert hook_count(clip_hm.model) == 0
 
 
 def test_attention_capture_matches_the_attention_module(clip_hm, pixels):
@@ -41,7 +39,7 @@ def test_capture_does_not_change_the_output(clip_hm, pixels):
 def test_hooks_are_removed_after_an_exception_and_user_hooks_survive(clip_hm, pixels):
     calls = []
     user_handle = clip_hm.blocks[1].register_forward_hook(lambda *a: calls.append("user"))
-    before = _hook_counts(clip_hm.model)
+    before = hook_count(clip_hm.model)
 
     def explode(_):
         raise RuntimeError("boom")
@@ -52,12 +50,12 @@ def test_hooks_are_removed_after_an_exception_and_user_hooks_survive(clip_hm, pi
             hooks.on_neurons(0, lambda a: None)
             hooks.on_attention(2, lambda p: None)
             clip_hm.forward_images(pixels)
-    assert _hook_counts(clip_hm.model) == before
+    assert hook_count(clip_hm.model) == before
     calls.clear()
     clip_hm.forward_images(pixels)
     assert calls == ["user"]
     user_handle.remove()
-    assert _hook_counts(clip_hm.model) == 0
+    assert hook_count(clip_hm.model) == 0
 
 
 def test_stop_after_block_skips_later_blocks(clip_hm, pixels):

@@ -2,12 +2,10 @@ import pytest
 import torch
 
 from shared import ModifiedModel
+from tests.tiny_models import hook_count
 
 NEURONS = [(1, 7), (1, 30), (2, 100)]
 
-
-def _hook_counts(model):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def test_no_neurons_and_no_registers_is_bit_identical(clip_model, clip_hm, pixels):
@@ -28,7 +26,7 @@ def test_registers_never_leak_into_outputs(clip_model, clip_hm, pixels):
     assert pooled.shape == plain_pooled.shape and tokens.shape == plain_tokens.shape == (5, 16, 64)
     assert modified.register_tokens.shape == (5, 3, 64)
     assert not torch.equal(pooled, plain_pooled)
-    assert _hook_counts(clip_model) == 0
+    assert hook_count(clip_model) == 0
 
 
 def test_batch_invariance(clip_model, clip_hm, pixels):

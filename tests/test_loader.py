@@ -8,7 +8,8 @@ import torch
 
 from clip import ClipHookManager, load_openclip
 from shared import ModelLoadError
-from tests.conftest import TINY_TEXT, TINY_VISION
+from tests.conftest import CLIP_LAYERS
+from tests.tiny_models import clip_config
 
 NAME = "ttr-test-tiny-vit"
 
@@ -16,8 +17,7 @@ NAME = "ttr-test-tiny-vit"
 @pytest.fixture(scope="module")
 def registered_config(tmp_path_factory):
     folder = tmp_path_factory.mktemp("configs")
-    (folder / f"{NAME}.json").write_text(json.dumps(
-        {"embed_dim": 32, "vision_cfg": TINY_VISION, "text_cfg": TINY_TEXT}))
+    (folder / f"{NAME}.json").write_text(json.dumps(clip_config(CLIP_LAYERS)))
     open_clip.add_model_config(folder)
     return NAME
 

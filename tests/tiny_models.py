@@ -50,10 +50,21 @@ def _dominant_positions(position_embedding: torch.Tensor, patch_projection: torc
         weight.copy_(2 / (fan_in * width) ** 0.5 * torch.randn(weight.shape, generator=generator))
 
 
-def clip_model(seed: int = 0) -> open_clip.CLIP:
+def clip_config(layers: int = LAYERS) -> dict:
+    """An open_clip model config (as in open_clip's JSON files) for a tiny CLIP."""
+    return {"embed_dim": 32, "vision_cfg": {**CLIP_VISION, "layers": layers}, "text_cfg": CLIP_TEXT}
+
+
+def clip_model(seed: int = 0, layers: int = LAYERS) -> open_clip.CLIP:
+    """A real open_clip CLIP; its image tower has ``layers`` blocks and 16 patches at 64 px."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return open_clip.CLIP(embed_dim=32, vision_cfg=CLIP_VISION, text_cfg=CLIP_TEXT).eval()
+        return open_clip.CLIP(**clip_config(layers)).eval()
+
+
+def hook_count(model: torch.nn.Module) -> int:
+    """Forward and forward-pre hooks on all of a model's modules."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def dinov2_model(seed: int = 0, registers: int = 0) -> torch.nn.Module:
