@@ -12,6 +12,11 @@ from shared.hooks import HookManager, Hooks, HookSite
 from shared.layout import TokenLayout
 
 
+#: The MLP output projection: fc2 (plain MLP), down_proj (SwiGLU, transformers 5) or weights_out
+#: (SwiGLU, earlier transformers). Its input is the neuron activations in every case.
+_OUTPUT_PROJECTIONS = ("fc2", "down_proj", "weights_out")
+
+
 class Dinov2HookManager(HookManager):
     """Sites of an unmodified transformers DINOv2 model.
 
@@ -29,7 +34,7 @@ class Dinov2HookManager(HookManager):
         super().__init__(model, name or f"dinov2:{getattr(model.config, '_name_or_path', '') or type(model).__name__}")
         self.backbone = backbone
         mlp = backbone.encoder.layer[0].mlp
-        if not (hasattr(mlp, "fc2") or hasattr(mlp, "weights_out")):
+        if not any(hasattr(mlp, name) for name in _OUTPUT_PROJECTIONS):
             raise UnsupportedModelError(f"unknown DINOv2 MLP {type(mlp).__name__}")
 
     @property
@@ -42,7 +47,7 @@ class Dinov2HookManager(HookManager):
 
     def mlp_output_projection(self, layer: int) -> nn.Module:
         mlp = self.blocks[layer].mlp
-        return mlp.fc2 if hasattr(mlp, "fc2") else mlp.weights_out   # SwiGLU: the input of weights_out
+        return next(getattr(mlp, name) for name in _OUTPUT_PROJECTIONS if hasattr(mlp, name))
 
     def mlp_input_projection(self, layer: int) -> nn.Module:
         mlp = self.blocks[layer].mlp

@@ -133,3 +133,23 @@ def test_cli_runs_dinov2_and_deit_specs_and_reports_a_model_without_outliers(tmp
     assert code == 2 and "unknown preset" in capsys.readouterr().err
     code = main(["--model", "deit:deit3_nonexistent", "--images", str(image_folder), "--quiet"])
     assert code == 2 and "unknown timm model" in capsys.readouterr().err
+
+
+def test_dinov2_with_a_swiglu_mlp_reads_neurons_at_the_output_projection():
+    """DINOv2 ViT-g uses a SwiGLU MLP: the neurons are the input of ``down_proj``."""
+    from tests.tiny_models import DINOV2
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Dinov2Model(Dinov2Config(use_swiglu_ffn=True, **DINOV2)).eval()
+    hook_manager = Dinov2HookManager(model)
+    assert hook_manager.mlp_output_projection(2) is model.encoder.layer[2].mlp.down_proj
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, before = hook_manager.run_with_capture(pixels, neurons=[2])
+        modified = ModifiedModel(model, hook_manager, [(2, 5), (2, 9)], num_registers=1)
+        with modified.capture(neurons=[2]) as after:
+            output = modified(pixel_values=pixels)
+    assert before.neurons[2].shape[-1] == hook_manager.num_neurons(2)
+    assert torch.equal(after.neurons[2][:, :65, [5, 9]], torch.zeros(2, 65, 2))
+    assert output.last_hidden_state.shape == (2, 65, 64)
