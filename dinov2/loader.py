@@ -8,12 +8,11 @@ import torch
 from PIL import Image
 
 from shared.errors import ModelLoadError
+from shared.images import IMAGENET_MEAN, IMAGENET_STD
 from shared.loading import LoadedModel, first_line
 
 from .hook_manager import Dinov2HookManager
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ProcessorTransform:
@@ -64,7 +63,7 @@ def load_dinov2(id_or_dir: str | os.PathLike, *, device: torch.device | str = "c
     if looks_local and not os.path.isdir(source):   # hub ids are "org/name"
         raise ModelLoadError(f"model directory not found: {source}")
     try:
-        model = AutoModel.from_pretrained(source, dtype=dtype)
+        model = AutoModel.from_pretrained(source)
     except Exception as error:  # OSError (missing, offline), ValueError, safetensors errors
         raise ModelLoadError(f"could not load DINOv2 model {source!r}: {first_line(error)}") from error
     if type(model).__name__ not in ("Dinov2Model", "Dinov2WithRegistersModel"):
@@ -73,5 +72,5 @@ def load_dinov2(id_or_dir: str | os.PathLike, *, device: torch.device | str = "c
         preprocess = ProcessorTransform(AutoImageProcessor.from_pretrained(source))
     except Exception:  # no preprocessor_config.json: use DINOv2's standard transform
         preprocess = default_transform()
-    model = model.to(device).eval()
+    model = model.to(device=device, dtype=dtype).eval()
     return LoadedModel(model, preprocess, Dinov2HookManager(model, name=f"dinov2:{source}"))

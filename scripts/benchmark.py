@@ -33,15 +33,17 @@ def plain_forward(runner, images, preprocess, batch_size, hook_manager) -> None:
 
 
 def timed(fn, device: torch.device) -> tuple[float, int]:
-    """Seconds and peak CUDA bytes (0 elsewhere) of one call."""
+    """Seconds, and peak CUDA bytes above what was allocated before (0 elsewhere), of one call."""
+    baseline = 0
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)   # the weights: not part of the run's cost
     start = time.perf_counter()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    peak = torch.cuda.max_memory_allocated(device) - baseline if device.type == "cuda" else 0
     return time.perf_counter() - start, peak
 
 

@@ -12,6 +12,7 @@ import argparse
 import logging
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -108,14 +109,25 @@ def check_device(name: str) -> str:
         device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"--device: unknown device {name!r}") from None
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise UsageError(f"--device {name}: models cannot run on a {device.type} device")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available on this machine")
     return name
 
 
 def check_output_path(path: Path | None, flag: str) -> None:
-    if path is not None and path.is_dir():
+    """Fail before any work if an output cannot be written, so no run ends with half its files."""
+    if path is None:
+        return
+    if path.is_dir():
         raise UsageError(f"{flag} {path} is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as error:
+        raise UsageError(f"{flag} {path}: cannot write there ({error.strerror or error})") from None
 
 
 def check_layer(hook_manager, value, flag: str) -> None:
@@ -240,6 +252,9 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         return run(args)
     except (UsageError, TestTimeRegistersError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:   # a file that vanished or a disk that filled up mid-run
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

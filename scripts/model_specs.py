@@ -21,8 +21,11 @@ FORMS = "demo | openclip:NAME[:PRETRAINED_TAG_OR_PATH] | dinov2:HF_ID_OR_DIR | d
 @dataclass
 class ResolvedModel:
     loaded: LoadedModel
-    synthetic: bool = False
-    planted: list[tuple[int, int]] | None = None
+    planted: list[tuple[int, int]] | None = None   # set only for the synthetic demo
+
+    @property
+    def synthetic(self) -> bool:
+        return self.planted is not None
 
 
 def load_model(spec: str, *, device: str = "cpu", precision: str = "fp32", seed: int = 0) -> ResolvedModel:
@@ -34,8 +37,7 @@ def load_model(spec: str, *, device: str = "cpu", precision: str = "fp32", seed:
 
         model, preprocess, planted = build_demo_model(seed=seed)
         model = model.to(device=device, dtype=PRECISIONS[precision])
-        return ResolvedModel(LoadedModel(model, preprocess, ClipHookManager(model, name="demo")),
-                             synthetic=True, planted=planted)
+        return ResolvedModel(LoadedModel(model, preprocess, ClipHookManager(model, name="demo")), planted=planted)
     if kind == "openclip" and rest:
         from clip import load_openclip
 
@@ -64,7 +66,5 @@ def load_neurons(spec: str, hook_manager) -> RegisterNeurons:
     if spec.startswith("preset:"):
         from dinov2 import load_preset
 
-        neurons = load_preset(spec.removeprefix("preset:"))
-        neurons.check_fits(hook_manager)
-        return neurons
+        return load_preset(spec.removeprefix("preset:"), hook_manager)
     return RegisterNeurons.load(spec, hook_manager)

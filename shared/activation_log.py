@@ -25,6 +25,7 @@ import h5py
 import torch
 from tqdm.auto import tqdm
 
+from .errors import ImageSourceError
 from .hooks import HookManager
 from .images import batches, count_hint
 from .neurons import RegisterNeurons
@@ -37,7 +38,8 @@ def log_activations(hook_manager: HookManager, images, neurons, path: str | os.P
                     progress: bool = True) -> Path:
     """Run the unmodified model over ``images`` and log norms and neuron activations to ``path``.
 
-    Returns the path. If no image could be processed, no file is left behind.
+    Returns the path. If no image could be processed, no file is left behind and
+    :class:`ImageSourceError` is raised.
     """
     neurons = RegisterNeurons.coerce(neurons)
     neurons.check_fits(hook_manager)
@@ -56,10 +58,10 @@ def log_activations(hook_manager: HookManager, images, neurons, path: str | os.P
         return keep
 
     def keep_neurons(layer):
-        index = torch.tensor(by_layer[layer])
+        index = torch.tensor(by_layer[layer], device=hook_manager.device)
 
         def keep(acts):
-            picked[layer] = acts[:, :, index.to(acts.device)].float()          # [B, L, k]
+            picked[layer] = acts[:, :, index].float()                           # [B, L, k]
         return keep
 
     written = 0
@@ -86,7 +88,7 @@ def log_activations(hook_manager: HookManager, images, neurons, path: str | os.P
                 if written == 0:
                     _create_datasets(handle, num_layers, grid, layout.num_prefix, len(neurons), seq_len)
                 _append(handle, written, batch.names, patch_maps.cpu().numpy(),
-                        stacked[:, :, layout.cls().start:layout.num_prefix].cpu().numpy(),
+                        stacked[:, :, layout.prefix()].cpu().numpy(),
                         activations.cpu().numpy())
                 written += len(batch.names)
                 handle.attrs["images_written"] = written
@@ -98,6 +100,8 @@ def log_activations(hook_manager: HookManager, images, neurons, path: str | os.P
         handle.close()
         if written == 0:
             path.unlink(missing_ok=True)
+    if written == 0:
+        raise ImageSourceError(f"no readable images to log; {path} was not written")
     log.info("logged %d images to %s", written, path)
     return path
 

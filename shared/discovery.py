@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -68,7 +68,6 @@ class _Stats:
     images_seen: int = 0
     image_size: tuple[int, int] | None = None
     calibration_median: float | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def find_register_neurons(
@@ -233,15 +232,15 @@ def _accumulate(stats: _Stats, state: dict, activations, norms, hook_manager, de
     token_weights = token_weights.reshape(1, -1)
     for layer, total in stats.score_sums.items():
         acts = activations[layer]                                            # [B, L, N]
-        flat = acts.reshape(batch * seq_len, -1)
+        flat = acts.reshape(batch * seq_len, -1).float()                     # a copy only for bf16/fp16
         if score == "abs":
             flat = flat.abs()
-        total += (token_weights.to(flat.dtype) @ flat).float()[0]           # [N], fp32 accumulation
+        total += (token_weights @ flat)[0]                                   # [N], summed in float32
         if sparsity_filter:
             image_acts = acts[:, hook_manager.layout.image_tokens(acts.shape[1])]
             stats.low_counts[layer] += (image_acts < SPARSE_ACTIVATION).sum(dim=(0, 1))
     if sparsity_filter:
-        stats.tokens_seen += batch * len(range(seq_len)[hook_manager.layout.image_tokens(seq_len)])
+        stats.tokens_seen += batch * (hook_manager.layout.num_prefix + hook_manager.layout.num_patches(seq_len))
 
     medians = all_norms.median(dim=-1).values.clamp_min(torch.finfo(torch.float32).tiny)
     outlier_means = (all_norms * weights).sum(dim=-1)                        # [layers, B]

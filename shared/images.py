@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 
 Preprocess = Callable[[Image.Image], torch.Tensor]
 
+#: The normalisation most ViTs were trained with (DINOv2, DeiT, the planted test images).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB (16-bit and float greyscale are rescaled first)."""

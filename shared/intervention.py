@@ -159,12 +159,14 @@ class ModifiedModel(nn.Module):
         assignment = torch.randint(max(num_registers, 1), (len(self.neurons),), generator=generator)
         by_pair = {pair: int(register) for pair, register in zip(self.neurons.pairs(), assignment)}
         # Buffers, so that .to(device) moves the plan once instead of copying it at every call.
-        self.register_buffer("_scale", torch.tensor(self.scale, dtype=torch.float32), persistent=False)
+        device = hook_manager.device   # where the model is now; .to() moves them with it later
+        self.register_buffer("_scale", torch.tensor(self.scale, dtype=torch.float32, device=device),
+                             persistent=False)
         self._layers = sorted(self.neurons.by_layer())
         for layer, layer_neurons in self.neurons.by_layer().items():
             registers = [by_pair[(layer, neuron)] for neuron in layer_neurons]
-            self.register_buffer(f"_neurons_{layer}", torch.tensor(layer_neurons), persistent=False)
-            self.register_buffer(f"_registers_{layer}", torch.tensor(registers), persistent=False)
+            self.register_buffer(f"_neurons_{layer}", torch.tensor(layer_neurons, device=device), persistent=False)
+            self.register_buffer(f"_registers_{layer}", torch.tensor(registers, device=device), persistent=False)
 
     def extra_repr(self) -> str:
         return (f"num_registers={self.num_registers}, neurons={len(self.neurons)} in layers "

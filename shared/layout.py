@@ -44,6 +44,10 @@ class TokenLayout:
     def cls(self) -> slice:
         return slice(0, self.num_cls)
 
+    def prefix(self) -> slice:
+        """CLS and trained registers."""
+        return slice(0, self.num_prefix)
+
     def trained_registers(self) -> slice:
         return slice(self.num_cls, self.num_prefix)
 

@@ -39,7 +39,7 @@ def measure_outliers(runner: HookManager | ModifiedModel, images, preprocess: Ca
     attention layer defaults to the last block. ``keep_maps`` keeps that many images' maps.
     """
     hook_manager = runner.hook_manager if isinstance(runner, ModifiedModel) else runner
-    layout = runner.layout if isinstance(runner, ModifiedModel) else hook_manager.layout
+    layout = runner.layout
     detect_layer = hook_manager.default_detect_layer if detect_layer is None else detect_layer
     attention_layer = hook_manager.num_layers - 1 if attention_layer is None else attention_layer
     has_cls = layout.num_cls > 0

@@ -136,6 +136,9 @@ class RegisterNeurons:
         try:
             with os.fdopen(handle, "w") as stream:
                 stream.write(text)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(temporary, 0o666 & ~umask)   # mkstemp makes files private; keep the usual mode
             os.replace(temporary, path)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from .hooks import HookManager, HookSite
+from .images import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MARKER_RGB = (0.95, 0.05, 0.9)        # the marker is a fine checkerboard of these two colours,
 MARKER_OTHER_RGB = (0.1, 0.85, 0.2)    # which no smooth background patch resembles
 #: Pre-activation of the planted neurons at the least clear marker (and minus it at the most

@@ -44,8 +44,10 @@ def test_an_interrupted_run_leaves_a_readable_file(tmp_path, clip_hm):
         assert log.attrs["images_written"] == 6 and log["patch_norms"].shape[0] == 6
 
 
-def test_no_image_leaves_no_file(tmp_path, clip_hm):
-    with pytest.raises(ValueError):
-        log_activations(clip_hm, torch.zeros(2, 3, 64, 64), [(1, 3)], tmp_path / "none.h5", batch_size=0,
+def test_no_image_leaves_no_file_and_says_so(tmp_path, clip_hm):
+    from shared import ImageSourceError
+
+    with pytest.raises(ImageSourceError, match="no readable images"):
+        log_activations(clip_hm, [], [(1, 3)], tmp_path / "none.h5", lambda image: torch.zeros(3, 64, 64),
                         progress=False)
     assert not (tmp_path / "none.h5").exists()

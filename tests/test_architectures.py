@@ -4,18 +4,13 @@ import pytest
 import torch
 
 from shared import ModifiedModel, find_register_neurons
+from shared.hooks import _first_tensor
 from shared.metrics import measure_outliers
 from shared.planting import marker_images, plant_register_neurons
 from tests.tiny_models import ARCHITECTURES, IMAGE_SIZE, LAYERS, hook_count
 
 PLANTED_LAYER = 1
 
-
-
-def _first_tensor(output):
-    if isinstance(output, torch.Tensor):
-        return output
-    return output[0]
 
 
 @pytest.fixture(params=ARCHITECTURES, ids=lambda a: a.name)

@@ -88,6 +88,9 @@ def _folder_with(tmp_path, name, files):
     lambda t: ["--detect-layer", "2", "--highest-layer", "5"],
     lambda t: ["--device", "not-a-device"],
     lambda t: ["--out", str(t)],
+    lambda t: ["--log", str(_folder_with(t, "logs", {"file.txt": b"x"}) / "file.txt" / "log.h5")],
+    lambda t: ["--figure", str(_folder_with(t, "figs", {"file.txt": b"x"}) / "file.txt" / "figure.png")],
+    lambda t: ["--device", "meta"],
     lambda t: ["--neurons", str(t / "missing.json")],
     lambda t: ["--neurons", str(RegisterNeurons.coerce([(3, 5000)]).save(t / "misfit.json"))],
 ])

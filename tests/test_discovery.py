@@ -79,13 +79,19 @@ def test_the_test_time_register_takes_over_the_outliers(demo, found):
     assert legacy.worst_max_over_median <= 2
 
 
-def test_bf16_discovery(demo):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_discovery_matches_float32(demo, dtype):
     from clip.demo import build_demo_model
 
-    model, preprocess, planted = build_demo_model(seed=0)
-    hm = ClipHookManager(model.to(torch.bfloat16))
-    neurons = find_register_neurons(hm, demo[3][:16], preprocess, top_k=len(planted), progress=False)
-    assert sorted(neurons.pairs()) == sorted(planted)
+    _, preprocess, planted, images = demo
+    full = find_register_neurons(ClipHookManager(build_demo_model(seed=0)[0]), images[:16], preprocess,
+                                 top_k=len(planted), progress=False)
+    reduced = find_register_neurons(ClipHookManager(build_demo_model(seed=0)[0].to(dtype)), images[:16], preprocess,
+                                    top_k=len(planted), progress=False)
+    assert sorted(reduced.pairs()) == sorted(planted)
+    expected = {(n.layer, n.neuron): n.score for n in full}
+    for item in reduced:   # summed in float32: only the activations themselves are rounded
+        assert item.score == pytest.approx(expected[(item.layer, item.neuron)], rel=0.02)
 
 
 def test_no_outliers_is_said_plainly_with_a_threshold_to_try(clip_hm):

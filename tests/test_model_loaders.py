@@ -120,11 +120,13 @@ def image_folder(tmp_path):
 def test_cli_runs_dinov2_and_deit_specs_and_reports_a_model_without_outliers(tmp_path, image_folder, capsys):
     dinov2_model().save_pretrained(tmp_path / "dinov2")
     capsys.readouterr()
-    for spec in (f"dinov2:{tmp_path / 'dinov2'}", f"deit:vit_tiny_patch16_224:{tmp_path / 'missing.pth'}"):
+    for spec, message in ((f"dinov2:{tmp_path / 'dinov2'}", "no high-norm outliers"),
+                          (f"deit:vit_tiny_patch16_224:{tmp_path / 'missing.pth'}", "checkpoint not found"),
+                          ("dinov2:facebook/dinov2-small", "could not load DINOv2 model")):
         code = main(["--model", spec, "--images", str(image_folder), "--quiet", "--out", str(tmp_path / "n.json")])
         error = capsys.readouterr().err.strip().splitlines()
-        assert code == 2 and len(error) == 1, error
-    assert "no high-norm outliers" in error[0] or "not found" in error[0]
+        assert code == 2 and len(error) == 1 and message in error[0], (spec, error)
+    assert not (tmp_path / "n.json").exists()
     code = main(["--model", f"dinov2:{tmp_path / 'dinov2'}", "--images", str(image_folder), "--quiet",
                  "--neurons", "preset:dinov2-vitl14"])
     assert code == 2 and "layers 0..3" in capsys.readouterr().err
@@ -152,4 +154,8 @@ def test_dinov2_with_a_swiglu_mlp_reads_neurons_at_the_output_projection():
             output = modified(pixel_values=pixels)
     assert before.neurons[2].shape[-1] == hook_manager.num_neurons(2)
     assert torch.equal(after.neurons[2][:, :65, [5, 9]], torch.zeros(2, 65, 2))
+    unedited = ModifiedModel(model, hook_manager, [], num_registers=1)
+    with torch.no_grad(), unedited.capture(neurons=[2]) as reference:
+        unedited(pixel_values=pixels)
+    assert torch.equal(after.neurons[2][:, 65, [5, 9]], reference.neurons[2][:, :, [5, 9]].amax(dim=1))
     assert output.last_hidden_state.shape == (2, 65, 64)

@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 import pytest
 
@@ -23,6 +25,9 @@ def test_json_round_trip_keeps_everything(tmp_path):
     assert [(n.layer, n.neuron, n.score) for n in loaded] == [(3, 17, 12.5), (2, 4, 3.25)]
     assert loaded.by_layer() == {2: [4], 3: [17]}
     assert list(tmp_path.iterdir()) == [path]       # no temporary file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
 
 
 def test_coerce_accepts_pairs_and_layer_dicts():
