@@ -26,7 +26,10 @@ from .neurons import RegisterNeuron, RegisterNeurons
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
-#: Auto threshold: median + AUTO_SIGMAS robust standard deviations of the patch norms ...
+#: Auto threshold: from the patch norms of the first AUTO_CALIBRATION_IMAGES images, whatever the
+#: batch size, ...
+AUTO_CALIBRATION_IMAGES = 32
+#: ... median + AUTO_SIGMAS robust standard deviations of the patch norms ...
 AUTO_SIGMAS = 6.0
 #: ... and never below AUTO_MIN_RATIO times the median patch norm.
 AUTO_MIN_RATIO = 3.0
@@ -93,8 +96,9 @@ def find_register_neurons(
             images, or a preprocessed tensor [N, 3, H, W].
         preprocess: PIL image -> tensor [3, H, W]; not needed for tensors.
         top_k: how many (layer, neuron) pairs to return, best first.
-        threshold: patch-norm threshold at ``detect_layer``, or ``"auto"``: a robust
-            threshold from the first batch's patch norms (see :func:`auto_threshold`).
+        threshold: patch-norm threshold at ``detect_layer``, or ``"auto"``: a robust threshold
+            from the patch norms of the first 32 images, whatever the batch size (see
+            :func:`auto_threshold`; smaller batches are held until 32 images are in).
         detect_layer: block whose output is searched for outliers; default the hook
             manager's ``default_detect_layer``.
         highest_layer: last layer whose neurons are candidates, or ``"auto"``: the first
@@ -122,7 +126,8 @@ def find_register_neurons(
 
     stats = _new_stats(hook_manager, candidate_layers, detect_layer, model_device)
     given_threshold = None if threshold == AUTO else float(threshold)
-    state = {"threshold": given_threshold}
+    threshold_value = given_threshold
+    pending: list[tuple[dict, dict]] = []   # (activations, norms) of batches waiting for the auto threshold
     activations: dict[int, torch.Tensor] = {}
     buffers: dict[int, torch.Tensor] = {}
     norms: dict[int, torch.Tensor] = {}
@@ -147,6 +152,10 @@ def find_register_neurons(
 
         return keep
 
+    def accumulate(batch_activations, batch_norms):
+        _accumulate(stats, threshold_value, batch_activations, batch_norms, hook_manager, detect_layer, score,
+                    sparsity_filter)
+
     bar = tqdm(total=count_hint(images), unit="img", desc="finding register neurons", disable=not progress)
     with hook_manager.hooks() as hooks, torch.no_grad():
         for layer in candidate_layers:
@@ -159,14 +168,28 @@ def find_register_neurons(
                 hook_manager.forward_images(batch.pixel_values)
             except StopForward:
                 pass
-            _accumulate(stats, state, activations, norms, hook_manager, detect_layer, score, sparsity_filter)
+            if threshold_value is None and not pending and len(batch.names) >= AUTO_CALIBRATION_IMAGES:
+                threshold_value = _calibrate([norms], detect_layer)      # the usual case: no copies
+            if threshold_value is not None:
+                accumulate(activations, norms)
+            else:   # small batches wait until the calibration images are in; held batches are copies
+                pending.append(({layer: acts.clone() for layer, acts in activations.items()}, dict(norms)))
+                if sum(len(held[detect_layer]) for _, held in pending) >= AUTO_CALIBRATION_IMAGES:
+                    threshold_value = _calibrate([held for _, held in pending], detect_layer)
+                    for held in pending:
+                        accumulate(*held)
+                    pending.clear()
             activations.clear()   # free this batch's activations before the next one is prepared
             norms.clear()
             stats.images_seen += len(batch.names)
             stats.image_size = tuple(batch.pixel_values.shape[-2:])
             bar.update(len(batch.names))
+        if pending:   # fewer images than the calibration wants: calibrate on all of them
+            threshold_value = _calibrate([held for _, held in pending], detect_layer)
+            for held in pending:
+                accumulate(*held)
     bar.close()
-    return _finish(stats, state["threshold"], hook_manager, detect_layer, highest_layer, top_k,
+    return _finish(stats, threshold_value, hook_manager, detect_layer, highest_layer, top_k,
                    score, sparsity_filter, threshold_mode="given" if given_threshold is not None else AUTO)
 
 
@@ -209,17 +232,22 @@ def _new_stats(hook_manager, candidate_layers, detect_layer, device) -> _Stats:
     )
 
 
-def _accumulate(stats: _Stats, state: dict, activations, norms, hook_manager, detect_layer,
+def _calibrate(norm_batches: list[dict[int, torch.Tensor]], detect_layer: int) -> float:
+    """The auto threshold from the detection-layer patch norms of the first calibration images."""
+    calibration = torch.cat([norms[detect_layer] for norms in norm_batches])[:AUTO_CALIBRATION_IMAGES]
+    threshold = auto_threshold(calibration)
+    log.info("auto threshold %.4g from the first %d images", threshold, len(calibration))
+    return threshold
+
+
+def _accumulate(stats: _Stats, threshold: float, activations, norms, hook_manager, detect_layer,
                 score, sparsity_filter) -> None:
     detect_norms = norms[detect_layer]                                       # [B, P]
     all_norms = torch.stack([norms[layer] for layer in range(detect_layer + 1)])   # [layers, B, P]
     stats.non_finite += (~torch.isfinite(all_norms)).sum()
-    if state["threshold"] is None:
-        state["threshold"] = auto_threshold(detect_norms)
-        log.info("auto threshold %.4g from the first %d images", state["threshold"], len(detect_norms))
     if stats.calibration_median is None:
         stats.calibration_median = float(detect_norms.median())
-    is_outlier = detect_norms > state["threshold"]                           # [B, P]
+    is_outlier = detect_norms > threshold                                    # [B, P]
     counts = is_outlier.sum(dim=1, keepdim=True)                             # [B, 1]
     weights = is_outlier.float() / counts.clamp(min=1)                       # [B, P], rows sum to 0 or 1
     stats.images_with_outliers += (counts > 0).sum()

@@ -44,13 +44,17 @@ def test_a_wider_search_still_ranks_the_planted_neurons_first(demo, found):
 
 def test_batch_size_does_not_change_the_result(demo, found):
     _, preprocess, planted, images = demo
-    hm, neurons = found
-    one_by_one = find_register_neurons(hm, images[:24], preprocess, top_k=len(planted), threshold=neurons.threshold,
-                                       batch_size=1, progress=False)
-    batched = find_register_neurons(hm, images[:24], preprocess, top_k=len(planted), threshold=neurons.threshold,
-                                    batch_size=24, progress=False)
-    assert one_by_one.pairs() == batched.pairs()
-    torch.testing.assert_close([n.score for n in one_by_one], [n.score for n in batched], rtol=1e-4, atol=1e-4)
+    hm, _ = found
+    # 40 images: batches of 1 and 8 hold images until 32 are in; one batch of 40 calibrates at once
+    runs = [find_register_neurons(hm, images[:40], preprocess, top_k=len(planted), batch_size=size, progress=False)
+            for size in (1, 8, 40)]
+    for run in runs[1:]:
+        assert run.pairs() == runs[0].pairs()
+        assert run.threshold == pytest.approx(runs[0].threshold, rel=1e-5)
+        assert run.images_with_outliers == runs[0].images_with_outliers == 40
+        torch.testing.assert_close([n.score for n in run], [n.score for n in runs[0]], rtol=1e-4, atol=1e-4)
+    few = find_register_neurons(hm, images[:5], preprocess, top_k=len(planted), batch_size=2, progress=False)
+    assert sorted(few.pairs()) == sorted(planted) and few.images_seen == 5   # fewer than 32: calibrated on all
 
 
 def test_a_folder_path_gives_the_same_neurons(tmp_path, demo, found):
