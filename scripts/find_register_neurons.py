@@ -22,7 +22,7 @@ from model_specs import FORMS, PRECISIONS, load_model, load_neurons  # noqa: E40
 import torch  # noqa: E402
 
 from shared import (ImageFolder, ModifiedModel, RegisterNeurons, TestTimeRegistersError,  # noqa: E402
-                    find_register_neurons)
+                    check_discovery_arguments, find_register_neurons)
 from shared.activation_log import log_activations  # noqa: E402
 from shared.figures import save_comparison  # noqa: E402
 from shared.images import take  # noqa: E402
@@ -130,11 +130,6 @@ def check_output_path(path: Path | None, flag: str) -> None:
         raise UsageError(f"{flag} {path}: cannot write there ({error.strerror or error})") from None
 
 
-def check_layer(hook_manager, value, flag: str) -> None:
-    if isinstance(value, int) and not 0 <= value < hook_manager.num_layers:
-        raise UsageError(f"{flag} {value} is out of range: the model has layers 0..{hook_manager.num_layers - 1}")
-
-
 def run(args) -> int:
     device = check_device(args.device)
     for path, flag in ((args.out, "--out"), (args.log, "--log"), (args.figure, "--figure")):
@@ -149,11 +144,7 @@ def run(args) -> int:
     if resolved.synthetic:
         print("SYNTHETIC DEMO: a small random OpenCLIP ViT with planted register neurons, "
               "on generated scenes. No weights were downloaded; the numbers below describe this toy model.")
-    check_layer(hook_manager, args.detect_layer, "--detect-layer")
-    check_layer(hook_manager, args.highest_layer, "--highest-layer")
-    if isinstance(args.highest_layer, int) and args.highest_layer > (
-            hook_manager.default_detect_layer if args.detect_layer is None else args.detect_layer):
-        raise UsageError("--highest-layer cannot be after --detect-layer")
+    check_discovery_arguments(hook_manager, detect_layer=args.detect_layer, highest_layer=args.highest_layer)
     if folder is not None:
         images, described = folder, f"images from {args.images}"
     else:

@@ -1,7 +1,7 @@
 """Architecture-agnostic core of test-time-registers."""
 
-from .discovery import auto_threshold, find_register_neurons
-from .errors import (ImageSourceError, IncompatibleNeuronsError, ModelLoadError, NeuronFileError,
+from .discovery import auto_threshold, check_discovery_arguments, find_register_neurons
+from .errors import (ImageSourceError, IncompatibleNeuronsError, InvalidArgumentError, ModelLoadError, NeuronFileError,
                      NonFiniteActivationsError, NoOutliersError, TestTimeRegistersError,
                      UnsupportedModelError)
 from .hooks import Capture, HookManager, Hooks, HookSite, StopForward
@@ -13,8 +13,8 @@ from .neurons import RegisterNeuron, RegisterNeurons
 
 __all__ = [
     "Capture", "HookManager", "HookSite", "Hooks", "ImageFolder", "ImageSourceError",
-    "IncompatibleNeuronsError", "LoadedModel", "ModelLoadError", "ModifiedModel", "NeuronFileError",
+    "IncompatibleNeuronsError", "InvalidArgumentError", "LoadedModel", "ModelLoadError", "ModifiedModel", "NeuronFileError",
     "NonFiniteActivationsError", "NoOutliersError", "RegisterNeuron", "RegisterNeurons", "StopForward", "TestTimeRegistersError",
-    "TokenLayout", "UnsupportedModelError", "auto_threshold", "find_register_neurons", "legacy_edit",
+    "TokenLayout", "UnsupportedModelError", "auto_threshold", "check_discovery_arguments", "find_register_neurons", "legacy_edit",
     "paper_edit",
 ]

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from .errors import ImageSourceError, NonFiniteActivationsError, NoOutliersError
+from .errors import ImageSourceError, InvalidArgumentError, NonFiniteActivationsError, NoOutliersError
 from .hooks import HookManager, StopForward
 from .images import batches, count_hint
 from .neurons import RegisterNeuron, RegisterNeurons
@@ -118,7 +118,7 @@ def find_register_neurons(
             largest patch norm seen and a threshold to try.
         ImageSourceError: no readable image.
     """
-    layers = _check_arguments(hook_manager, top_k, threshold, detect_layer, highest_layer, score)
+    layers = check_discovery_arguments(hook_manager, top_k, threshold, detect_layer, highest_layer, score)
     detect_layer, candidate_layers = layers
     model_device = hook_manager.device
     if device is not None and not _same_device(torch.device(device), model_device):
@@ -197,7 +197,13 @@ def _same_device(wanted: torch.device, actual: torch.device) -> bool:
     return wanted.type == actual.type and wanted.index in (None, actual.index)
 
 
-def _check_arguments(hook_manager, top_k, threshold, detect_layer, highest_layer, score):
+def check_discovery_arguments(hook_manager, top_k=10, threshold=AUTO, detect_layer=None, highest_layer=AUTO,
+                              score="raw") -> tuple[int, list[int]]:
+    """Validate discovery's settings for this model; return (detect layer, candidate layers).
+
+    Raises ValueError for bad values, and :class:`InvalidArgumentError` (also a ValueError) for
+    layers the model does not have or that are out of order.
+    """
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
         raise ValueError(f"top_k must be a positive int, got {top_k!r}")
     if threshold != AUTO:
@@ -212,7 +218,7 @@ def _check_arguments(hook_manager, top_k, threshold, detect_layer, highest_layer
     else:
         hook_manager.check_layer(highest_layer, "highest_layer")
         if highest_layer > detect_layer:
-            raise ValueError(f"highest_layer ({highest_layer}) cannot be after detect_layer ({detect_layer}): "
+            raise InvalidArgumentError(f"highest_layer ({highest_layer}) cannot be after detect_layer ({detect_layer}): "
                              "later neurons cannot write the outliers seen there")
         candidate_layers = list(range(highest_layer + 1))
     return detect_layer, candidate_layers

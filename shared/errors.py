@@ -7,6 +7,10 @@ class TestTimeRegistersError(Exception):
     __test__ = False  # not a pytest test class, despite the name
 
 
+class InvalidArgumentError(TestTimeRegistersError, ValueError):
+    """An argument is out of range for the model, e.g. a layer it does not have."""
+
+
 class ImageSourceError(TestTimeRegistersError, ValueError):
     """An image folder is missing or empty, or no readable image was found."""
 

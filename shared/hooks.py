@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .errors import InvalidArgumentError
 from .layout import TokenLayout
 
 TensorFn = Callable[[torch.Tensor], "torch.Tensor | None"]
@@ -263,7 +264,7 @@ class HookManager(abc.ABC):
 
     def check_layer(self, layer: int, what: str = "layer") -> int:
         if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.num_layers:
-            raise ValueError(f"{what} must be an int in 0..{self.num_layers - 1}, got {layer!r}")
+            raise InvalidArgumentError(f"{what} must be an int in 0..{self.num_layers - 1}, got {layer!r}")
         return layer
 
     def grid_shape(self, pixel_values: torch.Tensor) -> tuple[int, int]:
