@@ -1,6 +1,6 @@
-"""OpenCLIP support, through the unmodified open_clip package."""
+"""OpenCLIP support, through the unmodified open_clip package (specs ``openclip:`` and ``demo``)."""
 
 from .hook_manager import ClipHookManager
-from .loader import load_openclip
+from .loader import load_openclip, set_precision
 
-__all__ = ["ClipHookManager", "load_openclip"]
+__all__ = ["ClipHookManager", "load_openclip", "set_precision"]

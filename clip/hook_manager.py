@@ -8,9 +8,9 @@ import torch
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
-from shared.errors import UnsupportedModelError
-from shared.hooks import HookManager, Hooks, HookSite
-from shared.layout import TokenLayout
+from test_time_registers.errors import UnsupportedModelError
+from test_time_registers.hooks import HookManager, Hooks, HookSite
+from test_time_registers.layout import TokenLayout
 
 
 class ClipHookManager(HookManager):
@@ -22,7 +22,7 @@ class ClipHookManager(HookManager):
     output of ``transformer``, before ``ln_post`` and pooling.
     """
 
-    def __init__(self, model: nn.Module, name: str | None = None):
+    def __init__(self, model: nn.Module, name: str | None = None, **options):
         visual = getattr(model, "visual", model)
         if not isinstance(visual, VisionTransformer):
             raise UnsupportedModelError(
@@ -32,13 +32,26 @@ class ClipHookManager(HookManager):
         unsupported = {type(b).__name__ for b in visual.transformer.resblocks if not isinstance(b, ResidualAttentionBlock)}
         if unsupported:
             raise UnsupportedModelError(f"ClipHookManager supports ResidualAttentionBlock only, found {unsupported}")
-        super().__init__(model, name or f"openclip:{type(model).__name__}")
         self.visual = visual
+        super().__init__(model, name, **options)
         self.forward_methods = ("encode_image",) if hasattr(model, "encode_image") else ()
+
+    def default_name(self) -> str:
+        visual = self.visual
+        return (f"openclip:ViT(width={visual.conv1.out_channels}, layers={len(visual.transformer.resblocks)}, "
+                f"patch={visual.patch_size[0]}, image={visual.image_size[0]})")
 
     @property
     def layout(self) -> TokenLayout:
         return TokenLayout(num_cls=1)
+
+    @property
+    def patch_embedding(self) -> nn.Module:
+        return self.visual.conv1
+
+    @property
+    def image_model(self) -> nn.Module:
+        return self.visual
 
     @property
     def blocks(self) -> Sequence[nn.Module]:
@@ -55,13 +68,6 @@ class ClipHookManager(HookManager):
 
     def register_removal_site(self) -> HookSite:
         return HookSite(self.visual.transformer, "output")
-
-    @property
-    def patch_size(self) -> tuple[int, int]:
-        return tuple(self.visual.patch_size)
-
-    def forward_images(self, pixel_values: torch.Tensor):
-        return self.visual(pixel_values)
 
     def attach_attention_probe(self, layer: int, fn: Callable[[torch.Tensor], None], hooks: Hooks) -> None:
         attention = self.blocks[layer].attn  # nn.MultiheadAttention, called with need_weights=False

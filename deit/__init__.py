@@ -1,4 +1,4 @@
-"""DeiT-III and other timm Vision Transformers, through the unmodified timm package."""
+"""DeiT-III and other timm Vision Transformers, through the unmodified timm package (specs ``timm:``, ``deit:``)."""
 
 from .hook_manager import DeitHookManager
 from .loader import load_timm

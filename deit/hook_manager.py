@@ -8,9 +8,9 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from shared.errors import UnsupportedModelError
-from shared.hooks import HookManager, Hooks, HookSite
-from shared.layout import TokenLayout
+from test_time_registers.errors import UnsupportedModelError
+from test_time_registers.hooks import HookManager, Hooks, HookSite
+from test_time_registers.layout import TokenLayout
 
 
 class DeitHookManager(HookManager):
@@ -24,7 +24,7 @@ class DeitHookManager(HookManager):
     ``attn.attn_drop``; fused attention is switched off only while a capture is open.
     """
 
-    def __init__(self, model: nn.Module, name: str | None = None):
+    def __init__(self, model: nn.Module, name: str | None = None, **options):
         if not isinstance(model, VisionTransformer):
             raise UnsupportedModelError(f"DeitHookManager needs a timm VisionTransformer, got {type(model).__name__}")
         for block in model.blocks:
@@ -32,7 +32,12 @@ class DeitHookManager(HookManager):
             if not (hasattr(block, "mlp") and hasattr(block.mlp, "fc2") and hasattr(attention, "attn_drop")
                     and hasattr(attention, "fused_attn")):
                 raise UnsupportedModelError(f"DeitHookManager does not support the block type {type(block).__name__}")
-        super().__init__(model, name or f"timm:{getattr(model, 'default_cfg', {}).get('architecture', type(model).__name__)}")
+        super().__init__(model, name, **options)
+
+    def default_name(self) -> str:
+        config = getattr(self.model, "pretrained_cfg", None) or {}
+        architecture = config.get("architecture") or type(self.model).__name__
+        return f"timm:{architecture}" + (f".{config['tag']}" if config.get("tag") else "")
 
     @property
     def layout(self) -> TokenLayout:
@@ -57,6 +62,10 @@ class DeitHookManager(HookManager):
 
     def register_removal_site(self) -> HookSite:
         return HookSite(self.model.norm, "input")
+
+    @property
+    def patch_embedding(self) -> nn.Module:
+        return self.model.patch_embed.proj
 
     @property
     def patch_size(self) -> tuple[int, int]:

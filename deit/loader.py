@@ -1,4 +1,4 @@
-"""Loading timm Vision Transformers through ``timm.create_model``."""
+"""Loading timm Vision Transformers through ``timm.create_model``, and the ``timm:`` spec (alias ``deit:``)."""
 
 from __future__ import annotations
 
@@ -7,36 +7,52 @@ import os
 import timm
 import torch
 
-from shared.errors import ModelLoadError
-from shared.loading import LoadedModel, first_line
+from test_time_registers.errors import ModelLoadError
+from test_time_registers.hub import load_pretrained
+from test_time_registers.loading import LoadedModel, first_line
+from test_time_registers.precision import Precision, cast_model, get_precision
+from test_time_registers.registry import register_architecture
 
 from .hook_manager import DeitHookManager
 
+RANDOM = "random"
 
-def load_timm(name: str, checkpoint: str | os.PathLike | None = None, *, device: torch.device | str = "cpu",
-              dtype: torch.dtype = torch.float32, **model_kwargs) -> LoadedModel:
+
+def load_timm(name: str, checkpoint: str | os.PathLike | None = None, *, pretrained: bool = True,
+              device: torch.device | str = "cpu", precision: str | Precision = "fp32", **model_kwargs) -> LoadedModel:
     """Build a timm ViT with ``timm.create_model`` and its evaluation transform.
 
     Args:
         name: a timm model name, e.g. ``"deit3_base_patch16_224.fb_in22k_ft_in1k"``.
         checkpoint: a local checkpoint (``.safetensors``, or ``.pth``/``.bin`` read by timm with
-            ``weights_only=True``). Without one, timm's pretrained weights are downloaded.
-        device, dtype: where and in what precision the model goes.
+            ``weights_only=True``). Without one, timm's pretrained weights are downloaded, or read
+            from the local cache when the hub cannot be reached.
+        pretrained: ``False`` for random weights (no checkpoint, no download).
+        device: where the model goes.
+        precision: a name in :data:`~test_time_registers.precision.PRECISIONS`; timm has no mixed
+            mode, so ``bf16`` casts every weight, as ``pure_bf16`` does.
         model_kwargs: passed to ``timm.create_model`` (e.g. ``img_size``).
 
     Raises:
-        ModelLoadError: unknown name, missing or corrupt checkpoint, or weights that cannot be
-            downloaded.
+        ModelLoadError: unknown name, missing or corrupt checkpoint, or pretrained weights that
+            cannot be downloaded and are not cached.
     """
+    precision = get_precision(precision)
     if not timm.is_model(name):
         raise ModelLoadError(f"unknown timm model {name!r}; see timm.list_models()")
+    if checkpoint is not None and not os.path.isfile(checkpoint):
+        raise ModelLoadError(f"checkpoint not found: {checkpoint}")
     try:
         if checkpoint is not None:
-            if not os.path.isfile(checkpoint):
-                raise ModelLoadError(f"checkpoint not found: {checkpoint}")
             model = timm.create_model(name, pretrained=False, checkpoint_path=os.fspath(checkpoint), **model_kwargs)
+        elif not pretrained:
+            model = timm.create_model(name, pretrained=False, **model_kwargs)
         else:
-            model = timm.create_model(name, pretrained=True, **model_kwargs)
+            config = timm.models.get_pretrained_cfg(name)
+            url = None if config is None or config.hf_hub_id else config.url
+            model = load_pretrained(lambda: timm.create_model(name, pretrained=True, **model_kwargs),
+                                    f"pretrained timm {name}",
+                                    f"Pass a local checkpoint instead: timm:{name}:/path/to/model.safetensors.", url=url)
     except ModelLoadError:
         raise
     except Exception as error:  # RuntimeError, OSError, unpickling and hub errors alike
@@ -44,6 +60,21 @@ def load_timm(name: str, checkpoint: str | os.PathLike | None = None, *, device:
         raise ModelLoadError(f"could not load timm model {what}: {first_line(error)}") from error
     config = timm.data.resolve_data_config({}, model=model)
     preprocess = timm.data.create_transform(**config)
-    model = model.to(device=device, dtype=dtype).eval()
-    spec = f"deit:{name}" + (f":{checkpoint}" if checkpoint is not None else "")
-    return LoadedModel(model, preprocess, DeitHookManager(model, name=spec))
+    model = cast_model(model, precision, device).eval()
+    weights = os.fspath(checkpoint) if checkpoint is not None else (None if pretrained else RANDOM)
+    spec = f"timm:{name}" + (f":{weights}" if weights else "")
+    return LoadedModel(model, preprocess, DeitHookManager(model, name=spec, autocast_dtype=precision.autocast))
+
+
+@register_architecture("timm", hook_manager=DeitHookManager, spec="timm:NAME[:CHECKPOINT|:random]",
+                       description="DeiT-III or any timm VisionTransformer, through timm.create_model",
+                       examples=("timm:deit3_base_patch16_224.fb_in22k_ft_in1k", "timm:vit_base_patch16_224:/ckpt/model.safetensors",
+                                 "timm:deit3_small_patch16_224:random"),
+                       aliases=("deit",))
+def load_timm_spec(reference: str, *, device="cpu", precision="fp32", seed: int = 0) -> LoadedModel:
+    name, _, weights = reference.partition(":")
+    if not name:
+        raise ModelLoadError("timm: needs a model name, e.g. timm:deit3_base_patch16_224.fb_in22k_ft_in1k")
+    if weights == RANDOM:
+        return load_timm(name, pretrained=False, device=device, precision=precision)
+    return load_timm(name, weights or None, device=device, precision=precision)

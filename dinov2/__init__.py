@@ -1,7 +1,6 @@
 """DINOv2 support, through the unmodified transformers package."""
 
 from .hook_manager import Dinov2HookManager
-from .loader import load_dinov2
-from .presets import PRESETS, load_preset
+from .loader import DINOV2_VITL14, load_dinov2
 
-__all__ = ["Dinov2HookManager", "load_dinov2", "PRESETS", "load_preset"]
+__all__ = ["DINOV2_VITL14", "Dinov2HookManager", "load_dinov2"]

@@ -7,9 +7,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from shared.errors import UnsupportedModelError
-from shared.hooks import HookManager, Hooks, HookSite
-from shared.layout import TokenLayout
+from test_time_registers.errors import UnsupportedModelError
+from test_time_registers.hf import probe_eager_attention
+from test_time_registers.hooks import HookManager, Hooks, HookSite
+from test_time_registers.layout import TokenLayout
 
 
 #: The MLP output projection: fc2 (plain MLP), down_proj (SwiGLU, transformers 5) or weights_out
@@ -29,13 +30,17 @@ class Dinov2HookManager(HookManager):
     while a capture is open; otherwise the model keeps its fast attention.
     """
 
-    def __init__(self, model: nn.Module, name: str | None = None):
-        backbone = _backbone(model)
-        super().__init__(model, name or f"dinov2:{getattr(model.config, '_name_or_path', '') or type(model).__name__}")
-        self.backbone = backbone
-        mlp = backbone.encoder.layer[0].mlp
+    pixel_keyword = "pixel_values"
+
+    def __init__(self, model: nn.Module, name: str | None = None, **options):
+        self.backbone = _backbone(model)
+        super().__init__(model, name, **options)
+        mlp = self.backbone.encoder.layer[0].mlp
         if not any(hasattr(mlp, name) for name in _OUTPUT_PROJECTIONS):
             raise UnsupportedModelError(f"unknown DINOv2 MLP {type(mlp).__name__}")
+
+    def default_name(self) -> str:
+        return f"dinov2:{getattr(self.model.config, '_name_or_path', '') or type(self.model).__name__}"
 
     @property
     def layout(self) -> TokenLayout:
@@ -62,33 +67,11 @@ class Dinov2HookManager(HookManager):
         return HookSite(self.backbone.layernorm, "input")
 
     @property
-    def patch_size(self) -> tuple[int, int]:
-        size = self.backbone.config.patch_size
-        return (size, size) if isinstance(size, int) else tuple(size)
-
-    def forward_images(self, pixel_values: torch.Tensor):
-        return self.model(pixel_values=pixel_values)
+    def patch_embedding(self) -> nn.Module:
+        return self.backbone.embeddings.patch_embeddings.projection
 
     def attach_attention_probe(self, layer: int, fn: Callable[[torch.Tensor], None], hooks: Hooks) -> None:
         probe_eager_attention(self.backbone.config, self.blocks[layer].attention, fn, hooks)
-
-
-def probe_eager_attention(config, attention: nn.Module, fn: Callable[[torch.Tensor], None], hooks: Hooks) -> None:
-    """Read attention probabilities from a transformers attention module returning ``(output, weights)``.
-
-    Only the eager path computes the weights, so ``config._attn_implementation`` is set to
-    ``"eager"`` while ``hooks`` is open and restored when it closes. Serves any transformers
-    ViT built like DINOv2 (``ViTModel`` included).
-    """
-    previous = config._attn_implementation
-    if previous != "eager":
-        config._attn_implementation = "eager"   # the fast kernels return no probabilities
-        hooks.on_exit(lambda: setattr(config, "_attn_implementation", previous))
-
-    def read_weights(module, args, output):
-        fn(output[1])  # [B, heads, L, L]
-
-    hooks.keep(attention.register_forward_hook(read_weights))
 
 
 def _backbone(model: nn.Module) -> nn.Module:

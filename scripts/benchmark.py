@@ -22,13 +22,13 @@ from model_specs import FORMS, PRECISIONS, load_model  # noqa: E402
 
 import torch  # noqa: E402
 
-from shared import ModifiedModel, find_register_neurons  # noqa: E402
-from shared.images import batches, take  # noqa: E402
+from test_time_registers import ModifiedModel, find_register_neurons  # noqa: E402
+from test_time_registers.images import batches, take  # noqa: E402
 
 
 def plain_forward(runner, images, preprocess, batch_size, hook_manager) -> None:
     with torch.no_grad():
-        for batch in batches(images, preprocess, batch_size, hook_manager.device, hook_manager.dtype):
+        for batch in batches(images, preprocess, batch_size, hook_manager.device, hook_manager.input_dtype):
             runner.forward_images(batch.pixel_values)
 
 
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     if args.images:
         images = take(args.images, args.num_images)
     else:
-        from clip.demo import demo_images
+        from test_time_registers.clip.demo import demo_images
         images = demo_images(args.num_images)
     top_k = len(resolved.planted) if resolved.planted else args.top_k
     device = hook_manager.device

@@ -2,190 +2,154 @@
 """Find the register neurons of a ViT, save them as JSON, and show what a test-time register does.
 
 With no arguments it runs offline on the SYNTHETIC demo: a small random OpenCLIP ViT with
-planted register neurons, over generated scenes. Bad input gives one line on stderr and exit
-code 2.
+planted register neurons, over generated scenes. The before/after table is measured on
+held-out images that discovery did not see. Bad input gives one line on stderr and exit code 2.
+
+Installed as the console script ``find-register-neurons``.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_specs import FORMS, PRECISIONS, load_model, load_neurons  # noqa: E402
+from test_time_registers import ImageFolder, ModifiedModel, RegisterNeurons, check_discovery_arguments, find_register_neurons
+from test_time_registers.activation_log import log_activations
+from test_time_registers.figures import save_comparison
+from test_time_registers.images import take
+from test_time_registers.metrics import measure_outliers
+from test_time_registers.registry import load_model, load_neurons
 
-import torch  # noqa: E402
-
-from shared import (ImageFolder, ModifiedModel, RegisterNeurons, TestTimeRegistersError,  # noqa: E402
-                    check_discovery_arguments, find_register_neurons)
-from shared.activation_log import log_activations  # noqa: E402
-from shared.figures import save_comparison  # noqa: E402
-from shared.images import take  # noqa: E402
-from shared.metrics import measure_outliers  # noqa: E402
+from test_time_registers.scripts.common import (Parser, UsageError, add_model_flags, check_device, check_output_paths,
+                                                layer_or_auto, non_negative_int, positive_int, run_main,
+                                                threshold_value)
 
 DEMO_IMAGES = 64
-
-
-class UsageError(Exception):
-    """Bad flags or input, reported as one line with exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        raise UsageError(message)
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
-
-
-def threshold_value(text: str):
-    if text == "auto":
-        return "auto"
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive number or 'auto', got {text!r}")
-    return value
-
-
-def layer_or_auto(text: str):
-    return "auto" if text == "auto" else non_negative_int(text)
+DEFAULT_OUT = Path("register_neurons.json")
+FIGURE_ROWS = 4
+#: Flags that only discovery reads: refused together with --neurons.
+DISCOVERY_FLAGS = ("out", "top_k", "threshold", "detect_layer", "highest_layer", "score")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="demo", help=f"{FORMS} (default: demo, synthetic and offline)")
-    parser.add_argument("--images", type=Path, help="folder of images (default: the demo's generated scenes)")
+    parser = Parser(description=__doc__)
+    add_model_flags(parser)
+    parser.add_argument("--images", type=Path, help="folder of images, read recursively (default: the model's "
+                        "own generated scenes; only the demo has them)")
     parser.add_argument("--num-images", type=positive_int,
-                        help=f"images to use; a seeded sample of a folder (default: all, or {DEMO_IMAGES} demo scenes)")
-    parser.add_argument("--out", type=Path, default=Path("register_neurons.json"), help="neuron JSON file to write")
-    parser.add_argument("--neurons", help="apply this neuron file (or preset:NAME, e.g. preset:dinov2-vitl14) "
+                        help=f"images for discovery; a seeded sample of a folder (default: all, or {DEMO_IMAGES} "
+                             "generated scenes)")
+    parser.add_argument("--eval-images", type=positive_int, default=32,
+                        help="held-out images for the before/after table; at most half of a folder")
+    parser.add_argument("--out", type=Path, help=f"neuron JSON file to write (default: {DEFAULT_OUT})")
+    parser.add_argument("--neurons", help="apply this neuron file, or preset:NAME (e.g. preset:dinov2-vitl14), "
                         "instead of running discovery")
-    parser.add_argument("--top-k", type=positive_int, help="neurons to keep (default: 4 for the demo, else 10)")
-    parser.add_argument("--threshold", type=threshold_value, default="auto", help="outlier norm threshold or 'auto'")
-    parser.add_argument("--detect-layer", type=non_negative_int, help="block searched for outliers (default: last)")
-    parser.add_argument("--highest-layer", type=layer_or_auto, default="auto",
-                        help="last layer of candidate neurons, or 'auto' (where the outliers first stand out)")
-    parser.add_argument("--score", choices=("raw", "abs"), default="raw", help="average raw or absolute activations")
+    parser.add_argument("--force", action="store_true",
+                        help="apply --neurons even if they were found on another model")
+    parser.add_argument("--top-k", type=positive_int, help="neurons to keep (default: the planted count for the "
+                        "demo, else 10)")
+    parser.add_argument("--threshold", type=threshold_value,
+                        help="outlier norm threshold at the detection layer, or 'auto' (default: auto)")
+    parser.add_argument("--detect-layer", type=non_negative_int,
+                        help="block whose output is searched for outliers (default: the architecture's, "
+                             "usually the last)")
+    parser.add_argument("--highest-layer", type=layer_or_auto,
+                        help="last layer of candidate neurons, or 'auto': where the outliers first stand out "
+                             "(default: auto)")
+    parser.add_argument("--score", choices=("raw", "abs"),
+                        help="average raw activations (the paper) or absolute ones (the reference code) "
+                             "(default: raw)")
     parser.add_argument("--num-registers", type=non_negative_int, default=1, help="test-time registers to append")
     parser.add_argument("--legacy", action="store_true", help="reproduce the reference implementation's edit")
-    parser.add_argument("--eval-images", type=positive_int, default=32, help="images for the before/after table")
-    parser.add_argument("--batch-size", type=positive_int, default=32)
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
-    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the demo, image sampling and register choice")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
     parser.add_argument("--log", type=Path, help="write per-image norm maps and neuron activations to this HDF5 file")
     parser.add_argument("--figure", type=Path, help="save a before/after PNG of norm and attention maps")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
-def check_device(name: str) -> str:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device: unknown device {name!r}") from None
-    if device.type not in ("cpu", "cuda", "mps", "xpu"):
-        raise UsageError(f"--device {name}: models cannot run on a {device.type} device")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
-    return name
+def check_flags(args: argparse.Namespace) -> None:
+    if args.neurons:
+        given = [f"--{name.replace('_', '-')}" for name in DISCOVERY_FLAGS if getattr(args, name) is not None]
+        if given:
+            raise UsageError(f"--neurons applies an existing neuron file, so {', '.join(given)} would be ignored; "
+                             "drop them, or drop --neurons to run discovery")
+    elif args.force:
+        raise UsageError("--force only applies to --neurons")
+    args.out = None if args.neurons else (args.out or DEFAULT_OUT)
+    check_output_paths(out=args.out, log=args.log, figure=args.figure)
 
 
-def check_output_path(path: Path | None, flag: str) -> None:
-    """Fail before any work if an output cannot be written, so no run ends with half its files."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise UsageError(f"{flag} {path} is a folder; give a file name")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as error:
-        raise UsageError(f"{flag} {path}: cannot write there ({error.strerror or error})") from None
-
-
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
+    check_flags(args)
     device = check_device(args.device)
-    for path, flag in ((args.out, "--out"), (args.log, "--log"), (args.figure, "--figure")):
-        check_output_path(path, flag)
     folder = ImageFolder(args.images, limit=args.num_images, seed=args.seed) if args.images else None
-    if folder is None and args.model != "demo":
-        raise UsageError("--images DIR is required for a real model (the demo scenes are synthetic)")
 
     started = time.perf_counter()
-    resolved = load_model(args.model, device=device, precision=args.precision, seed=args.seed)
-    model, preprocess, hook_manager = resolved.loaded
-    if resolved.synthetic:
-        print("SYNTHETIC DEMO: a small random OpenCLIP ViT with planted register neurons, "
-              "on generated scenes. No weights were downloaded; the numbers below describe this toy model.")
-    check_discovery_arguments(hook_manager, detect_layer=args.detect_layer, highest_layer=args.highest_layer)
-    if folder is not None:
-        images, described = folder, f"images from {args.images}"
-    else:
-        from clip.demo import demo_images
-
-        count = args.num_images or DEMO_IMAGES
-        images, described = demo_images(count, seed=args.seed), f"{count} synthetic demo scenes"
+    loaded = load_model(args.model, device=device, precision=args.precision, seed=args.seed)
+    model, preprocess, hook_manager = loaded
+    if folder is None and loaded.generate_images is None:
+        raise UsageError(f"--images DIR is required for {args.model}; only the demo generates its own scenes")
+    images, evaluation, described = _image_sets(args, folder, loaded)
+    if loaded.synthetic:
+        print(f"SYNTHETIC DEMO: a small random OpenCLIP ViT with planted register neurons, on {described}. "
+              "No weights were downloaded; the numbers below describe this toy model.")
     print(f"model: {hook_manager.name} ({hook_manager.num_layers} blocks, "
-          f"{hook_manager.num_neurons(0)} MLP neurons per block); {described}")
+          f"{hook_manager.num_neurons(0)} MLP neurons per block, {args.precision}); {described}")
 
-    skipped = None
     if args.neurons:
-        neurons = load_neurons(args.neurons, hook_manager)
+        neurons = load_neurons(args.neurons)
+        neurons.check_fits(hook_manager, warn_other_model=False)
+        mismatch = neurons.model_mismatch(hook_manager)
+        if mismatch and not args.force:
+            raise UsageError(f"--neurons {args.neurons}: {mismatch}; pass --force to apply them anyway")
+        neurons.check_fits(hook_manager)   # with --force: one warning
         print(f"loaded {len(neurons)} register neurons from {args.neurons}")
     else:
-        top_k = args.top_k or (len(resolved.planted) if resolved.planted else 10)
+        highest_layer = "auto" if args.highest_layer is None else args.highest_layer
+        check_discovery_arguments(hook_manager, detect_layer=args.detect_layer, highest_layer=highest_layer)
+        top_k = args.top_k or (len(loaded.planted) if loaded.planted else 10)
         neurons = find_register_neurons(
-            hook_manager, images, preprocess, top_k=top_k, threshold=args.threshold,
-            detect_layer=args.detect_layer, highest_layer=args.highest_layer, score=args.score,
+            hook_manager, images, preprocess, top_k=top_k, threshold=args.threshold or "auto",
+            detect_layer=args.detect_layer, highest_layer=highest_layer, score=args.score or "raw",
             batch_size=args.batch_size, progress=not args.quiet)
         neurons.save(args.out)
-        skipped = folder.skipped if folder is not None else 0   # counted over the whole discovery pass
         print(f"found {len(neurons)} register neurons in {neurons.images_seen} images "
               f"({neurons.images_with_outliers} with outliers): threshold {neurons.threshold:.4g} "
               f"({neurons.extra['threshold_mode']}), detect layer {neurons.detect_layer}, "
               f"highest layer {neurons.highest_layer}")
-        print_neurons(neurons, resolved.planted)
+        print_neurons(neurons, loaded.planted)
         print(f"wrote {args.out}")
+        _report_skipped(images, args.images)
 
     if args.log:
         log_activations(hook_manager, images, neurons, args.log, preprocess, batch_size=args.batch_size,
                         progress=not args.quiet)
         print(f"wrote {args.log}")
 
-    compare(args, hook_manager, preprocess, images, neurons)
-    if folder is not None:
-        skipped = folder.skipped if skipped is None else skipped
-        if skipped:
-            print(f"skipped {skipped} unreadable or non-image file(s) in {args.images}")
+    compare(args, hook_manager, preprocess, evaluation if evaluation is not None else images, neurons,
+            held_out=evaluation is not None)
     print(f"done in {time.perf_counter() - started:.1f} s")
     return 0
+
+
+def _image_sets(args, folder: ImageFolder | None, loaded):
+    """(discovery images, held-out evaluation images, a description) for this run."""
+    if folder is None:
+        count = args.num_images or DEMO_IMAGES
+        scenes = loaded.generate_images(count + args.eval_images, args.seed)
+        return scenes[:count], scenes[count:], f"{count} generated scenes"
+    if args.neurons:   # nothing is discovered, so every image is held out
+        return folder, ImageFolder(folder.root, args.eval_images, args.seed), f"images from {args.images}"
+    rest, held_out = folder.hold_out(args.eval_images)
+    return rest, held_out, f"images from {args.images}"
+
+
+def _report_skipped(images, root) -> None:
+    if isinstance(images, ImageFolder) and images.skipped:
+        print(f"skipped {images.skipped} unreadable or non-image file(s) in {root}")
 
 
 def print_neurons(neurons: RegisterNeurons, planted) -> None:
@@ -197,17 +161,18 @@ def print_neurons(neurons: RegisterNeurons, planted) -> None:
         print(f"planted neurons recovered: {found} of {len(planted)}")
 
 
-def compare(args, hook_manager, preprocess, images, neurons) -> None:
+def compare(args, hook_manager, preprocess, evaluation, neurons, held_out: bool) -> None:
+    """The before/after table (and figure) on ``evaluation``: held-out images, unless too few to hold any out."""
     detect_layer = neurons.detect_layer if neurons.detect_layer is not None else hook_manager.default_detect_layer
     attention_layer = hook_manager.num_layers - 1
-    evaluation = take(images, args.eval_images)
     modified = ModifiedModel(hook_manager.model, hook_manager, neurons, num_registers=args.num_registers,
                              legacy=args.legacy, seed=args.seed)
-    keep = 4 if args.figure else 0
+    keep = FIGURE_ROWS if args.figure else 0
     common = dict(detect_layer=detect_layer, attention_layer=attention_layer, batch_size=args.batch_size,
                   keep_maps=keep)
     before = measure_outliers(hook_manager, evaluation, preprocess, **common)
     after = measure_outliers(modified, evaluation, preprocess, **common)
+    _report_skipped(evaluation, args.images)
     registers = f"{args.num_registers} test-time register" + ("s" if args.num_registers != 1 else "")
     rows = [
         (f"largest / median patch norm, layer {detect_layer} (mean)", before.max_over_median, after.max_over_median, "x"),
@@ -217,18 +182,26 @@ def compare(args, hook_manager, preprocess, images, neurons) -> None:
         ("CLS attention on the test-time registers", None, after.cls_register_attention, ""),
         ("register norm / median patch norm", None, after.register_over_median, "x"),
     ]
-    print(f"\nbefore/after on {before.images} images{' (legacy edit)' if args.legacy else ''}:")
+    if args.neurons:
+        which = "images"
+    elif held_out:
+        which = "held-out images (not used by discovery)"
+    else:
+        which = "images, the same ones discovery used (the folder has too few to hold any out)"
+    print(f"\nbefore/after on {before.images} {which}{' (legacy edit)' if args.legacy else ''}:")
     print(f"  {'':<52} {'before':>9} {'after':>9}   ({registers})")
     for label, old, new, unit in rows:
         if old is None and new is None:
             continue
         print(f"  {label:<52} {_cell(old, unit):>9} {_cell(new, unit):>9}")
     if args.figure:
-        columns = {"norms (before)": before.maps["norms"], "norms (after)": after.maps["norms"]}
+        norms = f"patch norm, layer {detect_layer}"
+        columns = {f"{norms} (before)": before.maps["norms"], f"{norms} (after)": after.maps["norms"]}
         if "cls_attention" in before.maps:
-            columns.update({"CLS attention (before)": before.maps["cls_attention"],
-                            "CLS attention (after)": after.maps["cls_attention"]})
-        save_comparison(args.figure, evaluation[:keep], columns)
+            attention = f"CLS attention, layer {attention_layer}"
+            columns.update({f"{attention} (before)": before.maps["cls_attention"],
+                            f"{attention} (after)": after.maps["cls_attention"]})
+        save_comparison(args.figure, take(evaluation, keep), columns)
         print(f"wrote {args.figure}")
 
 
@@ -237,27 +210,7 @@ def _cell(value, unit: str) -> str:
 
 
 def main(argv=None) -> int:
-    logging.getLogger().addHandler(logging.NullHandler())  # libraries' log lines stay off the terminal
-    logging.getLogger("shared").addHandler(_warnings_to_stderr())
-    try:
-        args = build_parser().parse_args(argv)
-        return run(args)
-    except (UsageError, TestTimeRegistersError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:   # a file that vanished or a disk that filled up mid-run
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-
-
-def _warnings_to_stderr() -> logging.Handler:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setLevel(logging.WARNING)
-    handler.setFormatter(logging.Formatter("warning: %(message)s"))
-    return handler
+    return run_main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,31 @@
-"""Architecture-agnostic core of test-time-registers."""
+"""test-time-registers: remove the high-norm outlier tokens of pretrained ViTs at inference time.
 
-from .discovery import auto_threshold, check_discovery_arguments, find_register_neurons
-from .errors import (ImageSourceError, IncompatibleNeuronsError, InvalidArgumentError, ModelLoadError, NeuronFileError,
-                     NonFiniteActivationsError, NoOutliersError, TestTimeRegistersError,
+This package is the architecture-agnostic core; ``test_time_registers.clip``,
+``test_time_registers.dinov2`` and ``test_time_registers.deit`` describe OpenCLIP, DINOv2 and
+timm ViTs and register their model specs.
+"""
+
+__version__ = "0.2.0"
+
+from .discovery import auto_threshold, check_discovery_arguments, find_register_neurons  # noqa: E402
+from .errors import (ImageSourceError, IncompatibleNeuronsError, InvalidArgumentError, ModelLoadError,  # noqa: E402
+                     NeuronFileError, NonFiniteActivationsError, NoOutliersError, TestTimeRegistersError,
                      UnsupportedModelError)
-from .hooks import Capture, HookManager, Hooks, HookSite, StopForward
-from .images import ImageFolder
-from .intervention import ModifiedModel, legacy_edit, paper_edit
-from .layout import TokenLayout
-from .loading import LoadedModel
-from .neurons import RegisterNeuron, RegisterNeurons
+from .hooks import Capture, HookManager, Hooks, HookSite, StopForward  # noqa: E402
+from .images import ImageFolder  # noqa: E402
+from .intervention import ModifiedModel, legacy_edit, paper_edit  # noqa: E402
+from .layout import TokenLayout  # noqa: E402
+from .loading import LoadedModel  # noqa: E402
+from .neurons import RegisterNeuron, RegisterNeurons  # noqa: E402
+from .precision import PRECISIONS, Precision  # noqa: E402
+from .registry import (Architecture, Preset, architectures, load_model, load_neurons, load_preset,  # noqa: E402
+                       register_architecture)
 
 __all__ = [
-    "Capture", "HookManager", "HookSite", "Hooks", "ImageFolder", "ImageSourceError",
-    "IncompatibleNeuronsError", "InvalidArgumentError", "LoadedModel", "ModelLoadError", "ModifiedModel", "NeuronFileError",
-    "NonFiniteActivationsError", "NoOutliersError", "RegisterNeuron", "RegisterNeurons", "StopForward", "TestTimeRegistersError",
-    "TokenLayout", "UnsupportedModelError", "auto_threshold", "check_discovery_arguments", "find_register_neurons", "legacy_edit",
-    "paper_edit",
+    "PRECISIONS", "Architecture", "Capture", "HookManager", "HookSite", "Hooks", "ImageFolder", "ImageSourceError",
+    "IncompatibleNeuronsError", "InvalidArgumentError", "LoadedModel", "ModelLoadError", "ModifiedModel",
+    "NeuronFileError", "NonFiniteActivationsError", "NoOutliersError", "Precision", "Preset", "RegisterNeuron",
+    "RegisterNeurons", "StopForward", "TestTimeRegistersError", "TokenLayout", "UnsupportedModelError",
+    "__version__", "architectures", "auto_threshold", "check_discovery_arguments", "find_register_neurons",
+    "legacy_edit", "load_model", "load_neurons", "load_preset", "paper_edit", "register_architecture",
 ]

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .errors import ImageSourceError
 from .hooks import HookManager
-from .images import batches, count_hint
+from .images import batches, count_hint, image_source, no_images_message
 from .neurons import RegisterNeurons
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ def log_activations(hook_manager: HookManager, images, neurons, path: str | os.P
     """
     neurons = RegisterNeurons.coerce(neurons)
     neurons.check_fits(hook_manager)
+    images = image_source(images)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     layout = hook_manager.layout
@@ -74,7 +75,7 @@ def log_activations(hook_manager: HookManager, images, neurons, path: str | os.P
                 hooks.on_block_output(layer, keep_norms(layer))
             for layer in by_layer:
                 hooks.on_neurons(layer, keep_neurons(layer))
-            for batch in batches(images, preprocess, batch_size, hook_manager.device, hook_manager.dtype):
+            for batch in batches(images, preprocess, batch_size, hook_manager.device, hook_manager.input_dtype):
                 hook_manager.forward_images(batch.pixel_values)
                 seq_len = norms[0].shape[1]
                 grid = hook_manager.grid_shape(batch.pixel_values)
@@ -101,7 +102,7 @@ def log_activations(hook_manager: HookManager, images, neurons, path: str | os.P
         if written == 0:
             path.unlink(missing_ok=True)
     if written == 0:
-        raise ImageSourceError(f"no readable images to log; {path} was not written")
+        raise ImageSourceError(f"{no_images_message(images)}; {path} was not written")
     log.info("logged %d images to %s", written, path)
     return path
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .errors import ImageSourceError, InvalidArgumentError, NonFiniteActivationsError, NoOutliersError
 from .hooks import HookManager, StopForward
-from .images import batches, count_hint
+from .images import batches, count_hint, image_source, no_images_message
 from .neurons import RegisterNeuron, RegisterNeurons
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def find_register_neurons(
 
     Args:
         hook_manager: the model, described by its architecture's :class:`HookManager`.
-        images: a folder path, an :class:`~shared.images.ImageFolder`, an iterable of PIL
+        images: a folder path, an :class:`~test_time_registers.images.ImageFolder`, an iterable of PIL
             images, or a preprocessed tensor [N, 3, H, W].
         preprocess: PIL image -> tensor [3, H, W]; not needed for tensors.
         top_k: how many (layer, neuron) pairs to return, best first.
@@ -119,6 +119,7 @@ def find_register_neurons(
         ImageSourceError: no readable image.
     """
     layers = check_discovery_arguments(hook_manager, top_k, threshold, detect_layer, highest_layer, score)
+    images = image_source(images)
     detect_layer, candidate_layers = layers
     model_device = hook_manager.device
     if device is not None and not _same_device(torch.device(device), model_device):
@@ -163,7 +164,7 @@ def find_register_neurons(
         for layer in range(detect_layer + 1):
             hooks.on_block_output(layer, keep_patch_norms(layer))
         hooks.stop_after_block(detect_layer)
-        for batch in batches(images, preprocess, batch_size, model_device, hook_manager.dtype):
+        for batch in batches(images, preprocess, batch_size, model_device, hook_manager.input_dtype):
             try:
                 hook_manager.forward_images(batch.pixel_values)
             except StopForward:
@@ -189,6 +190,8 @@ def find_register_neurons(
             for held in pending:
                 accumulate(*held)
     bar.close()
+    if stats.images_seen == 0:
+        raise ImageSourceError(no_images_message(images))
     return _finish(stats, threshold_value, hook_manager, detect_layer, highest_layer, top_k,
                    score, sparsity_filter, threshold_mode="given" if given_threshold is not None else AUTO)
 
@@ -287,13 +290,11 @@ def _accumulate(stats: _Stats, threshold: float, activations, norms, hook_manage
 
 def _finish(stats: _Stats, threshold, hook_manager, detect_layer, highest_layer, top_k, score,
             sparsity_filter, threshold_mode) -> RegisterNeurons:
-    if stats.images_seen == 0:
-        raise ImageSourceError("no readable images were given to find_register_neurons")
     non_finite = int(stats.non_finite.item())
     if non_finite:
         raise NonFiniteActivationsError(
             f"the model produced {non_finite} NaN or infinite patch norms in blocks 0..{detect_layer} "
-            f"({hook_manager.dtype}); this is usually overflow: run it in float32 or bfloat16")
+            f"({hook_manager.input_dtype}); this is usually overflow: run it in float32 or bfloat16")
     with_outliers = int(stats.images_with_outliers.item())
     if with_outliers == 0:
         raise NoOutliersError(_no_outlier_message(stats, threshold, detect_layer, threshold_mode))

@@ -9,6 +9,7 @@ and the token layout. It never copies model code. Every hook it places lives ins
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -180,12 +181,27 @@ class HookManager(abc.ABC):
     Everything else (discovery, the intervention, captures, logging) is shared.
     """
 
-    #: Methods of the wrapped model that :class:`~shared.ModifiedModel` runs under the intervention.
+    #: Methods of the wrapped model that :class:`~test_time_registers.ModifiedModel` runs under the intervention.
     forward_methods: tuple[str, ...] = ()
+    #: ``forward_images`` passes the pixels under this keyword (e.g. ``"pixel_values"``), or positionally.
+    pixel_keyword: str | None = None
 
-    def __init__(self, model: nn.Module, name: str | None = None):
+    def __init__(self, model: nn.Module, name: str | None = None, *, autocast_dtype: torch.dtype | None = None):
+        """
+        Args:
+            model: the unmodified model.
+            name: the model's spec (e.g. ``"openclip:ViT-B-16:laion2b_s34b_b88k"``), recorded in
+                neuron files so they can be checked against the model they are applied to.
+            autocast_dtype: run ``forward_images`` under ``torch.autocast`` in this dtype
+                (``torch.bfloat16`` for the ``amp_bf16`` precision), with fp32 weights.
+        """
         self.model = model
-        self.name = name or type(model).__name__
+        self.name = name or self.default_name()
+        self.autocast_dtype = autocast_dtype
+
+    def default_name(self) -> str:
+        """A name for a model built by hand, from its architecture when nothing better is known."""
+        return type(self.model).__name__
 
     # ---- what a subclass declares ----------------------------------------------------
     @property
@@ -205,7 +221,7 @@ class HookManager(abc.ABC):
     def mlp_input_projection(self, layer: int) -> nn.Module:
         """The MLP's input projection in block ``layer`` (its output is the pre-activations).
 
-        Optional: only :mod:`shared.planting` needs it.
+        Optional: only :mod:`test_time_registers.planting` needs it.
         """
         raise NotImplementedError(f"{type(self).__name__} does not declare mlp_input_projection")
 
@@ -228,12 +244,41 @@ class HookManager(abc.ABC):
 
     @property
     @abc.abstractmethod
+    def patch_embedding(self) -> nn.Module:
+        """The module that takes the pixels (a patch-embedding convolution).
+
+        Its weight declares where and in what dtype the pixels go: OpenCLIP's ``bf16``
+        precision, for example, keeps the positional embedding in float32 but not this.
+        """
+
+    @property
+    def image_model(self) -> nn.Module:
+        """The module ``forward_images`` calls: the whole model, or its image tower."""
+        return self.model
+
+    @property
     def patch_size(self) -> tuple[int, int]:
-        """Patch height and width in pixels."""
+        """Patch height and width in pixels: the patch embedding's kernel."""
+        kernel = self.patch_embedding.kernel_size
+        return (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
 
     def forward_images(self, pixel_values: torch.Tensor):
-        """Run preprocessed images [B, 3, H, W] through the image model."""
-        return self.model(pixel_values)
+        """Run preprocessed images [B, 3, H, W] through the image model at its declared precision.
+
+        The pixels are moved to :attr:`device` and cast to :attr:`input_dtype`, and the call runs
+        under autocast when :attr:`autocast_dtype` is set.
+        """
+        pixel_values = pixel_values.to(device=self.device, dtype=self.input_dtype)
+        with self.autocast():
+            if self.pixel_keyword:
+                return self.image_model(**{self.pixel_keyword: pixel_values})
+            return self.image_model(pixel_values)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """``torch.autocast`` in :attr:`autocast_dtype` on the model's device, or nothing."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def block_output_site(self, layer: int) -> HookSite:
         return HookSite(self.blocks[layer], "output")
@@ -256,11 +301,13 @@ class HookManager(abc.ABC):
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the pixels go: the device of the patch embedding's weight."""
+        return self.patch_embedding.weight.device
 
     @property
-    def dtype(self) -> torch.dtype:
-        return next(p for p in self.model.parameters() if p.is_floating_point()).dtype
+    def input_dtype(self) -> torch.dtype:
+        """The dtype the pixels are cast to: that of the patch embedding's weight."""
+        return self.patch_embedding.weight.dtype
 
     def check_layer(self, layer: int, what: str = "layer") -> int:
         if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.num_layers:

@@ -47,17 +47,26 @@ class ImageFolder:
 
     With ``limit``, a seeded random sample of that many readable images is taken; files are
     otherwise visited in sorted order. Iterating yields ``(name, RGB image)``; ``skipped``
-    counts the files that could not be read in the last iteration.
+    counts the files that could not be read in the last iteration. The first
+    ``NAMED_SKIPS`` of them are logged by name as they are skipped.
+
+    ``files`` restricts the folder to those files (see :meth:`hold_out`).
     """
 
-    def __init__(self, root: str | os.PathLike, limit: int | None = None, seed: int = 0):
+    #: Skipped files named in the log per iteration; later ones are only counted.
+    NAMED_SKIPS = 5
+
+    def __init__(self, root: str | os.PathLike, limit: int | None = None, seed: int = 0, *,
+                 files: list[Path] | None = None):
         self.root = Path(root)
         if not self.root.exists():
             raise ImageSourceError(f"image folder not found: {self.root}")
         if not self.root.is_dir():
             raise ImageSourceError(f"not a folder: {self.root}")
-        self.files = sorted(p for p in self.root.rglob("*")
-                            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(self.root).parts))
+        if files is None:
+            files = sorted(p for p in self.root.rglob("*")
+                           if p.is_file() and not any(part.startswith(".") for part in p.relative_to(self.root).parts))
+        self.files = list(files)
         if not self.files:
             raise ImageSourceError(f"image folder is empty: {self.root}")
         if limit is not None and limit < 1:
@@ -69,6 +78,23 @@ class ImageFolder:
     def __len__(self) -> int:
         """An upper bound: the number of files that will be tried."""
         return min(len(self.files), self.limit) if self.limit else len(self.files)
+
+    def hold_out(self, count: int) -> tuple["ImageFolder", "ImageFolder | None"]:
+        """Split off ``count`` files, chosen at random with this folder's seed, for evaluation.
+
+        Returns ``(rest, held_out)``; ``rest`` keeps this folder's ``limit``. At most half the
+        files are held out, so that both parts have some; a folder of one file holds out none
+        (``held_out`` is ``None``).
+        """
+        count = min(count, len(self.files) // 2)
+        if count < 1:
+            return self, None
+        order = list(self.files)
+        random.Random(self.seed).shuffle(order)
+        held_out = sorted(order[:count])
+        rest = sorted(order[count:])
+        return (ImageFolder(self.root, self.limit, self.seed, files=rest),
+                ImageFolder(self.root, None, self.seed, files=held_out))
 
     def _visit_order(self) -> list[Path]:
         if self.limit is None or self.limit >= len(self.files):
@@ -89,15 +115,25 @@ class ImageFolder:
                     image = to_rgb(opened)
                     if image is opened:
                         image = opened.copy()
+                if min(image.size) == 0:
+                    raise ValueError("the image is empty")
             except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-                self.skipped += 1
-                log.info("skipping %s: %s", path, error)
-                continue
-            if min(image.size) == 0:
-                self.skipped += 1
+                self._skip(path, error)
                 continue
             delivered += 1
             yield str(path.relative_to(self.root)), image
+
+    def _skip(self, path: Path, error: Exception) -> None:
+        self.skipped += 1
+        if self.skipped <= self.NAMED_SKIPS:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            log.warning("skipped %s: %s", path.relative_to(self.root), reason.replace(str(path), "the file"))
+        elif self.skipped == self.NAMED_SKIPS + 1:
+            log.warning("skipping more unreadable files in %s; they are counted at the end", self.root)
+
+    def describe_empty(self) -> str:
+        """Why no image came out of this folder, for errors."""
+        return f"no readable image among the {len(self)} file(s) tried in {self.root} ({self.skipped} skipped)"
 
 
 @dataclass
@@ -106,10 +142,21 @@ class Batch:
     pixel_values: torch.Tensor  # [B, 3, H, W]
 
 
+def image_source(images):
+    """A folder path becomes an :class:`ImageFolder`; every other source is returned as it is."""
+    return ImageFolder(images) if isinstance(images, (str, os.PathLike)) else images
+
+
+def no_images_message(images) -> str:
+    """Why a source gave no image, for errors."""
+    if isinstance(images, ImageFolder):
+        return images.describe_empty()
+    return "no images were given"
+
+
 def named_images(images) -> Iterable[tuple[str, Image.Image]]:
     """``(name, image)`` pairs from a folder path, an :class:`ImageFolder` or PIL images."""
-    if isinstance(images, (str, os.PathLike)):
-        return ImageFolder(images)
+    images = image_source(images)
     if isinstance(images, ImageFolder):
         return images
     return ((f"image_{index}", to_rgb(image)) for index, image in enumerate(images))
@@ -148,6 +195,7 @@ def batches(images, preprocess: Preprocess | None, batch_size: int,
 
 def count_hint(images) -> int | None:
     """How many images a source will give, when that is known in advance (for progress bars)."""
+    images = image_source(images)
     if isinstance(images, (torch.Tensor, ImageFolder, list, tuple)):
         return len(images)
     return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from PIL import Image
 from torch import nn
 
 from .hooks import HookManager
@@ -12,11 +13,21 @@ from .hooks import HookManager
 
 @dataclass
 class LoadedModel:
-    """A model in eval mode, its image preprocessing, and its hook manager."""
+    """A model in eval mode, its image preprocessing, and its hook manager.
+
+    Unpacks as ``model, preprocess, hook_manager``. A synthetic model (the offline demo) also
+    says which neurons were planted in it and can generate images for itself.
+    """
 
     model: nn.Module
     preprocess: Callable
     hook_manager: HookManager
+    #: True for a model with planted, not learned, register neurons.
+    synthetic: bool = False
+    #: The planted (layer, neuron) pairs of a synthetic model.
+    planted: list[tuple[int, int]] | None = None
+    #: ``generate_images(count, seed)`` -> PIL images, for models that come with their own scenes.
+    generate_images: Callable[[int, int], list[Image.Image]] | None = None
 
     def __iter__(self):
         return iter((self.model, self.preprocess, self.hook_manager))

@@ -9,7 +9,7 @@ import torch
 
 from .errors import ImageSourceError
 from .hooks import HookManager
-from .images import batches
+from .images import batches, image_source, no_images_message
 from .intervention import ModifiedModel
 
 
@@ -39,6 +39,7 @@ def measure_outliers(runner: HookManager | ModifiedModel, images, preprocess: Ca
     attention layer defaults to the last block. ``keep_maps`` keeps that many images' maps.
     """
     hook_manager = runner.hook_manager if isinstance(runner, ModifiedModel) else runner
+    images = image_source(images)
     layout = runner.layout
     detect_layer = hook_manager.default_detect_layer if detect_layer is None else detect_layer
     attention_layer = hook_manager.num_layers - 1 if attention_layer is None else attention_layer
@@ -50,7 +51,7 @@ def measure_outliers(runner: HookManager | ModifiedModel, images, preprocess: Ca
     count = 0
     norm_maps, attention_maps = [], []
     with torch.no_grad():
-        for batch in batches(images, preprocess, batch_size, hook_manager.device, hook_manager.dtype):
+        for batch in batches(images, preprocess, batch_size, hook_manager.device, hook_manager.input_dtype):
             sites = {"residual": [detect_layer], "attention": [attention_layer] if has_cls else []}
             with runner.capture(**sites) as captured:
                 runner.forward_images(batch.pixel_values)
@@ -76,7 +77,7 @@ def measure_outliers(runner: HookManager | ModifiedModel, images, preprocess: Ca
                 if has_cls:
                     attention_maps.append(cls_row[:, :, layout.patches(seq_len)].mean(dim=1).reshape(-1, *grid).cpu())
     if count == 0:
-        raise ImageSourceError("no readable images to measure")
+        raise ImageSourceError(no_images_message(images))
     means = (sums / count).tolist()
     maps = {}
     if norm_maps:

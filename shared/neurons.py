@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -15,7 +16,11 @@ from .errors import IncompatibleNeuronsError, NeuronFileError
 if TYPE_CHECKING:
     from .hooks import HookManager
 
+log = logging.getLogger(__name__)
+
 FORMAT_VERSION = 1
+#: ``model`` of neurons that name no model (given by hand), never checked against one.
+UNKNOWN_MODEL = "unknown"
 REQUIRED_KEYS = ("model", "detect_layer", "threshold", "highest_layer", "images_with_outliers", "neurons")
 
 
@@ -35,7 +40,7 @@ class RegisterNeurons:
     """
 
     neurons: list[RegisterNeuron]
-    model: str = "unknown"
+    model: str = UNKNOWN_MODEL
     detect_layer: int | None = None
     threshold: float | None = None
     highest_layer: int | None = None
@@ -45,6 +50,7 @@ class RegisterNeurons:
     score: str | None = None
     source: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    _warned_for: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
 
     def __iter__(self) -> Iterator[RegisterNeuron]:
         return iter(self.neurons)
@@ -97,8 +103,27 @@ class RegisterNeurons:
             raise ValueError(f"duplicate register neurons in {pairs}")
         return cls(parsed, source="given by hand")
 
-    def check_fits(self, hook_manager: "HookManager") -> None:
-        """Raise :class:`IncompatibleNeuronsError` if a layer or neuron is out of range."""
+    def model_mismatch(self, hook_manager: "HookManager") -> str | None:
+        """Why these neurons may belong to another model than ``hook_manager``'s, or ``None``.
+
+        Neurons found on one model are another model's noise even when their indices fit. The
+        check compares the recorded ``model`` with the hook manager's ``name``; neurons given
+        by hand name no model and always pass.
+        """
+        if self.model in (UNKNOWN_MODEL, "", None) or self.model == hook_manager.name:
+            return None
+        return f"these register neurons were found on {self.model}, not on {hook_manager.name}"
+
+    def check_fits(self, hook_manager: "HookManager", *, warn_other_model: bool = True) -> None:
+        """Raise :class:`IncompatibleNeuronsError` if a layer or neuron is out of range.
+
+        Neurons recorded for another model (see :meth:`model_mismatch`) are logged as a warning,
+        once per model, unless ``warn_other_model`` is false.
+        """
+        mismatch = self.model_mismatch(hook_manager) if warn_other_model else None
+        if mismatch and hook_manager.name not in self._warned_for:   # once per model, not per use
+            self._warned_for.add(hook_manager.name)
+            log.warning("%s; their indices fit, so they are applied anyway", mismatch)
         for item in self.neurons:
             if not 0 <= item.layer < hook_manager.num_layers:
                 raise IncompatibleNeuronsError(

@@ -97,7 +97,7 @@ def plant_register_neurons(hook_manager: HookManager, images: MarkedImages, laye
     width = fc_out.weight.shape[1]
     neurons = sorted(torch.randperm(width, generator=generator)[:count].tolist())
     index = torch.tensor(neurons, device=fc_in.weight.device)
-    pixels = images.pixel_values.to(hook_manager.device, hook_manager.dtype)
+    pixels = images.pixel_values.to(hook_manager.device, hook_manager.input_dtype)
     is_marker = images.markers.flatten(1).to(hook_manager.device)                # [N, P]
     layout = hook_manager.layout
 

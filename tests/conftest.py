@@ -7,7 +7,7 @@ import open_clip  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from clip import ClipHookManager  # noqa: E402
+from test_time_registers.clip import ClipHookManager  # noqa: E402
 from tests.tiny_models import clip_model as build_clip  # noqa: E402
 
 CLIP_LAYERS = 3
@@ -35,7 +35,7 @@ def pixels():
 
 @pytest.fixture(scope="session")
 def demo():
-    from clip.demo import build_demo_model, demo_images
+    from test_time_registers.clip.demo import build_demo_model, demo_images
 
     model, preprocess, planted = build_demo_model(seed=0)
     return model, preprocess, planted, demo_images(64, seed=0)

@@ -4,8 +4,8 @@ import h5py
 import pytest
 import torch
 
-from shared import RegisterNeurons
-from shared.activation_log import log_activations
+from test_time_registers import RegisterNeurons
+from test_time_registers.activation_log import log_activations
 
 
 def test_log_matches_a_capture(tmp_path, clip_hm, pixels):
@@ -45,9 +45,9 @@ def test_an_interrupted_run_leaves_a_readable_file(tmp_path, clip_hm):
 
 
 def test_no_image_leaves_no_file_and_says_so(tmp_path, clip_hm):
-    from shared import ImageSourceError
+    from test_time_registers import ImageSourceError
 
-    with pytest.raises(ImageSourceError, match="no readable images"):
+    with pytest.raises(ImageSourceError, match="no images were given"):
         log_activations(clip_hm, [], [(1, 3)], tmp_path / "none.h5", lambda image: torch.zeros(3, 64, 64),
                         progress=False)
     assert not (tmp_path / "none.h5").exists()

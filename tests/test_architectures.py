@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from shared import ModifiedModel, find_register_neurons
-from shared.hooks import _first_tensor
-from shared.metrics import measure_outliers
-from shared.planting import marker_images, plant_register_neurons
+from test_time_registers import ModifiedModel, find_register_neurons
+from test_time_registers.hooks import _first_tensor
+from test_time_registers.metrics import measure_outliers
+from test_time_registers.planting import marker_images, plant_register_neurons
 from tests.tiny_models import ARCHITECTURES, IMAGE_SIZE, LAYERS, hook_count
 
 PLANTED_LAYER = 1

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from shared import RegisterNeurons
+from test_time_registers import RegisterNeurons
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "find_register_neurons.py"
 main = runpy.run_path(str(SCRIPT))["main"]
@@ -29,7 +29,7 @@ def test_demo_run_writes_neurons_log_and_figure(demo_run, capsys):
     folder, code = demo_run
     assert code == 0
     neurons = RegisterNeurons.load(folder / "neurons.json")
-    from clip.demo import build_demo_model
+    from test_time_registers.clip.demo import build_demo_model
     assert sorted(neurons.pairs()) == sorted(build_demo_model(seed=0)[2])
     data = json.loads((folder / "neurons.json").read_text())
     assert data["model"] == "demo" and data["images_with_outliers"] == 24

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from clip import ClipHookManager
-from shared import ModifiedModel, NoOutliersError, find_register_neurons
-from shared.metrics import measure_outliers
+from test_time_registers.clip import ClipHookManager
+from test_time_registers import ModifiedModel, NoOutliersError, find_register_neurons
+from test_time_registers.metrics import measure_outliers
 from tests.tiny_models import hook_count
 
 
@@ -85,7 +85,7 @@ def test_the_test_time_register_takes_over_the_outliers(demo, found):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_reduced_precision_discovery_matches_float32(demo, dtype):
-    from clip.demo import build_demo_model
+    from test_time_registers.clip.demo import build_demo_model
 
     _, preprocess, planted, images = demo
     full = find_register_neurons(ClipHookManager(build_demo_model(seed=0)[0]), images[:16], preprocess,
@@ -118,7 +118,7 @@ def test_bad_arguments(clip_hm, kwargs, message):
 
 
 def test_non_finite_activations_are_reported_as_such(clip_model, clip_hm):
-    from shared import NonFiniteActivationsError
+    from test_time_registers import NonFiniteActivationsError
 
     with torch.no_grad():
         clip_model.visual.transformer.resblocks[1].mlp.c_proj.bias[0] = float("inf")

@@ -6,7 +6,7 @@ Layout: [CLS, p0, p1, p2, r0, r1]; 4 neurons, register neurons 1 and 3.
 import pytest
 import torch
 
-from shared import TokenLayout, legacy_edit, paper_edit
+from test_time_registers import TokenLayout, legacy_edit, paper_edit
 
 LAYOUT = TokenLayout(num_cls=1, num_test_time_registers=2)
 NEURONS = torch.tensor([1, 3])

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from shared import StopForward
+from test_time_registers import StopForward
 from tests.tiny_models import hook_count
 
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from shared import ImageFolder, ImageSourceError
-from shared.images import batches, to_rgb
+from test_time_registers import ImageFolder, ImageSourceError
+from test_time_registers.images import batches, to_rgb
 
 
 def _write_mixed_folder(root):

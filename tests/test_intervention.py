@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from shared import ModifiedModel
+from test_time_registers import ModifiedModel
 from tests.tiny_models import hook_count
 
 NEURONS = [(1, 7), (1, 30), (2, 100)]
@@ -74,7 +74,7 @@ def test_registers_appended_after_the_positional_embedding_as_zeros(clip_model, 
 
 
 def test_wrong_arguments(clip_model, clip_hm):
-    from clip import ClipHookManager
+    from test_time_registers.clip import ClipHookManager
     from tests.conftest import tiny_clip
 
     with pytest.raises(ValueError, match="num_registers"):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from shared import TokenLayout
+from test_time_registers import TokenLayout
 
 
 def test_slices_follow_the_declared_order():

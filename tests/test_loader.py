@@ -6,8 +6,8 @@ import open_clip
 import pytest
 import torch
 
-from clip import ClipHookManager, load_openclip
-from shared import ModelLoadError
+from test_time_registers.clip import ClipHookManager, load_openclip
+from test_time_registers import ModelLoadError
 from tests.conftest import CLIP_LAYERS
 from tests.tiny_models import clip_config
 
@@ -50,8 +50,12 @@ def test_missing_corrupt_unknown_and_unreachable(tmp_path, registered_config):
         load_openclip(registered_config, corrupt)
     with pytest.raises(ModelLoadError, match="unknown open_clip model"):
         load_openclip("ViT-Nope-99")
-    with pytest.raises(ModelLoadError, match="could not load"):  # a real tag, but nothing can be downloaded
-        load_openclip("ViT-B-16", "laion2b_s34b_b88k")
+    with pytest.raises(ModelLoadError, match="cannot download open_clip ViT-B-16 .*HF_HUB_OFFLINE is set"):
+        load_openclip("ViT-B-16", "laion2b_s34b_b88k")   # a real tag, but nothing can be downloaded
+    with pytest.raises(ModelLoadError, match="unknown pretrained tag 'nope'.*laion2b_s34b_b88k"):
+        load_openclip("ViT-B-16", "nope")
+    with pytest.raises(ModelLoadError, match="no weights named for open_clip ViT-B-16.*'random'"):
+        load_openclip("ViT-B-16")
 
 
 class Payload:

@@ -9,9 +9,10 @@ import torch
 from PIL import Image
 from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
-from deit import DeitHookManager, load_timm
-from dinov2 import PRESETS, Dinov2HookManager, load_dinov2, load_preset
-from shared import IncompatibleNeuronsError, ModelLoadError, ModifiedModel
+from test_time_registers.deit import DeitHookManager, load_timm
+from test_time_registers.dinov2 import DINOV2_VITL14, Dinov2HookManager, load_dinov2
+from test_time_registers.registry import load_preset
+from test_time_registers import IncompatibleNeuronsError, ModelLoadError, ModifiedModel
 from tests.tiny_models import dinov2_model, timm_model
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "find_register_neurons.py"
@@ -50,7 +51,7 @@ def test_dinov2_without_an_image_processor_uses_the_standard_transform(tmp_path)
 def test_dinov2_errors(tmp_path):
     with pytest.raises(ModelLoadError, match="not found"):
         load_dinov2(tmp_path / "missing")
-    with pytest.raises(ModelLoadError, match="could not load"):
+    with pytest.raises(ModelLoadError, match="cannot download DINOv2 model facebook/dinov2-small: HF_HUB_OFFLINE"):
         load_dinov2("facebook/dinov2-small")          # offline: the hub cannot be reached
     dinov2_model().save_pretrained(tmp_path / "corrupt")
     (tmp_path / "corrupt" / "model.safetensors").write_bytes(b"not safetensors")
@@ -72,7 +73,7 @@ def test_timm_from_a_local_checkpoint(tmp_path, suffix):
     for name, value in source.state_dict().items():
         assert torch.equal(model.state_dict()[name], value), name
     assert preprocess(Image.new("RGB", (300, 200))).shape == (3, 224, 224)
-    assert hook_manager.name == f"deit:vit_tiny_patch16_224:{path}"
+    assert hook_manager.name == f"timm:vit_tiny_patch16_224:{path}"
 
 
 def test_timm_errors(tmp_path):
@@ -84,8 +85,8 @@ def test_timm_errors(tmp_path):
     corrupt.write_bytes(b"garbage")
     with pytest.raises(ModelLoadError, match="could not load"):
         load_timm("vit_tiny_patch16_224", corrupt)
-    with pytest.raises(ModelLoadError, match="could not load"):   # pretrained weights cannot be downloaded
-        load_timm("vit_tiny_patch16_224")
+    with pytest.raises(ModelLoadError, match="cannot download pretrained timm .* timm:vit_tiny_patch16_224:/path"):
+        load_timm("vit_tiny_patch16_224")   # pretrained weights cannot be downloaded
 
 
 def test_distilled_deit_counts_its_distillation_token_as_a_prefix_token():
@@ -96,7 +97,7 @@ def test_distilled_deit_counts_its_distillation_token_as_a_prefix_token():
 
 def test_the_dinov2_large_preset_fits_dinov2_large_and_names_its_source():
     neurons = load_preset("dinov2-vitl14")
-    assert len(neurons) == 45 and PRESETS["dinov2-vitl14"][1] == "facebook/dinov2-large"
+    assert len(neurons) == 45 and DINOV2_VITL14.model == "dinov2:facebook/dinov2-large"
     assert neurons.by_layer()[17][:3] == [884, 133, 1427] and sorted(neurons.by_layer()) == [12, 13, 14, 15, 16, 17]
     assert (neurons.detect_layer, neurons.threshold, neurons.highest_layer) == (22, 150.0, 17)
     assert "860df43" in neurons.source
@@ -121,8 +122,8 @@ def test_cli_runs_dinov2_and_deit_specs_and_reports_a_model_without_outliers(tmp
     dinov2_model().save_pretrained(tmp_path / "dinov2")
     capsys.readouterr()
     for spec, message in ((f"dinov2:{tmp_path / 'dinov2'}", "no high-norm outliers"),
-                          (f"deit:vit_tiny_patch16_224:{tmp_path / 'missing.pth'}", "checkpoint not found"),
-                          ("dinov2:facebook/dinov2-small", "could not load DINOv2 model")):
+                          (f"timm:vit_tiny_patch16_224:{tmp_path / 'missing.pth'}", "checkpoint not found"),
+                          ("dinov2:facebook/dinov2-small", "cannot download DINOv2 model")):
         code = main(["--model", spec, "--images", str(image_folder), "--quiet", "--out", str(tmp_path / "n.json")])
         error = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(error) == 1 and message in error[0], (spec, error)

@@ -4,7 +4,7 @@ import stat
 
 import pytest
 
-from shared import IncompatibleNeuronsError, NeuronFileError, RegisterNeuron, RegisterNeurons
+from test_time_registers import IncompatibleNeuronsError, NeuronFileError, RegisterNeuron, RegisterNeurons
 
 
 def _sample():

@@ -3,15 +3,21 @@
 import re
 from pathlib import Path
 
+from test_time_registers.registry import _ARCHITECTURES, architectures
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def test_the_new_architecture_example_runs(capsys):
+def test_the_new_architecture_example_runs_and_registers_its_spec(capsys):
     section = README.read_text().split("## Add a new architecture", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
-    assert 30 <= len([line for line in code.splitlines() if line.strip()]) <= 70
     namespace = {"__name__": "readme_example"}
-    exec(compile(code, str(README), "exec"), namespace)
-    assert "largest/median patch norm" in capsys.readouterr().out
-    hook_manager = namespace["hm"]
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in hook_manager.model.modules())
+    try:
+        exec(compile(code, str(README), "exec"), namespace)
+        assert "largest/median patch norm" in capsys.readouterr().out
+        registered = architectures()["hfvit"]
+        assert registered.hook_manager is namespace["ViTHookManager"] and registered.load is namespace["load_hf_vit"]
+        assert namespace["hm"].name == f"hfvit:{namespace['folder']}"   # loaded through the registry, by spec
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in namespace["model"].modules())
+    finally:
+        _ARCHITECTURES.pop("hfvit", None)   # other tests see only the installed architectures

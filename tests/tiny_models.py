@@ -16,10 +16,10 @@ import timm
 import torch
 from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
-from clip import ClipHookManager
-from deit import DeitHookManager
-from dinov2 import Dinov2HookManager
-from shared.hooks import HookManager
+from test_time_registers.clip import ClipHookManager
+from test_time_registers.deit import DeitHookManager
+from test_time_registers.dinov2 import Dinov2HookManager
+from test_time_registers.hooks import HookManager
 
 IMAGE_SIZE = 64
 WIDTH = 64

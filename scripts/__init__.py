@@ -1,0 +1,1 @@
+"""The command-line programs, installed as console scripts (see ``pyproject.toml``)."""

@@ -1,0 +1,201 @@
+"""What the command-line programs share: flags, checks, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from test_time_registers import TestTimeRegistersError
+from test_time_registers.precision import PRECISIONS
+from test_time_registers.registry import installed_prefixes
+
+LIBRARY_LOGGER = "test_time_registers"
+IMAGES_LOGGER = "test_time_registers.images"
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+class UsageError(Exception):
+    """Bad flags or input, reported as one line with exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, and whose help shows every default."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=HelpFormatter, **kwargs)
+
+    def error(self, message):  # one line, not argparse's usage block
+        raise UsageError(message)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's line breaks and appends "(default: X)" where a flag has a default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def threshold_value(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'auto', got {text!r}")
+    return value
+
+
+def layer_or_auto(text: str):
+    return "auto" if text == "auto" else non_negative_int(text)
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--device``, ``--precision`` and ``--seed``."""
+    parser.add_argument("--model", default="demo",
+                        help=f"model spec PREFIX:REFERENCE; installed prefixes: {', '.join(installed_prefixes())}. "
+                             "E.g. openclip:ViT-B-16:laion2b_s34b_b88k, dinov2:facebook/dinov2-large, "
+                             "timm:deit3_base_patch16_224.fb_in22k_ft_in1k; 'demo' is synthetic and offline")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
+                        help="; ".join(f"{p.name}: {p.description}" for p in PRECISIONS.values()))
+    parser.add_argument("--seed", type=int, default=0, help="seed of the demo model, image sampling and register choice")
+
+
+def check_device(name: str) -> str:
+    """The device, if this torch can put a tensor there; else a one-line :class:`UsageError`."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device: unknown device {name!r}") from None
+    if device.type not in DEVICE_TYPES:
+        raise UsageError(f"--device {name}: models cannot run on a {device.type} device; use one of "
+                         f"{', '.join(DEVICE_TYPES)}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, AttributeError) as error:   # no backend, or an index past the last device
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"--device {name}: this torch cannot use it ({reason})") from None
+    return name
+
+
+def check_output_paths(**paths: Path | None) -> None:
+    """Fail before any work if an output cannot be written or two flags name one file.
+
+    ``paths`` maps a flag name (``out``) to its path, or ``None`` when the flag is unused.
+    """
+    seen: dict[Path, str] = {}
+    for flag, path in paths.items():
+        if path is None:
+            continue
+        option = f"--{flag.replace('_', '-')}"
+        if path.is_dir():
+            raise UsageError(f"{option} {path} is a folder; give a file name")
+        resolved = path.resolve()
+        if resolved in seen:
+            raise UsageError(f"{seen[resolved]} and {option} name the same file {path}; give each its own file")
+        seen[resolved] = option
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path.parent):
+                pass
+        except OSError as error:
+            raise UsageError(f"{option} {path}: cannot write there ({error.strerror or error})") from None
+
+
+def in_cli_language(message: str, parser: argparse.ArgumentParser) -> str:
+    """Rewrite the library's parameter names as this program's flags.
+
+    ``threshold=53.5`` becomes ``--threshold 53.5`` and ``detect_layer`` becomes ``--detect-layer``,
+    for every flag the parser has.
+    """
+    for action in parser._actions:
+        flag = next((option for option in action.option_strings if option.startswith("--")), None)
+        if flag is None or action.dest == "help":
+            continue
+        message = re.sub(rf"\b{action.dest}=(\S+?)(?=[\s,;)]|$)", rf"{flag} \1", message)
+        if "_" in action.dest:   # plain words like 'images' stay prose
+            message = re.sub(rf"\b{action.dest}\b", flag, message)
+    return message
+
+
+class _TqdmHandler(logging.Handler):
+    """Prints log records to stdout without breaking a progress bar."""
+
+    def emit(self, record):
+        tqdm.write(self.format(record), file=sys.stdout)
+
+
+@contextlib.contextmanager
+def cli_logging() -> Iterator[None]:
+    """Library warnings on stderr, skipped image files on stdout, for the length of one run."""
+    library, images = logging.getLogger(LIBRARY_LOGGER), logging.getLogger(IMAGES_LOGGER)
+    warnings = logging.StreamHandler(sys.stderr)
+    warnings.setLevel(logging.WARNING)
+    warnings.setFormatter(logging.Formatter("warning: %(message)s"))
+    skips = _TqdmHandler()
+    skips.setFormatter(logging.Formatter("%(message)s"))
+    saved = (library.level, images.level, images.propagate)
+    library.addHandler(warnings)
+    images.addHandler(skips)
+    library.setLevel(logging.WARNING)
+    images.setLevel(logging.WARNING)
+    images.propagate = False
+    try:
+        yield
+    finally:
+        library.removeHandler(warnings)
+        images.removeHandler(skips)
+        library.level, images.level, images.propagate = saved
+
+
+def run_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int], argv=None) -> int:
+    """Parse ``argv`` and call ``run``; bad input of any kind is one line on stderr and exit code 2."""
+    with cli_logging():
+        try:
+            return run(parser.parse_args(argv))
+        except (UsageError, TestTimeRegistersError) as error:
+            print(f"error: {in_cli_language(str(error), parser)}", file=sys.stderr)
+            return 2
+        except OSError as error:   # a file that vanished or a disk that filled up mid-run
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            return 130
