@@ -17,13 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_specs import FORMS, PRECISIONS, load_model  # noqa: E402
+import torch
 
-import torch  # noqa: E402
-
-from test_time_registers import ModifiedModel, find_register_neurons  # noqa: E402
-from test_time_registers.images import batches, take  # noqa: E402
+from test_time_registers import ModifiedModel, find_register_neurons
+from test_time_registers.images import ImageFolder, batches, take
+from test_time_registers.registry import load_model, load_neurons
+from test_time_registers.scripts.common import (Parser, UsageError, add_model_flags, check_device, positive_int,
+                                                run_main, threshold_value)
 
 
 def plain_forward(runner, images, preprocess, batch_size, hook_manager) -> None:
@@ -47,33 +47,42 @@ def timed(fn, device: torch.device) -> tuple[float, int]:
     return time.perf_counter() - start, peak
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="demo", help=FORMS)
-    parser.add_argument("--images", type=Path, help="image folder (default: demo scenes)")
-    parser.add_argument("--num-images", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--top-k", type=int, default=10)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32")
-    args = parser.parse_args(argv)
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(description=__doc__)
+    add_model_flags(parser)
+    parser.add_argument("--images", type=Path, help="image folder (default: the model's generated scenes; "
+                        "only the demo has them)")
+    parser.add_argument("--num-images", type=positive_int, default=64, help="images per timed run")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
+    parser.add_argument("--repeats", type=positive_int, default=7, help="interleaved runs of each method")
+    parser.add_argument("--top-k", type=positive_int, default=10, help="neurons to find (the demo: its planted count)")
+    parser.add_argument("--threshold", type=threshold_value, default="auto",
+                        help="discovery's outlier threshold; give one for a model whose outliers the automatic "
+                             "threshold misses")
+    parser.add_argument("--neurons", help="neuron file or preset:NAME for the test-time register run, instead of "
+                        "the neurons the warm-up discovery finds (needed for a model without outliers)")
+    return parser
 
-    resolved = load_model(args.model, device=args.device, precision=args.precision)
-    model, preprocess, hook_manager = resolved.loaded
+
+def run(args: argparse.Namespace) -> int:
+    device = check_device(args.device)
+    loaded = load_model(args.model, device=device, precision=args.precision, seed=args.seed)
+    model, preprocess, hook_manager = loaded
     if args.images:
-        images = take(args.images, args.num_images)
+        images = take(ImageFolder(args.images, limit=args.num_images, seed=args.seed), args.num_images)
+    elif loaded.generate_images is not None:
+        images = loaded.generate_images(args.num_images, args.seed)
     else:
-        from test_time_registers.clip.demo import demo_images
-        images = demo_images(args.num_images)
-    top_k = len(resolved.planted) if resolved.planted else args.top_k
+        raise UsageError(f"--images DIR is required for {args.model}; only the demo generates its own scenes")
+    top_k = len(loaded.planted) if loaded.planted else args.top_k
     device = hook_manager.device
 
     def discover():
-        return find_register_neurons(hook_manager, images, preprocess, top_k=top_k,
+        return find_register_neurons(hook_manager, images, preprocess, top_k=top_k, threshold=args.threshold,
                                      batch_size=args.batch_size, progress=False)
 
-    neurons = discover()  # warm-up, and the neurons for the modified model
+    found = discover()  # warm-up, and the neurons for the modified model
+    neurons = load_neurons(args.neurons, hook_manager) if args.neurons else found
     modified = ModifiedModel(model, hook_manager, neurons, num_registers=1)
     runs = {
         "plain forward": lambda: plain_forward(hook_manager, images, preprocess, args.batch_size, hook_manager),
@@ -115,6 +124,10 @@ def main(argv=None) -> int:
     print(f"discovery / plain forward = {ratio:.3f} (fastest runs; target <= 1.1): "
           f"{'met' if ratio <= 1.1 else 'NOT met'}")
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

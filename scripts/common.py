@@ -165,24 +165,28 @@ class _TqdmHandler(logging.Handler):
 @contextlib.contextmanager
 def cli_logging() -> Iterator[None]:
     """Library warnings on stderr, skipped image files on stdout, for the length of one run."""
-    library, images = logging.getLogger(LIBRARY_LOGGER), logging.getLogger(IMAGES_LOGGER)
+    library, images, root = logging.getLogger(LIBRARY_LOGGER), logging.getLogger(IMAGES_LOGGER), logging.getLogger()
+    quiet = logging.NullHandler()   # other libraries' log lines (open_clip logs download errors) stay off the terminal
     warnings = logging.StreamHandler(sys.stderr)
     warnings.setLevel(logging.WARNING)
     warnings.setFormatter(logging.Formatter("warning: %(message)s"))
     skips = _TqdmHandler()
     skips.setFormatter(logging.Formatter("%(message)s"))
-    saved = (library.level, images.level, images.propagate)
+    saved = (library.level, images.level, images.propagate, library.propagate)
+    root.addHandler(quiet)
     library.addHandler(warnings)
     images.addHandler(skips)
     library.setLevel(logging.WARNING)
     images.setLevel(logging.WARNING)
     images.propagate = False
+    library.propagate = False   # our warnings are printed once, by the handler above
     try:
         yield
     finally:
+        root.removeHandler(quiet)
         library.removeHandler(warnings)
         images.removeHandler(skips)
-        library.level, images.level, images.propagate = saved
+        library.level, images.level, images.propagate, library.propagate = saved
 
 
 def run_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int], argv=None) -> int:

@@ -79,5 +79,6 @@ def load_pretrained(load: Callable[[], T], what: str, local_hint: str, url: str 
         with hub_offline():
             return load()
     except Exception as error:  # each library raises its own kind of not-found error
-        raise ModelLoadError(f"cannot download {what}: {reason} and it is not in the local cache "
-                             f"({first_line(error)}). {local_hint}") from error
+        log.debug("loading %s from the local cache failed: %s", what, first_line(error))
+        raise ModelLoadError(f"cannot download {what}: {reason} and it is not in the local cache. "
+                             f"{local_hint}") from error

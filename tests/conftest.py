@@ -1,3 +1,4 @@
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded in tests
@@ -8,6 +9,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from test_time_registers.clip import ClipHookManager  # noqa: E402
+from tests.tiny_models import clip_config  # noqa: E402
 from tests.tiny_models import clip_model as build_clip  # noqa: E402
 
 CLIP_LAYERS = 3
@@ -39,3 +41,15 @@ def demo():
 
     model, preprocess, planted = build_demo_model(seed=0)
     return model, preprocess, planted, demo_images(64, seed=0)
+
+
+TINY_OPENCLIP = "ttr-test-tiny-vit"
+
+
+@pytest.fixture(scope="session")
+def registered_config(tmp_path_factory):
+    """The name of a tiny open_clip config, registered with open_clip's factory."""
+    folder = tmp_path_factory.mktemp("configs")
+    (folder / f"{TINY_OPENCLIP}.json").write_text(json.dumps(clip_config(CLIP_LAYERS)))
+    open_clip.add_model_config(folder)
+    return TINY_OPENCLIP

@@ -67,3 +67,34 @@ def test_batches_stack_and_cast():
     assert batch.pixel_values.dtype == torch.float16 and batch.names == ["image_0", "image_1", "image_2"]
     with pytest.raises(ValueError, match="preprocess"):
         next(iter(batches(images, None, 2, "cpu", torch.float32)))
+
+
+def test_hold_out_splits_a_folder_into_disjoint_seeded_parts(tmp_path):
+    for index in range(10):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{index}.png")
+    folder = ImageFolder(tmp_path, limit=3, seed=4)
+    rest, held_out = folder.hold_out(4)
+    assert len(held_out.files) == 4 and len(rest.files) == 6 and rest.limit == 3
+    assert set(rest.files).isdisjoint(held_out.files) and set(rest.files) | set(held_out.files) == set(folder.files)
+    again_rest, again_held_out = ImageFolder(tmp_path, seed=4).hold_out(4)
+    assert again_held_out.files == held_out.files and again_rest.files == rest.files
+    assert ImageFolder(tmp_path, seed=5).hold_out(4)[1].files != held_out.files
+    assert len(folder.hold_out(100)[1].files) == 5                       # at most half
+    single = tmp_path / "single"
+    single.mkdir()
+    Image.new("RGB", (8, 8)).save(single / "only.png")
+    only = ImageFolder(single)
+    assert only.hold_out(4) == (only, None)                              # nothing can be held out
+
+
+def test_the_first_skipped_files_are_named_then_only_counted(tmp_path, caplog):
+    Image.new("RGB", (8, 8)).save(tmp_path / "good.png")
+    for index in range(8):
+        (tmp_path / f"bad{index}.txt").write_text("x")
+    folder = ImageFolder(tmp_path)
+    with caplog.at_level("WARNING", logger="test_time_registers.images"):
+        assert len(list(folder)) == 1
+    messages = [record.getMessage() for record in caplog.records]
+    assert [m.split(":")[0] for m in messages[:5]] == [f"skipped bad{index}.txt" for index in range(5)]
+    assert len(messages) == 6 and messages[5].startswith("skipping more unreadable files")
+    assert folder.skipped == 8

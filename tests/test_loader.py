@@ -1,25 +1,11 @@
 """open_clip's real factory, offline, on a tiny checkpoint the test writes itself."""
 
-import json
-
 import open_clip
 import pytest
 import torch
 
 from test_time_registers.clip import ClipHookManager, load_openclip
 from test_time_registers import ModelLoadError
-from tests.conftest import CLIP_LAYERS
-from tests.tiny_models import clip_config
-
-NAME = "ttr-test-tiny-vit"
-
-
-@pytest.fixture(scope="module")
-def registered_config(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("configs")
-    (folder / f"{NAME}.json").write_text(json.dumps(clip_config(CLIP_LAYERS)))
-    open_clip.add_model_config(folder)
-    return NAME
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])

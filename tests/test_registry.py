@@ -1,0 +1,88 @@
+"""Architectures register themselves; specs, presets and aliases resolve through the registry."""
+
+import pytest
+import torch
+
+from test_time_registers import ModelLoadError, NeuronFileError, load_model, load_neurons, load_preset
+from test_time_registers.clip import ClipHookManager
+from test_time_registers.deit import DeitHookManager
+from test_time_registers.dinov2 import Dinov2HookManager
+from test_time_registers.registry import (ENTRY_POINT_GROUP, _ARCHITECTURES, architectures, find_architecture,
+                                          installed_prefixes, presets, register_architecture)
+
+
+def test_every_installed_architecture_registers_its_prefix_loader_and_hook_manager():
+    registered = architectures()
+    assert {"demo", "openclip", "dinov2", "timm", "deit"} <= set(registered)
+    assert registered["openclip"].hook_manager is ClipHookManager
+    assert registered["dinov2"].hook_manager is Dinov2HookManager
+    assert registered["timm"].hook_manager is DeitHookManager
+    assert registered["deit"].alias_of == "timm" and registered["deit"].load is registered["timm"].load
+    assert registered["deit"].spec.startswith("deit:")
+    assert set(installed_prefixes()) >= set(registered)
+    assert "dinov2-vitl14" in registered["dinov2"].presets
+
+
+def test_specs_dispatch_through_the_registry():
+    demo = load_model("demo")
+    assert demo.synthetic and demo.hook_manager.name == "demo" and len(demo.planted) == 4
+    timm_random = load_model("timm:vit_tiny_patch16_224:random")
+    assert isinstance(timm_random.hook_manager, DeitHookManager)
+    assert timm_random.hook_manager.name == "timm:vit_tiny_patch16_224:random"
+    alias = load_model("deit:vit_tiny_patch16_224:random")
+    assert isinstance(alias.hook_manager, DeitHookManager)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("bogus:thing", "unknown model spec prefix 'bogus'; expected one of: .*openclip:NAME"),
+    ("openclip:ViT-B-16", "openclip:ViT-B-16 names no weights; write openclip:ViT-B-16:TAG .*openclip:ViT-B-16:random"),
+    ("openclip:", "needs a model name"),
+    ("timm:", "needs a model name"),
+    ("dinov2:", "needs a Hugging Face id"),
+    ("demo:extra", "the demo takes no reference"),
+])
+def test_bad_specs_say_what_to_write(spec, message):
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(spec)
+
+
+def test_an_architecture_registered_at_run_time_is_found_by_its_prefix():
+    calls = []
+
+    @register_architecture("tiny-test", hook_manager=DeitHookManager, spec="tiny-test:NAME")
+    def load(reference, *, device, precision, seed):
+        calls.append((reference, precision, seed))
+        return load_model("timm:vit_tiny_patch16_224:random")
+
+    try:
+        assert find_architecture("tiny-test").load is load
+        load_model("tiny-test:anything:with:colons", precision="bf16", seed=3)
+        assert calls == [("anything:with:colons", "bf16", 3)]
+    finally:
+        _ARCHITECTURES.pop("tiny-test")
+
+
+def test_presets_come_from_the_architectures_that_declare_them(tmp_path):
+    assert presets()["dinov2-vitl14"].model == "dinov2:facebook/dinov2-large"
+    neurons = load_preset("dinov2-vitl14")
+    assert neurons.model == "dinov2:facebook/dinov2-large" and len(neurons) == 45
+    assert load_neurons("preset:dinov2-vitl14").pairs() == neurons.pairs()
+    with pytest.raises(NeuronFileError, match="unknown preset 'nope'; known: dinov2-vitl14"):
+        load_neurons("preset:nope")
+
+
+def test_entry_points_name_the_packages_that_serve_each_prefix():
+    from importlib import metadata
+
+    served = {entry.name: entry.value for entry in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    assert served == {"demo": "test_time_registers.clip", "openclip": "test_time_registers.clip",
+                      "dinov2": "test_time_registers.dinov2", "timm": "test_time_registers.deit",
+                      "deit": "test_time_registers.deit"}
+
+
+def test_a_bad_precision_is_a_precise_error():
+    from test_time_registers import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="precision must be one of fp32, bf16, fp16, pure_bf16"):
+        load_model("demo", precision="fp8")
+    assert torch.float32 == load_model("demo", precision="amp_bf16").hook_manager.input_dtype
