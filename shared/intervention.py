@@ -192,7 +192,8 @@ class ModifiedModel(nn.Module):
         return self.hook_manager.capture(layout=self.layout, **sites)
 
     def forward(self, *args, **kwargs):
-        with self.intervention():
+        """The wrapped model's forward, with test-time registers, under the hook manager's autocast (if any)."""
+        with self.intervention(), self.hook_manager.autocast():
             return self.model(*args, **kwargs)
 
     def forward_images(self, pixel_values: torch.Tensor):
@@ -210,7 +211,7 @@ class ModifiedModel(nn.Module):
         method = getattr(self.model, name)
 
         def with_registers(*args, **kwargs):
-            with self.intervention():
+            with self.intervention(), self.hook_manager.autocast():
                 return method(*args, **kwargs)
 
         with_registers.__doc__ = method.__doc__

@@ -30,9 +30,9 @@ class Precision:
 PRECISIONS: dict[str, Precision] = {p.name: p for p in (
     Precision("fp32", torch.float32, description="float32 weights and activations"),
     Precision("bf16", torch.bfloat16, mixed=True,
-              description="bfloat16 matrix weights; open_clip keeps norms and embeddings in float32"),
+              description="bfloat16 matrix weights (open_clip keeps norms and embeddings in float32)"),
     Precision("fp16", torch.float16, mixed=True,
-              description="float16 matrix weights; open_clip keeps norms and embeddings in float32"),
+              description="float16 matrix weights (open_clip keeps norms and embeddings in float32)"),
     Precision("pure_bf16", torch.bfloat16, description="every weight in bfloat16"),
     Precision("pure_fp16", torch.float16, description="every weight in float16"),
     Precision("amp_bf16", torch.float32, autocast=torch.bfloat16,

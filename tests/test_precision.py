@@ -75,3 +75,14 @@ def test_discovery_and_the_intervention_work_on_the_demo_in_each_precision(preci
     modified = ModifiedModel(loaded.model, loaded.hook_manager, neurons, num_registers=1)
     after = measure_outliers(modified, scenes[16:24], loaded.preprocess)
     assert after.worst_max_over_median <= 2
+
+
+def test_modified_model_calls_run_under_the_declared_autocast(registered_config):
+    loaded = load_model(f"openclip:{registered_config}:random", precision="amp_bf16")
+    modified = ModifiedModel(loaded.model, loaded.hook_manager, [(0, 1)], num_registers=1)
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad(), modified.capture(neurons=[0]) as captured:
+        features = modified.encode_image(pixels)
+    assert captured.neurons[0].dtype == torch.bfloat16 and features.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert loaded.model.encode_image(pixels).dtype == torch.float32   # the model itself is left in float32

@@ -21,3 +21,16 @@ def test_the_new_architecture_example_runs_and_registers_its_spec(capsys):
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in namespace["model"].modules())
     finally:
         _ARCHITECTURES.pop("hfvit", None)   # other tests see only the installed architectures
+
+
+def test_the_offline_demo_and_registry_snippets_run():
+    text = README.read_text()
+    demo = re.search(r"### The offline demo.*?```python\n(.*?)```", text, re.DOTALL).group(1)
+    registry = re.search(r"## Supported architectures.*?```python\n(.*?)```", text, re.DOTALL).group(1)
+    namespace = {}
+    exec(compile(demo, str(README), "exec"), namespace)
+    assert len(namespace["neurons"]) == 4
+    exec(compile(registry.replace("sorted(architectures())", "listed = sorted(architectures())"), str(README), "exec"),
+         namespace)
+    assert namespace["listed"] == ["deit", "demo", "dinov2", "openclip", "timm"]
+    assert namespace["hm"].input_dtype.is_floating_point and str(namespace["hm"].input_dtype) == "torch.bfloat16"
