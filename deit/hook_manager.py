@@ -21,7 +21,8 @@ class DeitHookManager(HookManager):
     registers are appended to the input of ``norm_pre`` (after the positional embedding,
     which they do not get, also with ``no_embed_class``) and taken off the input of ``norm``,
     before pooling and the head. Attention probabilities are the output of each block's
-    ``attn.attn_drop``; fused attention is switched off only while a capture is open.
+    ``attn.attn_drop``; fused attention is switched off only while a capture is open, by setting the
+    block's ``fused_attn`` (timm has no public switch for a built model), which is not thread-safe.
     """
 
     def __init__(self, model: nn.Module, name: str | None = None, **options):

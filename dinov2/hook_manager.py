@@ -71,7 +71,7 @@ class Dinov2HookManager(HookManager):
         return self.backbone.embeddings.patch_embeddings.projection
 
     def attach_attention_probe(self, layer: int, fn: Callable[[torch.Tensor], None], hooks: Hooks) -> None:
-        probe_eager_attention(self.backbone.config, self.blocks[layer].attention, fn, hooks)
+        probe_eager_attention(self.backbone, self.blocks[layer].attention, fn, hooks)
 
 
 def _backbone(model: nn.Module) -> nn.Module:

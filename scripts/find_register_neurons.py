@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from test_time_registers import ImageFolder, ModifiedModel, RegisterNeurons, check_discovery_arguments, find_register_neurons
+from test_time_registers import (ImageFolder, LegacyEdit, ModifiedModel, PaperEdit, RegisterNeurons,
+                                 check_discovery_arguments, find_register_neurons)
 from test_time_registers.activation_log import log_activations
 from test_time_registers.figures import save_comparison
 from test_time_registers.images import take
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         neurons = find_register_neurons(
             hook_manager, images, preprocess, top_k=top_k, threshold=args.threshold or "auto",
             detect_layer=args.detect_layer, highest_layer=highest_layer, score=args.score or "raw",
-            batch_size=args.batch_size, progress=not args.quiet)
+            batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
         neurons.save(args.out)
         print(f"found {len(neurons)} register neurons in {neurons.images_seen} images "
               f"({neurons.images_with_outliers} with outliers): threshold {neurons.threshold:.4g} "
@@ -166,7 +167,7 @@ def compare(args, hook_manager, preprocess, evaluation, neurons, held_out: bool)
     detect_layer = neurons.detect_layer if neurons.detect_layer is not None else hook_manager.default_detect_layer
     attention_layer = hook_manager.num_layers - 1
     modified = ModifiedModel(hook_manager.model, hook_manager, neurons, num_registers=args.num_registers,
-                             legacy=args.legacy, seed=args.seed)
+                             edit=LegacyEdit() if args.legacy else PaperEdit(), seed=args.seed)
     keep = FIGURE_ROWS if args.figure else 0
     common = dict(detect_layer=detect_layer, attention_layer=attention_layer, batch_size=args.batch_size,
                   keep_maps=keep)

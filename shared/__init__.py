@@ -13,7 +13,7 @@ from .errors import (ImageSourceError, IncompatibleNeuronsError, InvalidArgument
                      UnsupportedModelError)
 from .hooks import Capture, HookManager, Hooks, HookSite, StopForward  # noqa: E402
 from .images import ImageFolder  # noqa: E402
-from .intervention import ModifiedModel, legacy_edit, paper_edit  # noqa: E402
+from .intervention import Edit, EditContext, LegacyEdit, ModifiedModel, PaperEdit, legacy_edit, paper_edit  # noqa: E402
 from .layout import TokenLayout  # noqa: E402
 from .loading import LoadedModel  # noqa: E402
 from .neurons import RegisterNeuron, RegisterNeurons  # noqa: E402
@@ -22,7 +22,7 @@ from .registry import (Architecture, Preset, architectures, load_model, load_neu
                        register_architecture)
 
 __all__ = [
-    "PRECISIONS", "Architecture", "Capture", "HookManager", "HookSite", "Hooks", "ImageFolder", "ImageSourceError",
+    "PRECISIONS", "Architecture", "Capture", "Edit", "EditContext", "LegacyEdit", "PaperEdit", "HookManager", "HookSite", "Hooks", "ImageFolder", "ImageSourceError",
     "IncompatibleNeuronsError", "InvalidArgumentError", "LoadedModel", "ModelLoadError", "ModifiedModel",
     "NeuronFileError", "NonFiniteActivationsError", "NoOutliersError", "Precision", "Preset", "RegisterNeuron",
     "RegisterNeurons", "StopForward", "TestTimeRegistersError", "TokenLayout", "UnsupportedModelError",

@@ -25,7 +25,7 @@ import h5py
 import torch
 from tqdm.auto import tqdm
 
-from .errors import ImageSourceError
+from .errors import ImageSourceError, InvalidArgumentError
 from .hooks import HookManager
 from .images import batches, count_hint, image_source, no_images_message
 from .neurons import RegisterNeurons
@@ -136,7 +136,7 @@ def _append(handle: h5py.File, start: int, names, patch_maps, prefix_norms, acti
                          ("neuron_activations", activations)):
         dataset = handle[name]
         if values is not names and tuple(values.shape[1:]) != dataset.shape[1:]:
-            raise ValueError(f"all images must have the same size to be logged together; got {values.shape[1:]} "
+            raise InvalidArgumentError(f"all images must have the same size to be logged together; got {values.shape[1:]} "
                              f"after {dataset.shape[1:]}")
         dataset.resize(stop, axis=0)
         dataset[start:stop] = values

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .errors import ImageSourceError, InvalidArgumentError, NonFiniteActivationsError, NoOutliersError
 from .hooks import HookManager, StopForward
-from .images import batches, count_hint, image_source, no_images_message
+from .images import batches, calibration_first, count_hint, image_source, no_images_message
 from .neurons import RegisterNeuron, RegisterNeurons
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,10 @@ MAD_TO_SIGMA = 1.4826
 STAND_OUT_MIN_RATIO = 2.0
 #: ... and at least this fraction of their prominence at the detection layer.
 STAND_OUT_FRACTION = 0.5
-#: The optional sparsity filter keeps neurons below this activation on half the tokens.
-SPARSE_ACTIVATION = 0.5
+#: The reference code's sparsity filter: an image's score for a neuron counts only if the neuron
+#: is below SPARSITY_ACTIVATION_THRESHOLD on at least SPARSITY_FRAC_THRESHOLD of the image's tokens.
+SPARSITY_ACTIVATION_THRESHOLD = 0.5
+SPARSITY_FRAC_THRESHOLD = 0.5
 
 
 def auto_threshold(patch_norms: torch.Tensor) -> float:
@@ -59,7 +61,6 @@ class _Stats:
     """Running sums, all on the model's device."""
 
     score_sums: dict[int, torch.Tensor]               # layer -> [num_neurons]
-    low_counts: dict[int, torch.Tensor]               # layer -> [num_neurons], sparsity filter
     ratio_sums: torch.Tensor                          # [detect_layer + 1]
     images_with_outliers: torch.Tensor                # scalar
     norm_max: torch.Tensor                            # scalar, detection layer
@@ -67,7 +68,6 @@ class _Stats:
     norm_square_sum: torch.Tensor
     non_finite: torch.Tensor                          # scalar, non-finite patch norms in any layer
     norm_count: int = 0
-    tokens_seen: int = 0
     images_seen: int = 0
     image_size: tuple[int, int] | None = None
     calibration_median: float | None = None
@@ -86,6 +86,9 @@ def find_register_neurons(
     batch_size: int = 32,
     device: torch.device | str | None = None,
     sparsity_filter: bool = False,
+    sparsity_activation_threshold: float = SPARSITY_ACTIVATION_THRESHOLD,
+    sparsity_frac_threshold: float = SPARSITY_FRAC_THRESHOLD,
+    seed: int = 0,
     progress: bool = True,
 ) -> RegisterNeurons:
     """Find the MLP neurons that write the high-norm outlier tokens.
@@ -97,8 +100,11 @@ def find_register_neurons(
         preprocess: PIL image -> tensor [3, H, W]; not needed for tensors.
         top_k: how many (layer, neuron) pairs to return, best first.
         threshold: patch-norm threshold at ``detect_layer``, or ``"auto"``: a robust threshold
-            from the patch norms of the first 32 images, whatever the batch size (see
-            :func:`auto_threshold`; smaller batches are held until 32 images are in).
+            (see :func:`auto_threshold`) from the patch norms of a seeded random sample of 32
+            images, whatever the batch size. The sample is visited first (smaller batches are
+            held until it is in). For a folder it is drawn from the sorted file list with the
+            folder's seed, so the order of the files does not matter; for a list or tensor, from
+            the positions with ``seed``; an iterable of unknown length gives its first 32.
         detect_layer: block whose output is searched for outliers; default the hook
             manager's ``default_detect_layer``.
         highest_layer: last layer whose neurons are candidates, or ``"auto"``: the first
@@ -107,7 +113,12 @@ def find_register_neurons(
             values (the reference implementation).
         batch_size: images per forward pass.
         device: where the images go and the statistics live; must be the model's device.
-        sparsity_filter: keep only neurons below 0.5 on at least half of the image tokens.
+        sparsity_filter: the reference code's filter. Per image with outliers, a neuron's score
+            counts only if its activation is below ``sparsity_activation_threshold`` on at least
+            ``sparsity_frac_threshold`` of that image's tokens (CLS, trained registers and
+            patches); otherwise that image contributes 0 for it. The mean is still taken over
+            all images with outliers.
+        seed: draws the calibration sample of a list or tensor of images.
         progress: show a progress bar.
 
     Returns:
@@ -119,11 +130,17 @@ def find_register_neurons(
         ImageSourceError: no readable image.
     """
     layers = check_discovery_arguments(hook_manager, top_k, threshold, detect_layer, highest_layer, score)
+    for name, value in (("sparsity_activation_threshold", sparsity_activation_threshold),
+                        ("sparsity_frac_threshold", sparsity_frac_threshold)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidArgumentError(f"{name} must be a number, got {value!r}")
     images = image_source(images)
+    if threshold == AUTO:
+        images = calibration_first(images, AUTO_CALIBRATION_IMAGES, seed)
     detect_layer, candidate_layers = layers
     model_device = hook_manager.device
     if device is not None and not _same_device(torch.device(device), model_device):
-        raise ValueError(f"the model is on {model_device} but device={device}; move the model first")
+        raise InvalidArgumentError(f"the model is on {model_device} but device={device}; move the model first")
 
     stats = _new_stats(hook_manager, candidate_layers, detect_layer, model_device)
     given_threshold = None if threshold == AUTO else float(threshold)
@@ -153,9 +170,11 @@ def find_register_neurons(
 
         return keep
 
+    sparsity = (sparsity_activation_threshold, sparsity_frac_threshold) if sparsity_filter else None
+
     def accumulate(batch_activations, batch_norms):
         _accumulate(stats, threshold_value, batch_activations, batch_norms, hook_manager, detect_layer, score,
-                    sparsity_filter)
+                    sparsity)
 
     bar = tqdm(total=count_hint(images), unit="img", desc="finding register neurons", disable=not progress)
     with hook_manager.hooks() as hooks, torch.no_grad():
@@ -204,16 +223,16 @@ def check_discovery_arguments(hook_manager, top_k=10, threshold=AUTO, detect_lay
                               score="raw") -> tuple[int, list[int]]:
     """Validate discovery's settings for this model; return (detect layer, candidate layers).
 
-    Raises ValueError for bad values, and :class:`InvalidArgumentError` (also a ValueError) for
-    layers the model does not have or that are out of order.
+    Raises :class:`InvalidArgumentError` (also a ValueError) for bad values, layers the model
+    does not have, or layers out of order.
     """
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+        raise InvalidArgumentError(f"top_k must be a positive int, got {top_k!r}")
     if threshold != AUTO:
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
-            raise ValueError(f"threshold must be a positive number or 'auto', got {threshold!r}")
+            raise InvalidArgumentError(f"threshold must be a positive number or 'auto', got {threshold!r}")
     if score not in ("raw", "abs"):
-        raise ValueError(f"score must be 'raw' or 'abs', got {score!r}")
+        raise InvalidArgumentError(f"score must be 'raw' or 'abs', got {score!r}")
     detect_layer = hook_manager.default_detect_layer if detect_layer is None else detect_layer
     hook_manager.check_layer(detect_layer, "detect_layer")
     if highest_layer == AUTO:
@@ -231,7 +250,6 @@ def _new_stats(hook_manager, candidate_layers, detect_layer, device) -> _Stats:
     zeros = lambda *shape: torch.zeros(*shape, device=device)  # noqa: E731
     return _Stats(
         score_sums={layer: zeros(hook_manager.num_neurons(layer)) for layer in candidate_layers},
-        low_counts={layer: zeros(hook_manager.num_neurons(layer)) for layer in candidate_layers},
         ratio_sums=zeros(detect_layer + 1),
         images_with_outliers=zeros(()),
         norm_max=zeros(()),
@@ -250,7 +268,7 @@ def _calibrate(norm_batches: list[dict[int, torch.Tensor]], detect_layer: int) -
 
 
 def _accumulate(stats: _Stats, threshold: float, activations, norms, hook_manager, detect_layer,
-                score, sparsity_filter) -> None:
+                score, sparsity: tuple[float, float] | None) -> None:
     detect_norms = norms[detect_layer]                                       # [B, P]
     all_norms = torch.stack([norms[layer] for layer in range(detect_layer + 1)])   # [layers, B, P]
     stats.non_finite += (~torch.isfinite(all_norms)).sum()
@@ -261,23 +279,26 @@ def _accumulate(stats: _Stats, threshold: float, activations, norms, hook_manage
     weights = is_outlier.float() / counts.clamp(min=1)                       # [B, P], rows sum to 0 or 1
     stats.images_with_outliers += (counts > 0).sum()
 
+    layout = hook_manager.layout
     first = activations[next(iter(stats.score_sums))]
     batch, seq_len = first.shape[:2]
-    # Weights over every token (zero off the patches), so the activations need no copy: [1, B*L]
-    token_weights = weights.new_zeros(batch, seq_len)
-    token_weights[:, hook_manager.layout.patches(seq_len)] = weights
-    token_weights = token_weights.reshape(1, -1)
+    # Weights over every token (zero off the patches), so the activations need no copy
+    token_weights = weights.new_zeros(batch, seq_len)                       # [B, L]
+    token_weights[:, layout.patches(seq_len)] = weights
     for layer, total in stats.score_sums.items():
         acts = activations[layer]                                            # [B, L, N]
-        flat = acts.reshape(batch * seq_len, -1).float()                     # a copy only for bf16/fp16
-        if score == "abs":
-            flat = flat.abs()
-        total += (token_weights @ flat)[0]                                   # [N], summed in float32
-        if sparsity_filter:
-            image_acts = acts[:, hook_manager.layout.image_tokens(acts.shape[1])]
-            stats.low_counts[layer] += (image_acts < SPARSE_ACTIVATION).sum(dim=(0, 1))
-    if sparsity_filter:
-        stats.tokens_seen += batch * (hook_manager.layout.num_prefix + hook_manager.layout.num_patches(seq_len))
+        if sparsity is None:
+            flat = acts.reshape(batch * seq_len, -1).float()                 # a copy only for bf16/fp16
+            if score == "abs":
+                flat = flat.abs()
+            total += (token_weights.reshape(1, -1) @ flat)[0]                # [N], summed in float32
+            continue
+        values = acts.float().abs() if score == "abs" else acts.float()
+        per_image = torch.bmm(token_weights[:, None, :], values)[:, 0]       # [B, N]
+        activation_threshold, frac_threshold = sparsity
+        image_acts = acts[:, layout.image_tokens(seq_len)]                   # [B, T, N]
+        sparse = (image_acts < activation_threshold).float().mean(dim=1) >= frac_threshold   # [B, N]
+        total += (per_image * sparse).sum(dim=0)
 
     medians = all_norms.median(dim=-1).values.clamp_min(torch.finfo(torch.float32).tiny)
     outlier_means = (all_norms * weights).sum(dim=-1)                        # [layers, B]
@@ -306,9 +327,6 @@ def _finish(stats: _Stats, threshold, hook_manager, detect_layer, highest_layer,
     layer_ids, neuron_ids, scores = [], [], []
     for layer in range(highest_layer + 1):
         layer_scores = stats.score_sums[layer] / with_outliers
-        if sparsity_filter:
-            sparse = stats.low_counts[layer] / max(stats.tokens_seen, 1) >= 0.5
-            layer_scores = torch.where(sparse, layer_scores, torch.full_like(layer_scores, -torch.inf))
         scores.append(layer_scores)
         layer_ids.append(torch.full_like(layer_scores, layer, dtype=torch.long))
         neuron_ids.append(torch.arange(len(layer_scores), device=layer_scores.device))
@@ -316,9 +334,9 @@ def _finish(stats: _Stats, threshold, hook_manager, detect_layer, highest_layer,
     best = flat_scores.topk(min(top_k, len(flat_scores)))
     ranked = [RegisterNeuron(layer, neuron, value) for layer, neuron, value in zip(
         torch.cat(layer_ids)[best.indices].tolist(), torch.cat(neuron_ids)[best.indices].tolist(),
-        best.values.tolist()) if value != float("-inf")]
+        best.values.tolist())]
     if len(ranked) < top_k:
-        log.warning("only %d candidate neurons passed the filters (top_k=%d)", len(ranked), top_k)
+        log.warning("only %d candidate neurons exist in layers 0..%d (top_k=%d)", len(ranked), highest_layer, top_k)
     return RegisterNeurons(
         neurons=ranked,
         model=hook_manager.name,

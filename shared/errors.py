@@ -11,6 +11,10 @@ class InvalidArgumentError(TestTimeRegistersError, ValueError):
     """An argument is out of range for the model, e.g. a layer it does not have."""
 
 
+class InvalidArgumentTypeError(InvalidArgumentError, TypeError):
+    """An argument has a type the library cannot use, e.g. neurons that are not (layer, neuron) pairs."""
+
+
 class ImageSourceError(TestTimeRegistersError, ValueError):
     """An image folder is missing or empty, or no readable image was found."""
 

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from .errors import InvalidArgumentError
+
 # Anchor colours of a perceptually ordered dark-blue -> teal -> yellow colour map.
 _ANCHORS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
 
@@ -78,7 +80,7 @@ def save_comparison(path: str | os.PathLike, images: list[Image.Image], columns:
     """
     rows = min(len(images), *(len(maps) for maps in columns.values()))
     if rows == 0:
-        raise ValueError("save_comparison needs at least one image and one map per column")
+        raise InvalidArgumentError("save_comparison needs at least one image and one map per column")
     font = ImageFont.load_default(size=FONT_SIZE)
     line = FONT_SIZE + 4
     scales: dict[str, tuple[float, float]] = {}

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, UnsupportedModelError
 from .layout import TokenLayout
 
 TensorFn = Callable[[torch.Tensor], "torch.Tensor | None"]
@@ -35,7 +35,7 @@ def _replace_first(value, tensor: torch.Tensor):
     if isinstance(value, dict):  # transformers ModelOutput is an ordered dict
         value[next(iter(value.keys()))] = tensor
         return value
-    raise TypeError(f"cannot replace a tensor inside a {type(value).__name__}")
+    raise UnsupportedModelError(f"cannot replace a tensor inside a {type(value).__name__}")
 
 
 def _first_tensor(value) -> torch.Tensor:
@@ -45,7 +45,7 @@ def _first_tensor(value) -> torch.Tensor:
         return value[0]
     if isinstance(value, dict):
         return next(iter(value.values()))
-    raise TypeError(f"cannot find a tensor inside a {type(value).__name__}")
+    raise UnsupportedModelError(f"cannot find a tensor inside a {type(value).__name__}")
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ class HookSite:
                 return None if result is None else _replace_first(output, result)
 
             return self.module.register_forward_hook(post_hook, prepend=prepend)
-        raise ValueError(f"where must be 'input' or 'output', got {self.where!r}")
+        raise InvalidArgumentError(f"where must be 'input' or 'output', got {self.where!r}")
 
 
 class StopForward(Exception):
@@ -118,8 +118,20 @@ class Hooks:
         self.close()
 
     def close(self) -> None:
+        """Remove every handle and run every callback, newest first, even if some of them fail.
+
+        The first failure is raised once all are done; later ones are chained to it as notes.
+        """
+        failures: list[BaseException] = []
         while self._handles:
-            self._handles.pop().remove()
+            try:
+                self._handles.pop().remove()
+            except BaseException as error:  # noqa: BLE001 - the rest must still be removed
+                failures.append(error)
+        if failures:
+            for later in failures[1:]:
+                failures[0].add_note(f"also failed while closing hooks: {type(later).__name__}: {later}")
+            raise failures[0]
 
     def keep(self, handle: RemovableHandle) -> RemovableHandle:
         """Take ownership of a handle made elsewhere (e.g. by an attention probe)."""
@@ -326,6 +338,11 @@ class HookManager(abc.ABC):
                 attention: Iterable[int] = (), device: torch.device | str | None = None,
                 layout: TokenLayout | None = None) -> "_CaptureContext":
         """Capture detached tensors at the chosen layers and sites while the context is open.
+
+        Reading attention may switch the model to a slower attention path that returns
+        probabilities (transformers' eager attention, timm's unfused attention) until the
+        context closes. That setting is the model's, so captures are not thread-safe: open
+        them on a model from one thread at a time.
 
         >>> with hm.capture(residual=[11], attention=[11]) as cap:
         ...     hm.forward_images(pixel_values)

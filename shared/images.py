@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .errors import ImageSourceError
+from .errors import ImageSourceError, InvalidArgumentError
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,11 @@ class ImageFolder:
     """The images under a folder (recursively), read lazily and skipped when unreadable.
 
     With ``limit``, a seeded random sample of that many readable images is taken; files are
-    otherwise visited in sorted order. Iterating yields ``(name, RGB image)``; ``skipped``
-    counts the files that could not be read in the last iteration. The first
-    ``NAMED_SKIPS`` of them are logged by name as they are skipped.
+    otherwise visited in sorted order, or in a seeded random order with ``shuffle``. Either way
+    the order depends on the set of files and the seed alone, never on how they are listed.
+    Iterating yields ``(name, RGB image)``. ``skipped`` counts the distinct files found
+    unreadable so far, over every pass; the first ``NAMED_SKIPS`` are logged by name as they are
+    skipped.
 
     ``files`` restricts the folder to those files (see :meth:`hold_out`).
     """
@@ -57,7 +59,7 @@ class ImageFolder:
     NAMED_SKIPS = 5
 
     def __init__(self, root: str | os.PathLike, limit: int | None = None, seed: int = 0, *,
-                 files: list[Path] | None = None):
+                 files: list[Path] | None = None, shuffle: bool = False):
         self.root = Path(root)
         if not self.root.exists():
             raise ImageSourceError(f"image folder not found: {self.root}")
@@ -66,14 +68,26 @@ class ImageFolder:
         if files is None:
             files = sorted(p for p in self.root.rglob("*")
                            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(self.root).parts))
-        self.files = list(files)
+        self.files = sorted(files)
         if not self.files:
             raise ImageSourceError(f"image folder is empty: {self.root}")
         if limit is not None and limit < 1:
-            raise ValueError(f"limit must be at least 1, got {limit}")
+            raise InvalidArgumentError(f"limit must be at least 1, got {limit}")
         self.limit = limit
         self.seed = seed
-        self.skipped = 0
+        self.shuffle = shuffle
+        self.skipped_files: set[Path] = set()
+
+    @property
+    def skipped(self) -> int:
+        """How many distinct files could not be read, over every pass so far."""
+        return len(self.skipped_files)
+
+    def shuffled(self) -> "ImageFolder":
+        """The same files (and sample), visited in an order drawn with the folder's seed."""
+        copy = ImageFolder(self.root, self.limit, self.seed, files=self.files, shuffle=True)
+        copy.skipped_files = self.skipped_files   # one count for both views
+        return copy
 
     def __len__(self) -> int:
         """An upper bound: the number of files that will be tried."""
@@ -97,14 +111,13 @@ class ImageFolder:
                 ImageFolder(self.root, None, self.seed, files=held_out))
 
     def _visit_order(self) -> list[Path]:
-        if self.limit is None or self.limit >= len(self.files):
+        if not self.shuffle and (self.limit is None or self.limit >= len(self.files)):
             return self.files
         order = list(self.files)
         random.Random(self.seed).shuffle(order)
         return order
 
     def __iter__(self) -> Iterator[tuple[str, Image.Image]]:
-        self.skipped = 0
         delivered = 0
         for path in self._visit_order():
             if self.limit is not None and delivered >= self.limit:
@@ -124,7 +137,9 @@ class ImageFolder:
             yield str(path.relative_to(self.root)), image
 
     def _skip(self, path: Path, error: Exception) -> None:
-        self.skipped += 1
+        if path in self.skipped_files:   # already named in an earlier pass
+            return
+        self.skipped_files.add(path)
         if self.skipped <= self.NAMED_SKIPS:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             log.warning("skipped %s: %s", path.relative_to(self.root), reason.replace(str(path), "the file"))
@@ -145,6 +160,28 @@ class Batch:
 def image_source(images):
     """A folder path becomes an :class:`ImageFolder`; every other source is returned as it is."""
     return ImageFolder(images) if isinstance(images, (str, os.PathLike)) else images
+
+
+def calibration_first(images, count: int, seed: int = 0):
+    """The same images, in an order whose first ``count`` are a seeded random sample.
+
+    A folder is visited in an order drawn with its own seed from its sorted file list, so the
+    sample does not depend on how the files are listed. A list, tuple or tensor has ``count`` of
+    its positions drawn with ``seed`` and moved to the front. Other iterables are left as they
+    are: their first ``count`` images are the sample.
+    """
+    if isinstance(images, ImageFolder):
+        return images.shuffled()
+    if isinstance(images, (list, tuple, torch.Tensor)) and len(images) > count:
+        sample = sorted(random.Random(seed).sample(range(len(images)), count))
+        chosen = set(sample)
+        order = sample + [index for index in range(len(images)) if index not in chosen]
+        if isinstance(images, torch.Tensor):
+            return images[torch.tensor(order)]
+        return [images[index] for index in order]
+    if not isinstance(images, (list, tuple, torch.Tensor)):
+        log.info("calibrating the automatic threshold on the first %d images of an iterable", count)
+    return images
 
 
 def no_images_message(images) -> str:
@@ -170,17 +207,17 @@ def batches(images, preprocess: Preprocess | None, batch_size: int,
     tensor of already preprocessed images [N, 3, H, W].
     """
     if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        raise InvalidArgumentError(f"batch_size must be a positive int, got {batch_size!r}")
     if isinstance(images, torch.Tensor):
         if images.ndim != 4:
-            raise ValueError(f"an image tensor must be [N, 3, H, W], got shape {tuple(images.shape)}")
+            raise InvalidArgumentError(f"an image tensor must be [N, 3, H, W], got shape {tuple(images.shape)}")
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
             yield Batch([f"image_{start + i}" for i in range(len(chunk))],
                         chunk.to(device=device, dtype=dtype, non_blocking=True))
         return
     if preprocess is None:
-        raise ValueError("preprocess is required to turn PIL images into tensors")
+        raise InvalidArgumentError("preprocess is required to turn PIL images into tensors")
     names: list[str] = []
     tensors: list[torch.Tensor] = []
     for name, image in named_images(images):

@@ -1,28 +1,36 @@
-"""Test-time registers (Algorithm 2 of Jiang et al., 2025) and the wrapper that applies them.
+"""Test-time registers (Algorithm 2 of Jiang et al., 2025), edits as typed objects, and the wrapper that applies them.
 
 ``num_registers`` zero tokens are appended after the patches. In every layer with register
-neurons, each register neuron's activation is moved onto a register:
+neurons, ModifiedModel calls its *edit* on that layer's MLP activations. Every edit has one
+signature, ``edit(activations [B, L, N], neurons [K], layout, context) -> activations``:
 
-* paper mode (default): the register gets the neuron's maximum over all tokens, and every
-  other token, CLS included, gets the "normal value" (zero by default). With several
-  registers, each neuron goes to one register chosen at random (seeded).
-* ``legacy=True`` reproduces the reference implementation: one signed maximum per layer (the
-  value of largest magnitude over all tokens and all of that layer's register neurons) is
-  written to every register, and only patch tokens get normal values; CLS is left alone.
+* :class:`PaperEdit` (the default, the paper's Algorithm 2): each register neuron's maximum over
+  the tokens it is moved from, CLS and patches, goes to its register, and those tokens, and the
+  other test-time registers, get the "normal value" (zero by default). Trained registers keep
+  their own activations, and are not part of the maximum either: taking it over them would copy
+  their value, not move it. With several registers, each neuron goes to one register chosen at
+  random (seeded).
+* :class:`LegacyEdit` reproduces the reference implementation: one signed maximum per layer (the
+  value of largest magnitude over all tokens and all of that layer's register neurons) is written
+  to every register, and only patch tokens get normal values; CLS is left alone.
+* Any callable with the same signature, for quick experiments.
 
-Trained registers are prefix tokens: they keep their activations. Every image of a batch is
-edited from its own activations only.
+Every image of a batch is edited from its own activations only. The built-in edits write into
+the activation tensor in place when autograd does not need it (the tensor is the input of the
+MLP's output projection, which nothing else reads), and into a copy otherwise.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
 
+from .errors import InvalidArgumentError
 from .hooks import Capture, HookManager
 from .layout import TokenLayout
 from .neurons import RegisterNeurons
@@ -38,7 +46,8 @@ def normal_values_for(values: torch.Tensor, stats_mask: torch.Tensor, mode: Norm
         values: activations [B, L, K] of the K register neurons of one layer.
         stats_mask: bool [L], the tokens whose per-image statistics define "normal".
         mode: ``zero``: 0; ``mean``: the per-image mean over ``stats_mask``; ``only_outliers``:
-            values above mean + 1 std are replaced by the mean, others kept; ``same``: unchanged.
+            values above mean + 1 std (the unbiased std, as ``torch.std`` and the reference code
+            compute it) are replaced by the mean, others kept; ``same``: unchanged.
 
     Returns:
         [B, L, K], to be written wherever the caller edits.
@@ -52,15 +61,22 @@ def normal_values_for(values: torch.Tensor, stats_mask: torch.Tensor, mode: Norm
     if mode == "mean":
         return mean.to(values.dtype).expand_as(values)
     if mode == "only_outliers":
-        std = reference.std(dim=1, keepdim=True, unbiased=False)
+        std = reference.std(dim=1, keepdim=True, unbiased=True)
         too_high = values.float() > mean + std
         return torch.where(too_high, mean.to(values.dtype), values)
-    raise ValueError(f"normal_values must be one of {NORMAL_VALUES}, got {mode!r}")
+    raise InvalidArgumentError(f"normal_values must be one of {NORMAL_VALUES}, got {mode!r}")
+
+
+def _write(acts: torch.Tensor, neurons: torch.Tensor, new_values: torch.Tensor, inplace: bool) -> torch.Tensor:
+    edited = acts if inplace else acts.clone()
+    edited[:, :, neurons] = new_values
+    return edited
 
 
 def paper_edit(acts: torch.Tensor, neurons: torch.Tensor, register_of_neuron: torch.Tensor,
-               layout: TokenLayout, scale: torch.Tensor, normal_values: NormalValues = "zero") -> torch.Tensor:
-    """Algorithm 2: move each register neuron's maximum onto its test-time register.
+               layout: TokenLayout, scale: torch.Tensor, normal_values: NormalValues = "zero", *,
+               inplace: bool = False) -> torch.Tensor:
+    """Algorithm 2: move each register neuron's maximum over CLS and the patches onto its register.
 
     Args:
         acts: MLP activations [B, L, N] of one layer, test-time registers included.
@@ -68,28 +84,28 @@ def paper_edit(acts: torch.Tensor, neurons: torch.Tensor, register_of_neuron: to
         register_of_neuron: long [K], which test-time register (0..R-1) each neuron goes to.
         layout: the token layout, with ``num_test_time_registers = R``.
         scale: [R], multiplies the value written to each register.
-        normal_values: see :func:`normal_values_for`.
+        normal_values: what the neurons become on CLS, the patches and the other registers (see
+            :func:`normal_values_for`; statistics over CLS and the patches).
+        inplace: write into ``acts`` instead of a copy.
 
     Returns:
-        New activations [B, L, N].
+        Activations [B, L, N]: ``acts`` itself when ``inplace``. Trained registers are untouched.
     """
     seq_len = acts.shape[1]
-    values = acts[:, :, neurons]                                       # [B, L, K]
-    peak = values.amax(dim=1)                                          # [B, K], over all tokens
-    stats_mask = layout.mask(seq_len, cls=True, patches=True, device=acts.device)
-    edited_mask = layout.mask(seq_len, cls=True, patches=True, test_time_registers=True, device=acts.device)
-    new_values = torch.where(edited_mask[None, :, None], normal_values_for(values, stats_mask, normal_values), values)
+    moved_from = layout.mask(seq_len, cls=True, patches=True, device=acts.device)              # [L]
+    edited = moved_from | layout.mask(seq_len, test_time_registers=True, device=acts.device)
+    values = acts[:, :, neurons]                                       # [B, L, K], a copy
+    peak = values[:, moved_from].amax(dim=1)                           # [B, K]
+    new_values = torch.where(edited[None, :, None], normal_values_for(values, moved_from, normal_values), values)
     if layout.num_test_time_registers:
         positions = layout.test_time_registers(seq_len).start + register_of_neuron          # [K]
         columns = torch.arange(len(neurons), device=acts.device)
         new_values[:, positions, columns] = peak * scale[register_of_neuron].to(peak.dtype)
-    edited = acts.clone()
-    edited[:, :, neurons] = new_values
-    return edited
+    return _write(acts, neurons, new_values, inplace)
 
 
 def legacy_edit(acts: torch.Tensor, neurons: torch.Tensor, layout: TokenLayout, scale: torch.Tensor,
-                normal_values: NormalValues = "zero") -> torch.Tensor:
+                normal_values: NormalValues = "zero", *, inplace: bool = False) -> torch.Tensor:
     """The reference implementation's edit, per image.
 
     One signed maximum per layer, the activation of largest magnitude over all tokens and all
@@ -109,9 +125,65 @@ def legacy_edit(acts: torch.Tensor, neurons: torch.Tensor, layout: TokenLayout, 
     if layout.num_test_time_registers:
         per_register = signed_peak * scale.to(values.dtype)[None, :]   # [B, R]
         new_values[:, registers, :] = per_register[:, :, None].expand(-1, -1, len(neurons))
-    edited = acts.clone()
-    edited[:, :, neurons] = new_values
-    return edited
+    return _write(acts, neurons, new_values, inplace)
+
+
+@dataclass(frozen=True)
+class EditContext:
+    """What ModifiedModel tells an edit besides the activations, for one call of one layer.
+
+    ``register_of_neuron`` is long [K], the test-time register each of the layer's neurons goes
+    to; ``scale`` is [R], one factor per register.
+    """
+
+    layer: int
+    register_of_neuron: torch.Tensor
+    scale: torch.Tensor
+
+
+class Edit(Protocol):
+    """``edit(activations [B, L, N], neurons [K], layout, context) -> activations [B, L, N]``."""
+
+    def __call__(self, activations: torch.Tensor, neurons: torch.Tensor, layout: TokenLayout,
+                 context: EditContext) -> torch.Tensor: ...
+
+
+def _can_edit_in_place(acts: torch.Tensor) -> bool:
+    """True unless autograd may need the unedited activations."""
+    return not (torch.is_grad_enabled() and acts.requires_grad)
+
+
+def _check_normal_values(mode) -> None:
+    if mode not in NORMAL_VALUES:
+        raise InvalidArgumentError(f"normal_values must be one of {NORMAL_VALUES}, got {mode!r}")
+
+
+@dataclass(frozen=True)
+class PaperEdit:
+    """The paper's test-time register: move each neuron's maximum over CLS and patches to its register."""
+
+    normal_values: NormalValues = "zero"
+
+    def __post_init__(self):
+        _check_normal_values(self.normal_values)
+
+    def __call__(self, activations, neurons, layout, context: EditContext) -> torch.Tensor:
+        return paper_edit(activations, neurons, context.register_of_neuron, layout, context.scale, self.normal_values,
+                          inplace=_can_edit_in_place(activations))
+
+
+@dataclass(frozen=True)
+class LegacyEdit:
+    """The reference implementation's edit: one signed maximum per layer to every register; CLS untouched."""
+
+    normal_values: NormalValues = "zero"
+
+    def __post_init__(self):
+        _check_normal_values(self.normal_values)
+
+    def __call__(self, activations, neurons, layout, context: EditContext) -> torch.Tensor:
+        return legacy_edit(activations, neurons, layout, context.scale, self.normal_values,
+                           inplace=_can_edit_in_place(activations))
 
 
 class ModifiedModel(nn.Module):
@@ -128,29 +200,30 @@ class ModifiedModel(nn.Module):
         hook_manager: that model's :class:`HookManager`.
         neurons: :class:`RegisterNeurons`, ``[(layer, neuron), ...]`` or ``{layer: [neuron, ...]}``.
         num_registers: test-time registers appended after the patches (0 or more).
-        legacy: reproduce the reference implementation (see the module docstring).
-        normal_values: what register neurons become away from the registers.
+        edit: what happens to each layer's activations (:class:`PaperEdit` by default,
+            :class:`LegacyEdit` for the reference implementation, or any callable with the
+            :class:`Edit` signature).
         scale: a number, or one number per register, multiplying the moved value.
-        seed: chooses each neuron's register when there are several (paper mode).
+        seed: chooses each neuron's register when there are several.
     """
 
     def __init__(self, model: nn.Module, hook_manager: HookManager, neurons=(), num_registers: int = 1, *,
-                 legacy: bool = False, normal_values: NormalValues = "zero",
-                 scale: float | Sequence[float] = 1.0, seed: int = 0):
+                 edit: Edit | None = None, scale: float | Sequence[float] = 1.0, seed: int = 0):
         super().__init__()
         if not any(module is hook_manager.blocks[0] for module in model.modules()):
-            raise ValueError("the hook manager does not describe this model: build it from the same model")
+            raise InvalidArgumentError("the hook manager does not describe this model: build it from the same model")
         if not isinstance(num_registers, int) or isinstance(num_registers, bool) or num_registers < 0:
-            raise ValueError(f"num_registers must be a non-negative int, got {num_registers!r}")
-        if normal_values not in NORMAL_VALUES:
-            raise ValueError(f"normal_values must be one of {NORMAL_VALUES}, got {normal_values!r}")
+            raise InvalidArgumentError(f"num_registers must be a non-negative int, got {num_registers!r}")
+        edit = PaperEdit() if edit is None else edit
+        if not callable(edit):
+            raise InvalidArgumentError(f"edit must be callable as edit(activations, neurons, layout, context), "
+                                       f"got {edit!r}")
         self.model = model
         self.hook_manager = hook_manager
         self.neurons = RegisterNeurons.coerce(neurons)
         self.neurons.check_fits(hook_manager)
         self.num_registers = num_registers
-        self.legacy = legacy
-        self.normal_values = normal_values
+        self.edit = edit
         self.scale = _per_register(scale, num_registers)
         self.layout = hook_manager.layout.with_test_time_registers(num_registers)
         self.register_tokens: torch.Tensor | None = None
@@ -170,7 +243,7 @@ class ModifiedModel(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_registers={self.num_registers}, neurons={len(self.neurons)} in layers "
-                f"{self._layers}, legacy={self.legacy}, normal_values={self.normal_values!r}")
+                f"{self._layers}, edit={self.edit!r}, scale={list(self.scale)}")
 
     @contextlib.contextmanager
     def intervention(self) -> Iterator[None]:
@@ -232,11 +305,9 @@ class ModifiedModel(nn.Module):
         def edit(acts: torch.Tensor) -> torch.Tensor:
             # .to() is a no-op once the wrapper and the model share a device
             neurons = getattr(self, f"_neurons_{layer}").to(acts.device)
-            scale = self._scale.to(acts.device)
-            if self.legacy:
-                return legacy_edit(acts, neurons, self.layout, scale, self.normal_values)
-            registers = getattr(self, f"_registers_{layer}").to(acts.device)
-            return paper_edit(acts, neurons, registers, self.layout, scale, self.normal_values)
+            context = EditContext(layer, getattr(self, f"_registers_{layer}").to(acts.device),
+                                  self._scale.to(acts.device))
+            return self.edit(acts, neurons, self.layout, context)
 
         return edit
 
@@ -246,5 +317,5 @@ def _per_register(scale, num_registers: int) -> tuple[float, ...]:
         return (float(scale),) * num_registers
     values = tuple(float(s) for s in scale)
     if len(values) != num_registers:
-        raise ValueError(f"scale has {len(values)} values but there are {num_registers} registers")
+        raise InvalidArgumentError(f"scale has {len(values)} values but there are {num_registers} registers")
     return values

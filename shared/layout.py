@@ -14,6 +14,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .errors import InvalidArgumentError
+
 
 @dataclass(frozen=True)
 class TokenLayout:
@@ -25,7 +27,7 @@ class TokenLayout:
         for name in ("num_cls", "num_trained_registers", "num_test_time_registers"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+                raise InvalidArgumentError(f"{name} must be a non-negative int, got {value!r}")
 
     @property
     def num_prefix(self) -> int:
@@ -38,7 +40,7 @@ class TokenLayout:
     def num_patches(self, seq_len: int) -> int:
         count = seq_len - self.num_prefix - self.num_test_time_registers
         if count < 0:
-            raise ValueError(f"a sequence of {seq_len} tokens is too short for {self}")
+            raise InvalidArgumentError(f"a sequence of {seq_len} tokens is too short for {self}")
         return count
 
     def cls(self) -> slice:

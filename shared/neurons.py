@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import IncompatibleNeuronsError, NeuronFileError
+from .errors import IncompatibleNeuronsError, InvalidArgumentError, InvalidArgumentTypeError, NeuronFileError
 
 if TYPE_CHECKING:
     from .hooks import HookManager
@@ -86,7 +86,7 @@ class RegisterNeurons:
         elif isinstance(spec, Iterable) and not isinstance(spec, (str, bytes)):
             items = list(spec)
         else:
-            raise TypeError("neurons must be RegisterNeurons, [(layer, neuron), ...] or "
+            raise InvalidArgumentTypeError("neurons must be RegisterNeurons, [(layer, neuron), ...] or "
                             f"{{layer: [neuron, ...]}}, got {type(spec).__name__}")
         parsed = []
         for item in items:
@@ -97,10 +97,10 @@ class RegisterNeurons:
                 layer, neuron = item
                 parsed.append(RegisterNeuron(_as_index(layer, "layer"), _as_index(neuron, "neuron")))
             except (TypeError, ValueError) as error:
-                raise TypeError(f"cannot read {item!r} as a (layer, neuron) pair: {error}") from None
+                raise InvalidArgumentTypeError(f"cannot read {item!r} as a (layer, neuron) pair: {error}") from None
         pairs = [(n.layer, n.neuron) for n in parsed]
         if len(set(pairs)) != len(pairs):
-            raise ValueError(f"duplicate register neurons in {pairs}")
+            raise InvalidArgumentError(f"duplicate register neurons in {pairs}")
         return cls(parsed, source="given by hand")
 
     def model_mismatch(self, hook_manager: "HookManager") -> str | None:
@@ -174,6 +174,12 @@ class RegisterNeurons:
     def from_dict(cls, data: Any, origin: str = "neuron data") -> "RegisterNeurons":
         if not isinstance(data, dict):
             raise NeuronFileError(f"{origin}: expected a JSON object at the top level")
+        version = data.get("format_version", 1)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise NeuronFileError(f"{origin}: format_version must be a positive integer, got {version!r}")
+        if version > FORMAT_VERSION:
+            raise NeuronFileError(f"{origin} has format_version {version}, newer than the {FORMAT_VERSION} this "
+                                  "version of test-time-registers reads; upgrade test-time-registers")
         missing = [key for key in REQUIRED_KEYS if key not in data]
         if missing:
             raise NeuronFileError(f"{origin}: missing key(s) {', '.join(missing)}")

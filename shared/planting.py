@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import InvalidArgumentError
 from .hooks import HookManager, HookSite
 from .images import IMAGENET_MEAN, IMAGENET_STD
 
@@ -114,7 +115,7 @@ def plant_register_neurons(hook_manager: HookManager, images: MarkedImages, laye
         scores = inputs @ direction                                             # [N, P]
         lowest_marker, highest_other = scores[is_marker].min(), scores[~is_marker].max()
         if lowest_marker <= highest_other:
-            raise ValueError(f"marker patches are not separable at the MLP input of layer {layer}")
+            raise InvalidArgumentError(f"marker patches are not separable at the MLP input of layer {layer}")
         midpoint = (lowest_marker + highest_other) / 2
         gains = FIRING_MARGIN / (lowest_marker - midpoint) * (1 + 0.5 * torch.rand(count, generator=generator))
         gains = gains.to(direction.device)
@@ -136,7 +137,7 @@ def plant_register_neurons(hook_manager: HookManager, images: MarkedImages, laye
         ratio = final / final.median(dim=1, keepdim=True).values
         weakest, strongest_other = float(ratio[is_marker].min()), float(ratio[~is_marker].max())
         if weakest < 10 or weakest < 3 * strongest_other:
-            raise ValueError(f"planted outliers did not survive to the last block (marker ratio {weakest:.1f}, "
+            raise InvalidArgumentError(f"planted outliers did not survive to the last block (marker ratio {weakest:.1f}, "
                              f"others up to {strongest_other:.1f})")
     return [(layer, neuron) for neuron in neurons]
 

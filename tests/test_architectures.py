@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from test_time_registers import ModifiedModel, find_register_neurons
+from test_time_registers import LegacyEdit, ModifiedModel, PaperEdit, find_register_neurons
 from test_time_registers.hooks import _first_tensor
 from test_time_registers.metrics import measure_outliers
 from test_time_registers.planting import marker_images, plant_register_neurons
@@ -136,7 +136,36 @@ def test_trained_registers_and_cls_are_never_outliers_and_keep_their_activations
     assert torch.equal(edited[:, trained], original[:, trained])
     assert torch.equal(edited[:, layout.cls()], torch.zeros_like(edited[:, layout.cls()]))
     seq_len = edited.shape[1]
-    torch.testing.assert_close(edited[:, layout.test_time_registers(seq_len)].squeeze(1), original.amax(dim=1))
+    moved_from = layout.mask(seq_len, cls=True, patches=True)      # the maximum is over CLS and patches only
+    torch.testing.assert_close(edited[:, layout.test_time_registers(seq_len)].squeeze(1),
+                               original[:, moved_from].amax(dim=1))
+
+
+@pytest.mark.parametrize("edit", [LegacyEdit("mean"), LegacyEdit("only_outliers"), PaperEdit("mean"),
+                                  PaperEdit("only_outliers")], ids=repr)
+def test_every_edit_and_scale_leaves_trained_registers_alone(arch, hook_manager, edit):
+    images = marker_images(4, IMAGE_SIZE, hook_manager.patch_size[0], seed=3).pixel_values
+    neurons = [(1, 5), (1, 9), (2, 4)]
+    unedited = ModifiedModel(hook_manager.model, hook_manager, [], num_registers=2)
+    modified = ModifiedModel(hook_manager.model, hook_manager, neurons, num_registers=2, edit=edit, scale=[1.0, 0.5])
+    with torch.no_grad():
+        with unedited.capture(neurons=[1]) as before:
+            unedited.forward_images(images)
+        with modified.capture(neurons=[1]) as after:
+            modified.forward_images(images)
+    layout, original, edited = modified.layout, before.neurons[1][:, :, [5, 9]], after.neurons[1][:, :, [5, 9]]
+    seq_len = edited.shape[1]
+    assert torch.equal(edited[:, layout.trained_registers()], original[:, layout.trained_registers()])
+    registers = edited[:, layout.test_time_registers(seq_len)]                 # [B, 2, 2]
+    if isinstance(edit, LegacyEdit):
+        assert torch.equal(edited[:, layout.cls()], original[:, layout.cls()])   # the reference leaves CLS alone
+        flat = original.reshape(len(images), -1)
+        peak = flat.gather(1, flat.abs().argmax(dim=1, keepdim=True))          # one signed maximum per image
+        torch.testing.assert_close(registers, peak[:, :, None] * torch.tensor([1.0, 0.5])[None, :, None].expand(-1, -1, 2))
+    else:
+        peaks = original[:, layout.mask(seq_len, cls=True, patches=True)].amax(dim=1)   # [B, 2]
+        for column, register in enumerate(modified.get_buffer("_registers_1").tolist()):   # neurons 5, 9
+            torch.testing.assert_close(registers[:, register, column], peaks[:, column] * (1.0, 0.5)[register])
 
 
 def test_no_neurons_and_no_registers_is_bit_identical(hook_manager, pixels):

@@ -72,38 +72,45 @@ def _folder_with(tmp_path, name, files):
     return folder
 
 
-@pytest.mark.parametrize("make_args", [
-    lambda t: ["--threshold", "-3"],
-    lambda t: ["--threshold", "abc"],
-    lambda t: ["--top-k", "0"],
-    lambda t: ["--batch-size", "two"],
-    lambda t: ["--num-images", "-5"],
-    lambda t: ["--highest-layer", "soon"],
-    lambda t: ["--unknown-flag"],
-    lambda t: ["--images", str(t / "missing")],
-    lambda t: ["--images", str(_folder_with(t, "empty", {}))],
-    lambda t: ["--images", str(_folder_with(t, "junk", {"a.txt": b"text", "b.png": b"broken"}))],
-    lambda t: ["--model", "bogus"],
-    lambda t: ["--model", "openclip:ViT-Nope", "--images", str(_folder_with(t, "imgs", {"a.txt": b""}))],
-    lambda t: ["--model", "openclip:ViT-B-16"],
-    lambda t: ["--detect-layer", "99"],
-    lambda t: ["--detect-layer", "2", "--highest-layer", "5"],
-    lambda t: ["--device", "not-a-device"],
-    lambda t: ["--out", str(t)],
-    lambda t: ["--log", str(_folder_with(t, "logs", {"file.txt": b"x"}) / "file.txt" / "log.h5")],
-    lambda t: ["--figure", str(_folder_with(t, "figs", {"file.txt": b"x"}) / "file.txt" / "figure.png")],
-    lambda t: ["--device", "meta"],
-    lambda t: ["--neurons", str(t / "missing.json")],
-    lambda t: ["--neurons", str(RegisterNeurons.coerce([(3, 5000)]).save(t / "misfit.json"))],
+@pytest.mark.parametrize("make_args, names", [
+    (lambda t: ["--threshold", "-3"], "argument --threshold: expected a positive number or 'auto', got '-3'"),
+    (lambda t: ["--threshold", "abc"], "argument --threshold: expected a positive number or 'auto', got 'abc'"),
+    (lambda t: ["--top-k", "0"], "argument --top-k: expected a positive integer, got '0'"),
+    (lambda t: ["--batch-size", "two"], "argument --batch-size: expected a positive integer, got 'two'"),
+    (lambda t: ["--num-images", "-5"], "argument --num-images: expected a positive integer, got '-5'"),
+    (lambda t: ["--highest-layer", "soon"], "argument --highest-layer: expected a non-negative integer, got 'soon'"),
+    (lambda t: ["--unknown-flag"], "unrecognized arguments: --unknown-flag"),
+    (lambda t: ["--images", str(t / "missing")], "image folder not found: "),
+    (lambda t: ["--images", str(_folder_with(t, "empty", {}))], "image folder is empty: "),
+    (lambda t: ["--images", str(_folder_with(t, "junk", {"a.txt": b"text", "b.png": b"broken"}))],
+     "no readable image among the 1 file(s) tried in "),
+    (lambda t: ["--model", "bogus"], "unknown model spec prefix 'bogus'"),
+    (lambda t: ["--model", "openclip:ViT-Nope", "--images", str(_folder_with(t, "imgs", {"a.txt": b""}))],
+     "unknown open_clip model 'ViT-Nope'"),
+    (lambda t: ["--model", "openclip:ViT-B-16"], "openclip:ViT-B-16 names no weights"),
+    (lambda t: ["--detect-layer", "99"], "--detect-layer must be an int in 0..7, got 99"),
+    (lambda t: ["--detect-layer", "2", "--highest-layer", "5"], "--highest-layer (5) cannot be after --detect-layer (2)"),
+    (lambda t: ["--device", "not-a-device"], "--device: unknown device 'not-a-device'"),
+    (lambda t: ["--out", str(t)], "is a folder; give a file name"),
+    (lambda t: ["--log", str(_folder_with(t, "logs", {"file.txt": b"x"}) / "file.txt" / "log.h5")],
+     "cannot write there"),
+    (lambda t: ["--figure", str(_folder_with(t, "figs", {"file.txt": b"x"}) / "file.txt" / "figure.png")],
+     "cannot write there"),
+    (lambda t: ["--device", "meta"], "--device meta: models cannot run on a meta device"),
+    (lambda t: ["--neurons", str(t / "missing.json")], "neuron file not found: "),
+    (lambda t: ["--neurons", str(RegisterNeurons.coerce([(3, 5000)]).save(t / "misfit.json"))],
+     "register neuron (3, 5000) is out of range: layer 3 of demo has neurons 0..767"),
 ])
-def test_usage_errors_give_one_line_and_exit_code_2(tmp_path, capsys, make_args):
+def test_usage_errors_give_one_line_naming_the_problem_and_exit_code_2(tmp_path, capsys, make_args, names):
     out_file = tmp_path / "out" / "neurons.json"
     args = make_args(tmp_path)
-    code = main(["--quiet", "--out", str(out_file), *args] if "--out" not in args else ["--quiet", *args])
+    code = main(["--quiet", "--out", str(out_file), *args] if "--out" not in args and "--neurons" not in args
+                else ["--quiet", *args])
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert code == 2, captured
     assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert names in lines[0], lines[0]
     assert "Traceback" not in captured.err
     assert not out_file.exists()
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from test_time_registers.clip import ClipHookManager
-from test_time_registers import ModifiedModel, NoOutliersError, find_register_neurons
+from test_time_registers import LegacyEdit, ModifiedModel, NoOutliersError, find_register_neurons
 from test_time_registers.metrics import measure_outliers
 from tests.tiny_models import hook_count
 
@@ -39,7 +39,9 @@ def test_a_wider_search_still_ranks_the_planted_neurons_first(demo, found):
     wide = find_register_neurons(hm, images[:32], preprocess, top_k=20, highest_layer=hm.num_layers - 1,
                                  score="abs", sparsity_filter=True, progress=False)
     assert sorted(wide.pairs()[:len(planted)]) == sorted(planted)
-    assert wide[len(planted)].score < 0.34 * wide[len(planted) - 1].score
+    # By construction (clip/demo.py), a planted neuron is GELU(G (is_top - 0.9)) with G >= 125 and
+    # is_top ~ 2 on the outliers; the strongest other neuron there, block 3's step GELU(z), has z <= 28.
+    assert min(n.score for n in wide[:len(planted)]) > 100 and max(n.score for n in wide[len(planted):]) < 30
 
 
 def test_batch_size_does_not_change_the_result(demo, found):
@@ -79,7 +81,7 @@ def test_the_test_time_register_takes_over_the_outliers(demo, found):
     assert after.worst_max_over_median <= 2                 # every image
     assert after.register_over_median >= 10                 # the register carries the high norm
     assert after.cls_top_patch_attention < 0.5 * before.cls_top_patch_attention
-    legacy = measure_outliers(ModifiedModel(model, hm, neurons, num_registers=1, legacy=True), images, preprocess)
+    legacy = measure_outliers(ModifiedModel(model, hm, neurons, num_registers=1, edit=LegacyEdit()), images, preprocess)
     assert legacy.worst_max_over_median <= 2
 
 

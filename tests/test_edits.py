@@ -6,7 +6,8 @@ Layout: [CLS, p0, p1, p2, r0, r1]; 4 neurons, register neurons 1 and 3.
 import pytest
 import torch
 
-from test_time_registers import TokenLayout, legacy_edit, paper_edit
+from test_time_registers import EditContext, LegacyEdit, PaperEdit, TokenLayout, legacy_edit, paper_edit
+from test_time_registers.errors import InvalidArgumentError
 
 LAYOUT = TokenLayout(num_cls=1, num_test_time_registers=2)
 NEURONS = torch.tensor([1, 3])
@@ -72,7 +73,7 @@ def test_paper_edit_mean_and_only_outliers_use_per_image_statistics_over_cls_and
     assert mean_edit[0, 4, 1] == 9.0
 
     capped = paper_edit(ACTS, NEURONS, TO_REGISTER, LAYOUT, SCALE, normal_values="only_outliers")
-    # mean 4.25, population std 3.1125: only 9.0 is above mean + std and becomes 4.25
+    # mean 4.25, unbiased std 3.594: only 9.0 is above mean + std and becomes 4.25
     torch.testing.assert_close(capped[0, :4, 1], torch.tensor([5.0, 1.0, 4.25, 2.0]))
     assert capped[0, 5, 1] == pytest.approx(0.2)    # the other register keeps its value
     assert capped[0, 4, 1] == 9.0
@@ -107,3 +108,50 @@ def test_each_image_is_edited_as_if_it_were_alone():
         together = edit(ACTS)
         alone = torch.cat([edit(ACTS[i:i + 1]) for i in range(2)])
         assert torch.equal(together, alone)
+
+
+def test_the_moved_maximum_comes_from_cls_and_patches_not_from_trained_registers():
+    layout = TokenLayout(num_cls=1, num_trained_registers=1, num_test_time_registers=1)
+    acts = torch.tensor([[[1.0, 2.0],      # CLS
+                          [50.0, 40.0],    # trained register: the largest values, which must stay where they are
+                          [3.0, -1.0],     # patch
+                          [7.0, -2.0],     # patch
+                          [0.5, 0.5]]])    # test-time register
+    edited = paper_edit(acts, torch.tensor([0, 1]), torch.tensor([0, 0]), layout, torch.ones(1))
+    expected = torch.tensor([[[0.0, 0.0], [50.0, 40.0], [0.0, 0.0], [0.0, 0.0], [7.0, 2.0]]])
+    assert torch.equal(edited, expected)
+    legacy = legacy_edit(acts, torch.tensor([0, 1]), layout, torch.ones(1))   # the reference: over all tokens
+    assert torch.equal(legacy[0, 4], torch.tensor([50.0, 50.0]))
+
+
+def test_only_outliers_uses_the_unbiased_std_of_the_reference():
+    layout = TokenLayout(num_cls=1, num_test_time_registers=1)
+    tokens = torch.tensor([0.0, 0.0, 3.0, 3.0, 7.1, 9.0])         # CLS and 5 patches of one neuron
+    acts = torch.cat([tokens, torch.zeros(1)]).reshape(1, 7, 1)
+    mean = tokens.mean()
+    assert mean + tokens.std(unbiased=False) < 7.1 < mean + tokens.std(unbiased=True)   # 7.1 tells them apart
+    for edited in (paper_edit(acts, torch.tensor([0]), torch.tensor([0]), layout, torch.ones(1), "only_outliers"),
+                   legacy_edit(acts, torch.tensor([0]), TokenLayout(num_cls=0, num_test_time_registers=1),
+                               torch.ones(1), "only_outliers")):
+        assert edited[0, 4, 0] == pytest.approx(7.1) and edited[0, 5, 0] == pytest.approx(float(mean))
+
+
+def test_edit_objects_have_one_signature_a_readable_repr_and_edit_in_place_only_without_autograd():
+    context = EditContext(layer=0, register_of_neuron=TO_REGISTER, scale=SCALE)
+    assert torch.equal(PaperEdit()(ACTS.clone(), NEURONS, LAYOUT, context), paper_edit(ACTS, NEURONS, TO_REGISTER,
+                                                                                        LAYOUT, SCALE))
+    assert torch.equal(LegacyEdit("mean")(ACTS.clone(), NEURONS, LAYOUT, context),
+                       legacy_edit(ACTS, NEURONS, LAYOUT, SCALE, "mean"))
+    assert repr(PaperEdit()) == "PaperEdit(normal_values='zero')"
+    assert repr(LegacyEdit("mean")) == "LegacyEdit(normal_values='mean')"
+    with pytest.raises(InvalidArgumentError, match="normal_values must be one of"):
+        PaperEdit("median")
+
+    acts = ACTS.clone()
+    with torch.no_grad():
+        assert PaperEdit()(acts, NEURONS, LAYOUT, context) is acts          # no copy of the whole tensor
+    tracked = ACTS.clone().requires_grad_()
+    edited = PaperEdit()(tracked, NEURONS, LAYOUT, context)
+    assert edited is not tracked and torch.equal(tracked, ACTS)           # autograd keeps the original
+    edited.sum().backward()
+    assert tracked.grad[0, 0, 0] == 1 and tracked.grad[0, 0, 1] == 0

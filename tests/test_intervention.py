@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from test_time_registers import ModifiedModel
+from test_time_registers import InvalidArgumentError, LegacyEdit, ModifiedModel, PaperEdit
 from tests.tiny_models import hook_count
 
 NEURONS = [(1, 7), (1, 30), (2, 100)]
@@ -30,7 +30,7 @@ def test_registers_never_leak_into_outputs(clip_model, clip_hm, pixels):
 
 
 def test_batch_invariance(clip_model, clip_hm, pixels):
-    for options in ({}, {"legacy": True, "normal_values": "mean"}, {"num_registers": 2, "scale": [1.0, 0.5]}):
+    for options in ({}, {"edit": LegacyEdit("mean")}, {"num_registers": 2, "scale": [1.0, 0.5]}):
         modified = ModifiedModel(clip_model, clip_hm, NEURONS, **options)
         with torch.no_grad():
             together = modified.encode_image(pixels)
@@ -77,13 +77,29 @@ def test_wrong_arguments(clip_model, clip_hm):
     from test_time_registers.clip import ClipHookManager
     from tests.conftest import tiny_clip
 
-    with pytest.raises(ValueError, match="num_registers"):
+    with pytest.raises(InvalidArgumentError, match="num_registers"):
         ModifiedModel(clip_model, clip_hm, NEURONS, num_registers=-1)
-    with pytest.raises(ValueError, match="normal_values"):
-        ModifiedModel(clip_model, clip_hm, NEURONS, normal_values="median")
-    with pytest.raises(ValueError, match="scale"):
+    with pytest.raises(InvalidArgumentError, match="normal_values"):
+        ModifiedModel(clip_model, clip_hm, NEURONS, edit=PaperEdit("median"))
+    with pytest.raises(InvalidArgumentError, match="edit must be callable"):
+        ModifiedModel(clip_model, clip_hm, NEURONS, edit="legacy")
+    with pytest.raises(InvalidArgumentError, match="scale"):
         ModifiedModel(clip_model, clip_hm, NEURONS, num_registers=2, scale=[1.0])
-    with pytest.raises(ValueError, match="does not describe"):
+    with pytest.raises(InvalidArgumentError, match="does not describe"):
         ModifiedModel(tiny_clip(), clip_hm, NEURONS)
     with pytest.raises(AttributeError):
         ModifiedModel(clip_model, ClipHookManager(clip_model.visual), NEURONS).encode_image
+
+
+def test_a_plain_callable_is_an_edit_with_the_same_signature(clip_model, clip_hm, pixels):
+    calls = []
+
+    def halve(activations, neurons, layout, context):
+        calls.append((context.layer, tuple(neurons.tolist()), layout.num_test_time_registers, activations.shape))
+        return activations * 0.5
+
+    modified = ModifiedModel(clip_model, clip_hm, NEURONS, num_registers=2, edit=halve)
+    with torch.no_grad():
+        modified.encode_image(pixels)
+    assert calls == [(1, (7, 30), 2, (5, 19, 256)), (2, (100,), 2, (5, 19, 256))]
+    assert "edit=<function" in repr(modified) and "scale=[1.0, 1.0]" in repr(modified)

@@ -27,6 +27,9 @@ pytestmark = pytest.mark.real_weights
 PHOTOS = ["astronaut", "camera", "coffee", "chelsea", "rocket", "horse", "hubble_deep_field", "immunohistochemistry",
           "moon", "page", "text", "clock", "coins", "brick", "grass", "gravel", "colorwheel", "logo", "retina"]
 
+#: How far above the median patch norm real high-norm outliers stand, at the least.
+REAL_OUTLIER_RATIO = 10.0
+
 
 @pytest.fixture(scope="module")
 def real():
@@ -112,11 +115,12 @@ def test_a_real_model_without_outliers_is_reported_as_such(real, photos, pixels)
     for layer in layers:
         norms = cap.patches("residual", layer).norm(dim=-1)                          # [19, 256]
         worst = float((norms.max(dim=1).values / norms.median(dim=1).values).max())
-        # The nearly flat "clock" photo reaches 2.97x in block 0 and 2.65x in block 1; later blocks stay
-        # below 2.1x. Real outliers are 10x and more.
-        assert worst <= (3.0 if layer < 2 else 2.5), (layer, worst)
-    assert measure_outliers(hook_manager, pixels).worst_max_over_median <= 2.5   # the detection layer
+        # Real outliers stand 10x and more above the median (Darcet et al.; 400-600 against ~50 in
+        # DINOv2-L); half of that is a bound with room for flat photos (the "clock" reaches 2.97x in
+        # block 0) that no real outlier stays under.
+        assert worst <= REAL_OUTLIER_RATIO / 2, (layer, worst)
+    assert measure_outliers(hook_manager, pixels).worst_max_over_median <= REAL_OUTLIER_RATIO / 2
     with pytest.raises(NoOutliersError, match="no high-norm outliers") as error:
         find_register_neurons(hook_manager, photos, preprocess, progress=False)
     ratio = float(re.search(r"([\d.]+)x the median", str(error.value)).group(1))
-    assert 1.0 < ratio <= 2.5
+    assert 1.0 < ratio <= REAL_OUTLIER_RATIO / 2
