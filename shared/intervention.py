@@ -153,19 +153,20 @@ def _can_edit_in_place(acts: torch.Tensor) -> bool:
     return not (torch.is_grad_enabled() and acts.requires_grad)
 
 
-def _check_normal_values(mode) -> None:
-    if mode not in NORMAL_VALUES:
-        raise InvalidArgumentError(f"normal_values must be one of {NORMAL_VALUES}, got {mode!r}")
-
-
 @dataclass(frozen=True)
-class PaperEdit:
-    """The paper's test-time register: move each neuron's maximum over CLS and patches to its register."""
+class _MovingEdit:
+    """What the built-in edits share: the value register neurons get away from the registers."""
 
     normal_values: NormalValues = "zero"
 
     def __post_init__(self):
-        _check_normal_values(self.normal_values)
+        if self.normal_values not in NORMAL_VALUES:
+            raise InvalidArgumentError(f"normal_values must be one of {NORMAL_VALUES}, got {self.normal_values!r}")
+
+
+@dataclass(frozen=True)
+class PaperEdit(_MovingEdit):
+    """The paper's test-time register: move each neuron's maximum over CLS and patches to its register."""
 
     def __call__(self, activations, neurons, layout, context: EditContext) -> torch.Tensor:
         return paper_edit(activations, neurons, context.register_of_neuron, layout, context.scale, self.normal_values,
@@ -173,13 +174,8 @@ class PaperEdit:
 
 
 @dataclass(frozen=True)
-class LegacyEdit:
+class LegacyEdit(_MovingEdit):
     """The reference implementation's edit: one signed maximum per layer to every register; CLS untouched."""
-
-    normal_values: NormalValues = "zero"
-
-    def __post_init__(self):
-        _check_normal_values(self.normal_values)
 
     def __call__(self, activations, neurons, layout, context: EditContext) -> torch.Tensor:
         return legacy_edit(activations, neurons, layout, context.scale, self.normal_values,
