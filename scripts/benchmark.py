@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from test_time_registers import ModifiedModel, RegisterNeurons, find_register_neurons
-from test_time_registers.images import ImageFolder, batches, take
+from test_time_registers.data import batches
+from test_time_registers.images import ImageFolder, take
 from test_time_registers.registry import load_model, load_neurons
 from test_time_registers.scripts.common import (Parser, UsageError, add_model_flags, check_device, positive_int,
                                                 run_main, threshold_value)
@@ -35,6 +36,8 @@ REGISTER_TARGET = 1.03
 def plain_forward(runner, images, preprocess, batch_size, hook_manager) -> None:
     with torch.no_grad():
         for batch in batches(images, preprocess, batch_size, hook_manager.device, hook_manager.input_dtype):
+            if not batch.names:   # every image of it was unreadable
+                continue
             runner.forward_images(batch.pixel_values)
 
 

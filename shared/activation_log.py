@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from .errors import ImageSourceError, InvalidArgumentError
 from .hooks import HookManager
-from .images import batches, count_hint, image_source, no_images_message
+from .data import batches
+from .images import count_hint, image_source, no_images_message
 from .neurons import RegisterNeurons
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ def log_activations(hook_manager: HookManager, images, neurons, path: str | os.P
             for layer in by_layer:
                 hooks.on_neurons(layer, keep_neurons(layer))
             for batch in batches(images, preprocess, batch_size, hook_manager.device, hook_manager.input_dtype):
+                if not batch.names:   # every image of it was unreadable
+                    continue
                 hook_manager.forward_images(batch.pixel_values)
                 seq_len = norms[0].shape[1]
                 grid = hook_manager.grid_shape(batch.pixel_values)

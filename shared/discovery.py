@@ -1,33 +1,43 @@
-"""Finding register neurons (Algorithm 1 of Jiang et al., 2025), in one batched pass.
+"""Finding register neurons (Algorithm 1 of Jiang et al., 2025), in one batched, streaming pass.
 
-For every image, the outliers O are the patch tokens whose block-output norm at the
-detection layer exceeds the threshold (CLS, trained registers and test-time registers never
-count). Every neuron up to ``highest_layer`` is scored by its mean activation over O, and
-the scores are averaged over the images that have outliers. Statistics stream on the
-model's device: per batch, only that batch's activations are held, and the forward pass
-stops right after the detection layer.
+For every image, the outliers O are the patch tokens whose block-output norm at the detection
+layer exceeds the threshold (CLS, trained registers and test-time registers never count).
+Every neuron up to ``highest_layer`` is scored by its mean activation over O, and the scores
+are averaged over the images that have outliers.
+
+The statistics are a :class:`DiscoveryStatistics`: running sums on the model's device, updated
+batch by batch, mergeable across processes (``merge``, ``all_reduce``), and saved and restored
+with ``state_dict``/``load_state_dict``, so a long run can be sharded over torch.distributed
+ranks and resumed after a kill. Per batch only that batch's activations are held, and the
+forward pass stops right after the detection layer.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
+import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
 
-from .errors import ImageSourceError, InvalidArgumentError, NonFiniteActivationsError, NoOutliersError
+from . import distributed
+from .data import Shard, batches, ordered_source
+from .errors import (ImageSourceError, InvalidArgumentError, NonFiniteActivationsError, NoOutliersError,
+                     TestTimeRegistersError)
 from .hooks import HookManager, StopForward
-from .images import batches, calibration_first, count_hint, image_source, no_images_message
+from .images import calibration_first, count_hint, image_source, no_images_message
+from .layout import TokenLayout
 from .neurons import RegisterNeuron, RegisterNeurons
 
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
-#: Auto threshold: from the patch norms of the first AUTO_CALIBRATION_IMAGES images, whatever the
-#: batch size, ...
+#: Auto threshold: from the patch norms of a seeded sample of AUTO_CALIBRATION_IMAGES images, ...
 AUTO_CALIBRATION_IMAGES = 32
 #: ... median + AUTO_SIGMAS robust standard deviations of the patch norms ...
 AUTO_SIGMAS = 6.0
@@ -42,6 +52,8 @@ STAND_OUT_FRACTION = 0.5
 #: is below SPARSITY_ACTIVATION_THRESHOLD on at least SPARSITY_FRAC_THRESHOLD of the image's tokens.
 SPARSITY_ACTIVATION_THRESHOLD = 0.5
 SPARSITY_FRAC_THRESHOLD = 0.5
+#: Version of discovery checkpoints.
+CHECKPOINT_FORMAT = 1
 
 
 def auto_threshold(patch_norms: torch.Tensor) -> float:
@@ -56,21 +68,215 @@ def auto_threshold(patch_norms: torch.Tensor) -> float:
     return float(torch.maximum(median + AUTO_SIGMAS * MAD_TO_SIGMA * mad, AUTO_MIN_RATIO * median))
 
 
-@dataclass
-class _Stats:
-    """Running sums, all on the model's device."""
+class DiscoveryStatistics:
+    """Algorithm 1's running statistics: update per batch, merge, save, restore, finalize.
 
-    score_sums: dict[int, torch.Tensor]               # layer -> [num_neurons]
-    ratio_sums: torch.Tensor                          # [detect_layer + 1]
-    images_with_outliers: torch.Tensor                # scalar
-    norm_max: torch.Tensor                            # scalar, detection layer
-    norm_sum: torch.Tensor
-    norm_square_sum: torch.Tensor
-    non_finite: torch.Tensor                          # scalar, non-finite patch norms in any layer
-    norm_count: int = 0
-    images_seen: int = 0
-    image_size: tuple[int, int] | None = None
-    calibration_median: float | None = None
+    Args:
+        num_neurons: ``{layer: MLP width}`` of the candidate layers (0..the last candidate).
+        detect_layer: the block whose output norms decide the outliers.
+        layout: the model's token layout (no test-time registers).
+        threshold: the patch-norm threshold; ``None`` until an automatic one is calibrated.
+        score: ``"raw"`` or ``"abs"``.
+        sparsity: ``(activation_threshold, frac_threshold)`` of the reference's filter, or ``None``.
+        device: where the sums live.
+
+    Every sum is float32 on ``device``. Two statistics of disjoint image sets ``merge`` into the
+    statistics of their union, exactly as one pass would have summed them (up to float rounding).
+    """
+
+    def __init__(self, num_neurons: dict[int, int], detect_layer: int, layout: TokenLayout, *,
+                 threshold: float | None = None, score: Literal["raw", "abs"] = "raw",
+                 sparsity: tuple[float, float] | None = None, device: torch.device | str = "cpu"):
+        self.detect_layer = detect_layer
+        self.layout = layout
+        self.threshold = threshold
+        self.score = score
+        self.sparsity = sparsity
+        zeros = lambda *shape: torch.zeros(*shape, device=device)  # noqa: E731
+        self.score_sums = {layer: zeros(width) for layer, width in sorted(num_neurons.items())}   # layer -> [N]
+        self.ratio_sums = zeros(detect_layer + 1)     # per layer: outlier norm / median norm, summed over images
+        self.counts = zeros(4)   # images seen, images with outliers, non-finite patch norms, detection-layer patch norms
+        self.norm_sums = zeros(2)                     # detection-layer patch norms: sum, sum of squares
+        self.norm_max = zeros(())
+        self.reference_median: float | None = None   # a typical patch norm, for messages
+        self.image_size: tuple[int, int] | None = None
+
+    # ---- counters ------------------------------------------------------------------------
+    @property
+    def images_seen(self) -> int:
+        return int(self.counts[0])
+
+    @property
+    def images_with_outliers(self) -> int:
+        return int(self.counts[1])
+
+    # ---- update and merge ----------------------------------------------------------------
+    def update(self, activations: dict[int, torch.Tensor], norms: dict[int, torch.Tensor]) -> None:
+        """Add one batch.
+
+        Args:
+            activations: ``{layer: [B, L, N]}`` for every candidate layer.
+            norms: ``{layer: [B, P]}`` patch norms of the block outputs of layers 0..detect_layer.
+        """
+        if self.threshold is None:
+            raise InvalidArgumentError("the threshold must be set before statistics are updated")
+        detect_norms = norms[self.detect_layer]                                   # [B, P]
+        all_norms = torch.stack([norms[layer] for layer in range(self.detect_layer + 1)])   # [layers, B, P]
+        if self.reference_median is None:
+            self.reference_median = float(detect_norms.median())
+        is_outlier = detect_norms > self.threshold                                # [B, P]
+        outliers_per_image = is_outlier.sum(dim=1, keepdim=True)                  # [B, 1]
+        weights = is_outlier.float() / outliers_per_image.clamp(min=1)            # [B, P], rows sum to 0 or 1
+        batch = detect_norms.shape[0]
+        self.counts += torch.stack([
+            torch.tensor(batch, device=self.counts.device, dtype=torch.float32),
+            (outliers_per_image > 0).sum().float(),
+            (~torch.isfinite(all_norms)).sum().float(),
+            torch.tensor(detect_norms.numel(), device=self.counts.device, dtype=torch.float32)])
+
+        seq_len = activations[next(iter(self.score_sums))].shape[1]
+        token_weights = weights.new_zeros(batch, seq_len)                        # [B, L], zero off the patches
+        token_weights[:, self.layout.patches(seq_len)] = weights
+        for layer, total in self.score_sums.items():
+            total += self._layer_scores(activations[layer], token_weights)
+
+        medians = all_norms.median(dim=-1).values.clamp_min(torch.finfo(torch.float32).tiny)
+        outlier_means = (all_norms * weights).sum(dim=-1)                        # [layers, B]
+        self.ratio_sums += (outlier_means / medians).sum(dim=-1)
+        self.norm_max = torch.maximum(self.norm_max, detect_norms.max())
+        self.norm_sums += torch.stack([detect_norms.sum(), detect_norms.square().sum()])
+
+    def _layer_scores(self, acts: torch.Tensor, token_weights: torch.Tensor) -> torch.Tensor:
+        """Summed over the batch: each image's mean activation over its outliers, [N]."""
+        batch, seq_len = token_weights.shape
+        if self.sparsity is None:
+            flat = acts.reshape(batch * seq_len, -1).float()                     # a copy only for bf16/fp16
+            if self.score == "abs":
+                flat = flat.abs()
+            return (token_weights.reshape(1, -1) @ flat)[0]                      # summed in float32
+        values = acts.float().abs() if self.score == "abs" else acts.float()
+        per_image = torch.bmm(token_weights[:, None, :], values)[:, 0]           # [B, N]
+        activation_threshold, frac_threshold = self.sparsity
+        image_acts = acts[:, self.layout.image_tokens(seq_len)]                  # [B, T, N]
+        sparse = (image_acts < activation_threshold).float().mean(dim=1) >= frac_threshold   # [B, N]
+        return (per_image * sparse).sum(dim=0)
+
+    def _tensors(self) -> list[tuple[torch.Tensor, str]]:
+        return [*((total, "sum") for total in self.score_sums.values()), (self.ratio_sums, "sum"),
+                (self.counts, "sum"), (self.norm_sums, "sum"), (self.norm_max, "max")]
+
+    def _check_compatible(self, other: "DiscoveryStatistics") -> None:
+        mine = (self.detect_layer, self.score, self.sparsity, {k: len(v) for k, v in self.score_sums.items()})
+        theirs = (other.detect_layer, other.score, other.sparsity, {k: len(v) for k, v in other.score_sums.items()})
+        if mine != theirs or self.threshold != other.threshold:
+            raise InvalidArgumentError("cannot merge statistics gathered with different settings or thresholds")
+
+    def merge(self, other: "DiscoveryStatistics") -> "DiscoveryStatistics":
+        """Add ``other``'s images to these statistics (in place); returns ``self``."""
+        self._check_compatible(other)
+        for (mine, op), (theirs, _) in zip(self._tensors(), other._tensors()):
+            if op == "max":
+                mine.copy_(torch.maximum(mine, theirs.to(mine.device)))
+            else:
+                mine += theirs.to(mine.device)
+        self.reference_median = self.reference_median if self.reference_median is not None else other.reference_median
+        self.image_size = self.image_size or other.image_size
+        return self
+
+    def all_reduce(self) -> None:
+        """Merge the statistics of every torch.distributed rank, on every rank (in place)."""
+        if not distributed.is_distributed():
+            return
+        for tensor, op in self._tensors():
+            distributed.all_reduce(tensor, op)
+        self.reference_median, self.image_size = distributed.broadcast_object(
+            (self.reference_median, self.image_size))
+
+    # ---- saving ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values only, so that ``torch.load(weights_only=True)`` reads it."""
+        return {
+            "detect_layer": self.detect_layer, "score": self.score,
+            "sparsity": list(self.sparsity) if self.sparsity else None, "threshold": self.threshold,
+            "num_cls": self.layout.num_cls, "num_trained_registers": self.layout.num_trained_registers,
+            "score_sums": {layer: total.cpu() for layer, total in self.score_sums.items()},
+            "ratio_sums": self.ratio_sums.cpu(), "counts": self.counts.cpu(), "norm_sums": self.norm_sums.cpu(),
+            "norm_max": self.norm_max.cpu(), "reference_median": self.reference_median,
+            "image_size": list(self.image_size) if self.image_size else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        settings = (state["detect_layer"], state["score"], tuple(state["sparsity"]) if state["sparsity"] else None,
+                    {layer: len(total) for layer, total in state["score_sums"].items()})
+        mine = (self.detect_layer, self.score, self.sparsity, {k: len(v) for k, v in self.score_sums.items()})
+        if settings != mine:
+            raise InvalidArgumentError("these statistics were gathered with other discovery settings")
+        device = self.counts.device
+        self.threshold = state["threshold"]
+        for layer, total in state["score_sums"].items():
+            self.score_sums[layer] = total.to(device)
+        self.ratio_sums, self.counts = state["ratio_sums"].to(device), state["counts"].to(device)
+        self.norm_sums, self.norm_max = state["norm_sums"].to(device), state["norm_max"].to(device)
+        self.reference_median = state["reference_median"]
+        self.image_size = tuple(state["image_size"]) if state["image_size"] else None
+
+    # ---- the result ------------------------------------------------------------------------
+    def finalize(self, *, top_k: int = 10, highest_layer: int | Literal["auto"] = AUTO, model: str = "unknown",
+                 threshold_mode: str = "given") -> RegisterNeurons:
+        """The ``top_k`` neurons of layers up to ``highest_layer``, best first.
+
+        Raises:
+            ImageSourceError: no image was seen.
+            NonFiniteActivationsError: NaN or infinite patch norms.
+            NoOutliersError: no image had an outlier; the message suggests a threshold.
+        """
+        images_seen, with_outliers, non_finite = (int(value) for value in self.counts[:3].tolist())
+        if images_seen == 0:
+            raise ImageSourceError("no images were given")
+        if non_finite:
+            raise NonFiniteActivationsError(
+                f"the model produced {non_finite} NaN or infinite patch norms in blocks 0..{self.detect_layer}; "
+                "this is usually overflow: run it in float32 or bfloat16")
+        if with_outliers == 0:
+            raise NoOutliersError(self._no_outlier_message(threshold_mode))
+        ratios = (self.ratio_sums / with_outliers).tolist()
+        if highest_layer == AUTO:
+            highest_layer = _stand_out_layer(ratios, self.detect_layer)
+        layers = [layer for layer in self.score_sums if layer <= highest_layer]
+        scores = torch.cat([self.score_sums[layer] / with_outliers for layer in layers])
+        layer_ids = torch.cat([torch.full((len(self.score_sums[layer]),), layer) for layer in layers])
+        neuron_ids = torch.cat([torch.arange(len(self.score_sums[layer])) for layer in layers])
+        best = scores.topk(min(top_k, len(scores)))
+        indices = best.indices.cpu()
+        ranked = [RegisterNeuron(layer, neuron, value) for layer, neuron, value in zip(
+            layer_ids[indices].tolist(), neuron_ids[indices].tolist(), best.values.tolist())]
+        if len(ranked) < top_k:
+            log.warning("only %d candidate neurons exist in layers 0..%d (top_k=%d)", len(ranked), highest_layer, top_k)
+        return RegisterNeurons(
+            neurons=ranked, model=model, detect_layer=self.detect_layer, threshold=float(self.threshold),
+            highest_layer=highest_layer, images_seen=images_seen, images_with_outliers=with_outliers,
+            image_size=self.image_size, score=self.score, source="find_register_neurons",
+            extra={"threshold_mode": threshold_mode, "sparsity_filter": self.sparsity is not None,
+                   "outlier_norm_ratio_by_layer": [round(r, 4) for r in ratios]},
+        )
+
+    def _no_outlier_message(self, threshold_mode: str) -> str:
+        largest = float(self.norm_max)
+        count = float(self.counts[3])
+        mean = float(self.norm_sums[0]) / count
+        std = max(float(self.norm_sums[1]) / count - mean ** 2, 0.0) ** 0.5
+        median = self.reference_median or float("nan")
+        suggestion = mean + 3 * std if mean + 3 * std < largest else 0.9 * largest
+        if threshold_mode == AUTO:
+            verdict = (f"this model shows no high-norm outliers at layer {self.detect_layer}: the largest patch "
+                       f"norm in {self.images_seen} images is {largest:.4g}, {largest / median:.1f}x the median "
+                       f"patch norm {median:.4g}, below the automatic threshold {self.threshold:.4g}")
+        else:
+            verdict = (f"no patch norm at layer {self.detect_layer} exceeded the threshold {self.threshold:.4g} in "
+                       f"{self.images_seen} images; the largest was {largest:.4g} "
+                       f"({largest / median:.1f}x the median patch norm {median:.4g})")
+        return (f"{verdict}. To force a search anyway, try threshold={suggestion:.4g} "
+                f"(mean + 3 sigma of the patch norms, the paper's heuristic) or another detect_layer.")
 
 
 def find_register_neurons(
@@ -89,14 +295,19 @@ def find_register_neurons(
     sparsity_activation_threshold: float = SPARSITY_ACTIVATION_THRESHOLD,
     sparsity_frac_threshold: float = SPARSITY_FRAC_THRESHOLD,
     seed: int = 0,
+    workers: int = 0,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 50,
+    resume: bool = False,
     progress: bool = True,
 ) -> RegisterNeurons:
     """Find the MLP neurons that write the high-norm outlier tokens.
 
     Args:
         hook_manager: the model, described by its architecture's :class:`HookManager`.
-        images: a folder path, an :class:`~test_time_registers.images.ImageFolder`, an iterable of PIL
-            images, or a preprocessed tensor [N, 3, H, W].
+        images: a folder path, an :class:`~test_time_registers.images.ImageFolder`, a list of
+            PIL images, a preprocessed tensor [N, 3, H, W], or any iterable of PIL images or of
+            preprocessed batches (such as your own ``DataLoader``).
         preprocess: PIL image -> tensor [3, H, W]; not needed for tensors.
         top_k: how many (layer, neuron) pairs to return, best first.
         threshold: patch-norm threshold at ``detect_layer``, or ``"auto"``: a robust threshold
@@ -119,7 +330,18 @@ def find_register_neurons(
             patches); otherwise that image contributes 0 for it. The mean is still taken over
             all images with outliers.
         seed: draws the calibration sample of a list or tensor of images.
+        workers: DataLoader processes that decode and preprocess a folder's images.
+        checkpoint: save the statistics to this file (atomically) every ``checkpoint_every``
+            batches once the threshold is known, and at the end. Under torch.distributed each
+            rank writes ``NAME.rankR-of-W.SUFFIX``.
+        resume: continue from ``checkpoint``, which must come from a run with the same model,
+            images and settings; the result is the one an uninterrupted run gives.
         progress: show a progress bar.
+
+    Under torch.distributed (``torchrun``), each rank reads its shard of the images (positions
+    ``rank, rank + world, ...``), the ranks calibrate the automatic threshold together on the
+    same sample one process would use, and their statistics are merged with ``all_reduce``:
+    every rank returns the result one process would have found.
 
     Returns:
         :class:`RegisterNeurons` with the threshold and layers actually used.
@@ -128,91 +350,216 @@ def find_register_neurons(
         NoOutliersError: no image had a patch above the threshold; the message gives the
             largest patch norm seen and a threshold to try.
         ImageSourceError: no readable image.
+        InvalidArgumentError: bad settings, or a checkpoint that does not match them.
     """
-    layers = check_discovery_arguments(hook_manager, top_k, threshold, detect_layer, highest_layer, score)
+    detect_layer, candidate_layers = check_discovery_arguments(hook_manager, top_k, threshold, detect_layer,
+                                                               highest_layer, score)
     for name, value in (("sparsity_activation_threshold", sparsity_activation_threshold),
                         ("sparsity_frac_threshold", sparsity_frac_threshold)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InvalidArgumentError(f"{name} must be a number, got {value!r}")
-    images = image_source(images)
-    if threshold == AUTO:
-        images = calibration_first(images, AUTO_CALIBRATION_IMAGES, seed)
-    detect_layer, candidate_layers = layers
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise InvalidArgumentError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+    if resume and checkpoint is None:
+        raise InvalidArgumentError("resume needs the checkpoint to resume from")
     model_device = hook_manager.device
     if device is not None and not _same_device(torch.device(device), model_device):
         raise InvalidArgumentError(f"the model is on {model_device} but device={device}; move the model first")
 
-    stats = _new_stats(hook_manager, candidate_layers, detect_layer, model_device)
-    given_threshold = None if threshold == AUTO else float(threshold)
-    threshold_value = given_threshold
-    pending: list[tuple[dict, dict]] = []   # (activations, norms) of batches waiting for the auto threshold
-    activations: dict[int, torch.Tensor] = {}
-    buffers: dict[int, torch.Tensor] = {}
-    norms: dict[int, torch.Tensor] = {}
+    images = image_source(images)
+    if threshold == AUTO:
+        images = calibration_first(images, AUTO_CALIBRATION_IMAGES, seed)
+    source = ordered_source(images)
+    shard = distributed.current_shard()
+    sparsity = (float(sparsity_activation_threshold), float(sparsity_frac_threshold)) if sparsity_filter else None
+    stats = DiscoveryStatistics({layer: hook_manager.num_neurons(layer) for layer in candidate_layers}, detect_layer,
+                                hook_manager.layout, threshold=None if threshold == AUTO else float(threshold),
+                                score=score, sparsity=sparsity, device=model_device)
+    threshold_mode = AUTO if threshold == AUTO else "given"
+    settings = {"model": hook_manager.name, "detect_layer": detect_layer, "candidate_layers": len(candidate_layers),
+                "score": score, "sparsity": list(sparsity) if sparsity else None, "threshold": str(threshold),
+                "batch_size": batch_size, "seed": seed, "images": len(source) if source is not None else None,
+                "rank": shard.rank, "world": shard.world}
+    saver = _Checkpoints(checkpoint, shard, settings, images) if checkpoint is not None else None
+    consumed = saver.restore(stats) if resume else 0
 
-    def keep_activations(layer):
-        # Copied into a buffer that lives for the whole run. Holding the model's own tensor
-        # instead would keep the allocator from reusing its memory, and fresh memory for every
-        # layer of every batch costs more (page faults, zeroing) than this copy.
-        def keep(tensor):
-            buffer = buffers.get(layer)
-            if (buffer is None or buffer.shape[0] < tensor.shape[0] or buffer.shape[1:] != tensor.shape[1:]
-                    or buffer.dtype != tensor.dtype):
-                buffer = buffers[layer] = torch.empty_like(tensor)
-            activations[layer] = buffer[:tensor.shape[0]].copy_(tensor)
-
-        return keep
-
-    def keep_patch_norms(layer):
-        def keep(residual):
-            patches = residual[:, hook_manager.layout.patches(residual.shape[1])]
-            norms[layer] = torch.linalg.vector_norm(patches.float(), dim=-1)  # [B, P]
-
-        return keep
-
-    sparsity = (sparsity_activation_threshold, sparsity_frac_threshold) if sparsity_filter else None
-
-    def accumulate(batch_activations, batch_norms):
-        _accumulate(stats, threshold_value, batch_activations, batch_norms, hook_manager, detect_layer, score,
-                    sparsity)
-
-    bar = tqdm(total=count_hint(images), unit="img", desc="finding register neurons", disable=not progress)
+    runner = _Pass(hook_manager, stats, candidate_layers, detect_layer, shard, ordered=source is not None)
+    total = len(range(shard.rank, len(source), shard.world)) if source is not None else count_hint(images)
+    bar = tqdm(total=total, initial=consumed, unit="img", desc="finding register neurons",
+               disable=not progress or shard.rank != 0)
+    since_saved = 0
     with hook_manager.hooks() as hooks, torch.no_grad():
-        for layer in candidate_layers:
-            hooks.on_neurons(layer, keep_activations(layer))
-        for layer in range(detect_layer + 1):
-            hooks.on_block_output(layer, keep_patch_norms(layer))
-        hooks.stop_after_block(detect_layer)
-        for batch in batches(images, preprocess, batch_size, model_device, hook_manager.input_dtype):
-            try:
-                hook_manager.forward_images(batch.pixel_values)
-            except StopForward:
-                pass
-            if threshold_value is None and not pending and len(batch.names) >= AUTO_CALIBRATION_IMAGES:
-                threshold_value = _calibrate([norms], detect_layer)      # the usual case: no copies
-            if threshold_value is not None:
-                accumulate(activations, norms)
-            else:   # small batches wait until the calibration images are in; held batches are copies
-                pending.append(({layer: acts.clone() for layer, acts in activations.items()}, dict(norms)))
-                if sum(len(held[detect_layer]) for _, held in pending) >= AUTO_CALIBRATION_IMAGES:
-                    threshold_value = _calibrate([held for _, held in pending], detect_layer)
-                    for held in pending:
-                        accumulate(*held)
-                    pending.clear()
-            activations.clear()   # free this batch's activations before the next one is prepared
-            norms.clear()
-            stats.images_seen += len(batch.names)
-            stats.image_size = tuple(batch.pixel_values.shape[-2:])
-            bar.update(len(batch.names))
-        if pending:   # fewer images than the calibration wants: calibrate on all of them
-            threshold_value = _calibrate([held for _, held in pending], detect_layer)
-            for held in pending:
-                accumulate(*held)
+        runner.attach(hooks)
+        for batch in batches(source if source is not None else images, preprocess, batch_size, model_device,
+                             hook_manager.input_dtype, workers=workers, shard=shard, start=consumed):
+            consumed += batch.consumed
+            bar.update(batch.consumed)
+            if not batch.names:
+                continue
+            runner.run(batch)
+            if stats.threshold is None and runner.calibration_done(consumed):
+                runner.calibrate()
+            since_saved += 1
+            if saver is not None and stats.threshold is not None and since_saved >= checkpoint_every:
+                saver.save(stats, consumed)
+                since_saved = 0
+        if stats.threshold is None:   # every rank calls this once: fewer images than the sample wants
+            runner.calibrate()
+        if saver is not None and stats.threshold is not None:
+            saver.save(stats, consumed, complete=True)
     bar.close()
+    stats.all_reduce()
     if stats.images_seen == 0:
         raise ImageSourceError(no_images_message(images))
-    return _finish(stats, threshold_value, hook_manager, detect_layer, highest_layer, top_k,
-                   score, sparsity_filter, threshold_mode="given" if given_threshold is not None else AUTO)
+    result = stats.finalize(top_k=top_k, highest_layer=highest_layer, model=hook_manager.name,
+                            threshold_mode=threshold_mode)
+    skipped = _total_skipped(images)
+    if skipped is not None:
+        result.extra["files_skipped"] = skipped
+    return result
+
+
+def _total_skipped(images) -> int | None:
+    """Unreadable files of a folder over every rank, or ``None`` for other sources."""
+    from .images import ImageFolder
+
+    if not isinstance(images, ImageFolder):
+        return None
+    return sum(distributed.all_gather_objects(images.skipped))
+
+
+class _Pass:
+    """The hooks of one discovery pass, and the batches held until the automatic threshold is known."""
+
+    def __init__(self, hook_manager: HookManager, stats: DiscoveryStatistics, candidate_layers: list[int],
+                 detect_layer: int, shard: Shard, ordered: bool):
+        self.hook_manager, self.stats, self.shard, self.ordered = hook_manager, stats, shard, ordered
+        self.candidate_layers, self.detect_layer = candidate_layers, detect_layer
+        self.activations: dict[int, torch.Tensor] = {}
+        self.buffers: dict[int, torch.Tensor] = {}
+        self.norms: dict[int, torch.Tensor] = {}
+        self.held: list[tuple[dict, dict, list[int]]] = []   # (activations, norms, sample positions) per batch
+        # This rank's share of the calibration sample: the global positions below the sample size.
+        self.share = len(range(shard.rank, AUTO_CALIBRATION_IMAGES, shard.world))
+
+    def attach(self, hooks) -> None:
+        for layer in self.candidate_layers:
+            hooks.on_neurons(layer, self._keep_activations(layer))
+        for layer in range(self.detect_layer + 1):
+            hooks.on_block_output(layer, self._keep_patch_norms(layer))
+        hooks.stop_after_block(self.detect_layer)
+
+    def _keep_activations(self, layer: int):
+        # Copied into a buffer that lives across batches. Holding the model's own tensor instead
+        # would keep the allocator from reusing its memory, and fresh memory for every layer of
+        # every batch costs more (page faults, zeroing) than this copy.
+        def keep(tensor):
+            buffer = self.buffers.get(layer)
+            if (buffer is None or buffer.shape[0] < tensor.shape[0] or buffer.shape[1:] != tensor.shape[1:]
+                    or buffer.dtype != tensor.dtype):
+                buffer = self.buffers[layer] = torch.empty_like(tensor)
+            self.activations[layer] = buffer[:tensor.shape[0]].copy_(tensor)
+
+        return keep
+
+    def _keep_patch_norms(self, layer: int):
+        def keep(residual):
+            patches = residual[:, self.hook_manager.layout.patches(residual.shape[1])]
+            self.norms[layer] = torch.linalg.vector_norm(patches.float(), dim=-1)   # [B, P]
+
+        return keep
+
+    def run(self, batch) -> None:
+        try:
+            self.hook_manager.forward_images(batch.pixel_values)
+        except StopForward:
+            pass
+        self.stats.image_size = tuple(batch.pixel_values.shape[-2:])
+        if self.stats.threshold is not None:
+            self.stats.update(self.activations, self.norms)
+        else:   # held until the sample is in: the buffers now belong to the held batch
+            positions = batch.positions if self.ordered else [p * self.shard.world + self.shard.rank
+                                                              for p in batch.positions]
+            self.held.append((dict(self.activations), dict(self.norms), positions))
+            self.buffers.clear()
+        self.activations.clear()
+        self.norms.clear()
+
+    def calibration_done(self, consumed: int) -> bool:
+        """True once this rank has read its share of the sample (ordered sources: by position)."""
+        if self.ordered:
+            return consumed >= self.share
+        return sum(len(positions) for _, _, positions in self.held) >= self.share
+
+    def calibrate(self) -> None:
+        """The automatic threshold from the sample, agreed by every rank; then the held batches count."""
+        mine = [(position, norms[self.detect_layer][row].cpu())
+                for _, norms, positions in self.held for row, position in enumerate(positions)
+                if position < AUTO_CALIBRATION_IMAGES or not self.ordered]
+        if not self.ordered:   # a stream: this rank's first images
+            mine = mine[:self.share]
+        sample = sorted((item for gathered in distributed.all_gather_objects(mine) for item in gathered),
+                        key=lambda item: item[0])
+        if not sample:
+            return   # no image anywhere: finalize says so
+        calibration = torch.stack([norms for _, norms in sample])
+        self.stats.threshold = auto_threshold(calibration)
+        self.stats.reference_median = float(calibration.median())
+        log.info("auto threshold %.4g from %d images", self.stats.threshold, len(sample))
+        for activations, norms, _ in self.held:
+            self.stats.update(activations, norms)
+        self.held.clear()
+
+
+class _Checkpoints:
+    """Discovery's statistics on disk, written atomically, checked against the run that reads them."""
+
+    def __init__(self, path: str | os.PathLike, shard: Shard, settings: dict[str, Any], images):
+        path = Path(path)
+        if shard.world > 1:
+            path = path.with_name(f"{path.stem}.rank{shard.rank}-of-{shard.world}{path.suffix}")
+        self.path, self.settings, self.images = path, settings, images
+
+    def save(self, stats: DiscoveryStatistics, consumed: int, complete: bool = False) -> None:
+        from .images import ImageFolder
+
+        skipped = sorted(self.images.name_of(path) for path in self.images.skipped_files) \
+            if isinstance(self.images, ImageFolder) else []
+        state = {"format": CHECKPOINT_FORMAT, "settings": self.settings, "statistics": stats.state_dict(),
+                 "consumed": consumed, "skipped": skipped, "complete": complete}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        os.close(handle)
+        try:
+            torch.save(state, temporary)
+            os.replace(temporary, self.path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        log.info("checkpoint: %d images done, saved to %s", consumed, self.path)
+
+    def restore(self, stats: DiscoveryStatistics) -> int:
+        """Load the statistics into ``stats``; returns how many of this shard's positions were done."""
+        from .images import ImageFolder
+
+        if not self.path.is_file():
+            raise InvalidArgumentError(f"no checkpoint to resume from at {self.path}")
+        try:
+            state = torch.load(self.path, weights_only=True)
+        except Exception as error:  # truncated or foreign files
+            raise InvalidArgumentError(f"{self.path} is not a readable discovery checkpoint ({error})") from None
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise InvalidArgumentError(f"{self.path} is not a discovery checkpoint of format {CHECKPOINT_FORMAT}")
+        differences = [f"{key} {state['settings'].get(key)!r}, not {value!r}"
+                       for key, value in self.settings.items() if state["settings"].get(key) != value]
+        if differences:
+            raise InvalidArgumentError(f"{self.path} was written by a run with other settings ({'; '.join(differences)}); "
+                                       "resume with the same model, images and flags, or start again without resume")
+        stats.load_state_dict(state["statistics"])
+        if isinstance(self.images, ImageFolder):
+            self.images.skipped_files.update(self.images.root / name for name in state["skipped"])
+        log.info("resuming from %s: %d images done", self.path, state["consumed"])
+        return int(state["consumed"])
 
 
 def _same_device(wanted: torch.device, actual: torch.device) -> bool:
@@ -246,113 +593,6 @@ def check_discovery_arguments(hook_manager, top_k=10, threshold=AUTO, detect_lay
     return detect_layer, candidate_layers
 
 
-def _new_stats(hook_manager, candidate_layers, detect_layer, device) -> _Stats:
-    zeros = lambda *shape: torch.zeros(*shape, device=device)  # noqa: E731
-    return _Stats(
-        score_sums={layer: zeros(hook_manager.num_neurons(layer)) for layer in candidate_layers},
-        ratio_sums=zeros(detect_layer + 1),
-        images_with_outliers=zeros(()),
-        norm_max=zeros(()),
-        norm_sum=zeros(()),
-        norm_square_sum=zeros(()),
-        non_finite=zeros(()),
-    )
-
-
-def _calibrate(norm_batches: list[dict[int, torch.Tensor]], detect_layer: int) -> float:
-    """The auto threshold from the detection-layer patch norms of the first calibration images."""
-    calibration = torch.cat([norms[detect_layer] for norms in norm_batches])[:AUTO_CALIBRATION_IMAGES]
-    threshold = auto_threshold(calibration)
-    log.info("auto threshold %.4g from the first %d images", threshold, len(calibration))
-    return threshold
-
-
-def _accumulate(stats: _Stats, threshold: float, activations, norms, hook_manager, detect_layer,
-                score, sparsity: tuple[float, float] | None) -> None:
-    detect_norms = norms[detect_layer]                                       # [B, P]
-    all_norms = torch.stack([norms[layer] for layer in range(detect_layer + 1)])   # [layers, B, P]
-    stats.non_finite += (~torch.isfinite(all_norms)).sum()
-    if stats.calibration_median is None:
-        stats.calibration_median = float(detect_norms.median())
-    is_outlier = detect_norms > threshold                                    # [B, P]
-    counts = is_outlier.sum(dim=1, keepdim=True)                             # [B, 1]
-    weights = is_outlier.float() / counts.clamp(min=1)                       # [B, P], rows sum to 0 or 1
-    stats.images_with_outliers += (counts > 0).sum()
-
-    layout = hook_manager.layout
-    first = activations[next(iter(stats.score_sums))]
-    batch, seq_len = first.shape[:2]
-    # Weights over every token (zero off the patches), so the activations need no copy
-    token_weights = weights.new_zeros(batch, seq_len)                       # [B, L]
-    token_weights[:, layout.patches(seq_len)] = weights
-    for layer, total in stats.score_sums.items():
-        acts = activations[layer]                                            # [B, L, N]
-        if sparsity is None:
-            flat = acts.reshape(batch * seq_len, -1).float()                 # a copy only for bf16/fp16
-            if score == "abs":
-                flat = flat.abs()
-            total += (token_weights.reshape(1, -1) @ flat)[0]                # [N], summed in float32
-            continue
-        values = acts.float().abs() if score == "abs" else acts.float()
-        per_image = torch.bmm(token_weights[:, None, :], values)[:, 0]       # [B, N]
-        activation_threshold, frac_threshold = sparsity
-        image_acts = acts[:, layout.image_tokens(seq_len)]                   # [B, T, N]
-        sparse = (image_acts < activation_threshold).float().mean(dim=1) >= frac_threshold   # [B, N]
-        total += (per_image * sparse).sum(dim=0)
-
-    medians = all_norms.median(dim=-1).values.clamp_min(torch.finfo(torch.float32).tiny)
-    outlier_means = (all_norms * weights).sum(dim=-1)                        # [layers, B]
-    stats.ratio_sums += (outlier_means / medians).sum(dim=-1)
-    stats.norm_max = torch.maximum(stats.norm_max, detect_norms.max())
-    stats.norm_sum += detect_norms.sum()
-    stats.norm_square_sum += detect_norms.square().sum()
-    stats.norm_count += detect_norms.numel()
-
-
-def _finish(stats: _Stats, threshold, hook_manager, detect_layer, highest_layer, top_k, score,
-            sparsity_filter, threshold_mode) -> RegisterNeurons:
-    non_finite = int(stats.non_finite.item())
-    if non_finite:
-        raise NonFiniteActivationsError(
-            f"the model produced {non_finite} NaN or infinite patch norms in blocks 0..{detect_layer} "
-            f"({hook_manager.input_dtype}); this is usually overflow: run it in float32 or bfloat16")
-    with_outliers = int(stats.images_with_outliers.item())
-    if with_outliers == 0:
-        raise NoOutliersError(_no_outlier_message(stats, threshold, detect_layer, threshold_mode))
-
-    ratios = (stats.ratio_sums / with_outliers).tolist()
-    if highest_layer == AUTO:
-        highest_layer = _stand_out_layer(ratios, detect_layer)
-
-    layer_ids, neuron_ids, scores = [], [], []
-    for layer in range(highest_layer + 1):
-        layer_scores = stats.score_sums[layer] / with_outliers
-        scores.append(layer_scores)
-        layer_ids.append(torch.full_like(layer_scores, layer, dtype=torch.long))
-        neuron_ids.append(torch.arange(len(layer_scores), device=layer_scores.device))
-    flat_scores = torch.cat(scores)
-    best = flat_scores.topk(min(top_k, len(flat_scores)))
-    ranked = [RegisterNeuron(layer, neuron, value) for layer, neuron, value in zip(
-        torch.cat(layer_ids)[best.indices].tolist(), torch.cat(neuron_ids)[best.indices].tolist(),
-        best.values.tolist())]
-    if len(ranked) < top_k:
-        log.warning("only %d candidate neurons exist in layers 0..%d (top_k=%d)", len(ranked), highest_layer, top_k)
-    return RegisterNeurons(
-        neurons=ranked,
-        model=hook_manager.name,
-        detect_layer=detect_layer,
-        threshold=float(threshold),
-        highest_layer=highest_layer,
-        images_seen=stats.images_seen,
-        images_with_outliers=with_outliers,
-        image_size=stats.image_size,
-        score=score,
-        source="find_register_neurons",
-        extra={"threshold_mode": threshold_mode, "sparsity_filter": sparsity_filter,
-               "outlier_norm_ratio_by_layer": [round(r, 4) for r in ratios]},
-    )
-
-
 def _stand_out_layer(ratios: list[float], detect_layer: int) -> int:
     """First layer whose outlier positions are clearly above the median patch norm."""
     bar = max(STAND_OUT_MIN_RATIO, STAND_OUT_FRACTION * ratios[detect_layer])
@@ -361,21 +601,3 @@ def _stand_out_layer(ratios: list[float], detect_layer: int) -> int:
             return layer
     log.warning("the outliers never reach %.1fx the median norm; using highest_layer=%d", bar, detect_layer)
     return detect_layer
-
-
-def _no_outlier_message(stats: _Stats, threshold, detect_layer, threshold_mode) -> str:
-    largest = float(stats.norm_max)
-    median = stats.calibration_median or float("nan")
-    mean = float(stats.norm_sum) / stats.norm_count
-    std = max(float(stats.norm_square_sum) / stats.norm_count - mean ** 2, 0.0) ** 0.5
-    suggestion = mean + 3 * std if mean + 3 * std < largest else 0.9 * largest
-    if threshold_mode == AUTO:
-        verdict = (f"this model shows no high-norm outliers at layer {detect_layer}: the largest patch "
-                   f"norm in {stats.images_seen} images is {largest:.4g}, {largest / median:.1f}x the median "
-                   f"patch norm {median:.4g}, below the automatic threshold {threshold:.4g}")
-    else:
-        verdict = (f"no patch norm at layer {detect_layer} exceeded the threshold {threshold:.4g} in "
-                   f"{stats.images_seen} images; the largest was {largest:.4g} "
-                   f"({largest / median:.1f}x the median patch norm {median:.4g})")
-    return (f"{verdict}. To force a search anyway, try threshold={suggestion:.4g} "
-            f"(mean + 3 sigma of the patch norms, the paper's heuristic) or another detect_layer.")

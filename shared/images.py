@@ -7,7 +7,6 @@ import logging
 import os
 import random
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,40 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background.paste(image, mask=image.getchannel("A"))
         return background
     return image.convert("RGB")
+
+
+def _reason(error: Exception, path: Path) -> str:
+    """The first line of why PIL could not read ``path``, without the path itself."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__).replace(str(path), "the file")
+
+
+class UnreadableImage(Exception):
+    """A file that is not an image PIL can read (internal: such files are skipped and counted)."""
+
+
+def read_image(path: Path) -> Image.Image:
+    """The image at ``path`` as 8-bit RGB, fully loaded and closed; :class:`UnreadableImage` otherwise."""
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = to_rgb(opened)
+            if image is opened:
+                image = opened.copy()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise UnreadableImage(_reason(error, path)) from None
+    if min(image.size) == 0:
+        raise UnreadableImage("the image is empty")
+    return image
+
+
+def _readable_header(path: Path) -> str | None:
+    """``None`` if PIL recognises the file's header, else why not (cheap: nothing is decoded)."""
+    try:
+        with Image.open(path):
+            return None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        return _reason(error, path)
 
 
 class ImageFolder:
@@ -117,44 +150,48 @@ class ImageFolder:
         random.Random(self.seed).shuffle(order)
         return order
 
-    def __iter__(self) -> Iterator[tuple[str, Image.Image]]:
-        delivered = 0
-        for path in self._visit_order():
-            if self.limit is not None and delivered >= self.limit:
-                return
-            try:
-                with Image.open(path) as opened:
-                    opened.load()
-                    image = to_rgb(opened)
-                    if image is opened:
-                        image = opened.copy()
-                if min(image.size) == 0:
-                    raise ValueError("the image is empty")
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-                self._skip(path, error)
-                continue
-            delivered += 1
-            yield str(path.relative_to(self.root)), image
+    def sample_files(self) -> list[Path]:
+        """The files to read, in visit order: with ``limit``, the first ``limit`` whose header PIL
+        recognises (files that fail are skipped and counted, as in a pass)."""
+        order = self._visit_order()
+        if self.limit is None:
+            return order
+        chosen = []
+        for path in order:
+            if len(chosen) == self.limit:
+                break
+            reason = _readable_header(path)
+            if reason is None:
+                chosen.append(path)
+            else:
+                self.record_skip(path, reason)
+        return chosen
 
-    def _skip(self, path: Path, error: Exception) -> None:
+    def name_of(self, path: Path) -> str:
+        return str(path.relative_to(self.root))
+
+    def __iter__(self) -> Iterator[tuple[str, Image.Image]]:
+        for path in self.sample_files():
+            try:
+                image = read_image(path)
+            except UnreadableImage as error:
+                self.record_skip(path, str(error))
+                continue
+            yield self.name_of(path), image
+
+    def record_skip(self, path: Path, reason: str) -> None:
+        """Count an unreadable file once, and name the first ``NAMED_SKIPS`` in the log."""
         if path in self.skipped_files:   # already named in an earlier pass
             return
         self.skipped_files.add(path)
         if self.skipped <= self.NAMED_SKIPS:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            log.warning("skipped %s: %s", path.relative_to(self.root), reason.replace(str(path), "the file"))
+            log.warning("skipped %s: %s", self.name_of(path), reason)
         elif self.skipped == self.NAMED_SKIPS + 1:
             log.warning("skipping more unreadable files in %s; they are counted at the end", self.root)
 
     def describe_empty(self) -> str:
         """Why no image came out of this folder, for errors."""
         return f"no readable image among the {len(self)} file(s) tried in {self.root} ({self.skipped} skipped)"
-
-
-@dataclass
-class Batch:
-    names: list[str]
-    pixel_values: torch.Tensor  # [B, 3, H, W]
 
 
 def image_source(images):
@@ -197,37 +234,6 @@ def named_images(images) -> Iterable[tuple[str, Image.Image]]:
     if isinstance(images, ImageFolder):
         return images
     return ((f"image_{index}", to_rgb(image)) for index, image in enumerate(images))
-
-
-def batches(images, preprocess: Preprocess | None, batch_size: int,
-            device: torch.device | str, dtype: torch.dtype) -> Iterator[Batch]:
-    """Yield preprocessed batches on ``device``.
-
-    ``images`` is a folder path, an :class:`ImageFolder`, an iterable of PIL images, or a
-    tensor of already preprocessed images [N, 3, H, W].
-    """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise InvalidArgumentError(f"batch_size must be a positive int, got {batch_size!r}")
-    if isinstance(images, torch.Tensor):
-        if images.ndim != 4:
-            raise InvalidArgumentError(f"an image tensor must be [N, 3, H, W], got shape {tuple(images.shape)}")
-        for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
-            yield Batch([f"image_{start + i}" for i in range(len(chunk))],
-                        chunk.to(device=device, dtype=dtype, non_blocking=True))
-        return
-    if preprocess is None:
-        raise InvalidArgumentError("preprocess is required to turn PIL images into tensors")
-    names: list[str] = []
-    tensors: list[torch.Tensor] = []
-    for name, image in named_images(images):
-        names.append(name)
-        tensors.append(preprocess(image))
-        if len(tensors) == batch_size:
-            yield Batch(names, torch.stack(tensors).to(device=device, dtype=dtype, non_blocking=True))
-            names, tensors = [], []
-    if tensors:
-        yield Batch(names, torch.stack(tensors).to(device=device, dtype=dtype, non_blocking=True))
 
 
 def count_hint(images) -> int | None:

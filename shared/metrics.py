@@ -9,7 +9,8 @@ import torch
 
 from .errors import ImageSourceError
 from .hooks import HookManager
-from .images import batches, image_source, no_images_message
+from .data import batches
+from .images import image_source, no_images_message
 from .intervention import ModifiedModel
 
 
@@ -52,6 +53,8 @@ def measure_outliers(runner: HookManager | ModifiedModel, images, preprocess: Ca
     norm_maps, attention_maps = [], []
     with torch.no_grad():
         for batch in batches(images, preprocess, batch_size, hook_manager.device, hook_manager.input_dtype):
+            if not batch.names:   # every image of it was unreadable
+                continue
             sites = {"residual": [detect_layer], "attention": [attention_layer] if has_cls else []}
             with runner.capture(**sites) as captured:
                 runner.forward_images(batch.pixel_values)

@@ -4,7 +4,8 @@ import torch
 from PIL import Image
 
 from test_time_registers import ImageFolder, ImageSourceError
-from test_time_registers.images import batches, to_rgb
+from test_time_registers.data import batches
+from test_time_registers.images import to_rgb
 
 
 def _write_mixed_folder(root):
