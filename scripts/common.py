@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import logging
 import math
+import os
 import re
 import sys
 import tempfile
@@ -192,14 +193,17 @@ def cli_logging() -> Iterator[None]:
 
 def run_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int], argv=None) -> int:
     """Parse ``argv`` and call ``run``; bad input of any kind is one line on stderr and exit code 2."""
+    speaks = os.environ.get("RANK", "0") == "0"   # under torchrun, rank 0 alone reports errors
     with cli_logging():
         try:
             return run(parser.parse_args(argv))
         except (UsageError, TestTimeRegistersError) as error:
-            print(f"error: {in_cli_language(str(error), parser)}", file=sys.stderr)
+            if speaks:
+                print(f"error: {in_cli_language(' '.join(str(error).split()), parser)}", file=sys.stderr)
             return 2
         except OSError as error:   # a file that vanished or a disk that filled up mid-run
-            print(f"error: {error}", file=sys.stderr)
+            if speaks:
+                print(f"error: {error}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)

@@ -11,6 +11,8 @@ Installed as the console script ``find-register-neurons``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import sys
 import time
 from pathlib import Path
@@ -18,6 +20,8 @@ from pathlib import Path
 from test_time_registers import (ImageFolder, LegacyEdit, ModifiedModel, PaperEdit, RegisterNeurons,
                                  check_discovery_arguments, find_register_neurons)
 from test_time_registers.activation_log import log_activations
+from test_time_registers.data import Shard
+from test_time_registers.distributed import device_for_rank, process_group
 from test_time_registers.figures import save_comparison
 from test_time_registers.images import take
 from test_time_registers.metrics import measure_outliers
@@ -31,7 +35,7 @@ DEMO_IMAGES = 64
 DEFAULT_OUT = Path("register_neurons.json")
 FIGURE_ROWS = 4
 #: Flags that only discovery reads: refused together with --neurons.
-DISCOVERY_FLAGS = ("out", "top_k", "threshold", "detect_layer", "highest_layer", "score")
+DISCOVERY_FLAGS = ("out", "top_k", "threshold", "detect_layer", "highest_layer", "score", "checkpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-registers", type=non_negative_int, default=1, help="test-time registers to append")
     parser.add_argument("--legacy", action="store_true", help="reproduce the reference implementation's edit")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
+    parser.add_argument("--workers", type=non_negative_int, default=0,
+                        help="DataLoader processes that decode and preprocess images")
+    parser.add_argument("--checkpoint", type=Path, help="save discovery's statistics to this file as it goes "
+                        "(one file per rank under torchrun), to continue after a kill with --resume")
+    parser.add_argument("--checkpoint-every", type=positive_int, default=50, help="batches between checkpoints")
+    parser.add_argument("--resume", action="store_true", help="continue discovery from --checkpoint")
     parser.add_argument("--log", type=Path, help="write per-image norm maps and neuron activations to this HDF5 file")
     parser.add_argument("--figure", type=Path, help="save a before/after PNG of norm and attention maps")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -79,13 +89,25 @@ def check_flags(args: argparse.Namespace) -> None:
                              "drop them, or drop --neurons to run discovery")
     elif args.force:
         raise UsageError("--force only applies to --neurons")
+    if args.resume and args.checkpoint is None:
+        raise UsageError("--resume needs --checkpoint FILE, the checkpoint to continue from")
     args.out = None if args.neurons else (args.out or DEFAULT_OUT)
-    check_output_paths(out=args.out, log=args.log, figure=args.figure)
+    check_output_paths(out=args.out, log=args.log, figure=args.figure, checkpoint=args.checkpoint)
 
 
 def run(args: argparse.Namespace) -> int:
+    """One run; under torchrun every rank runs it, and rank 0 alone prints and writes."""
     check_flags(args)
-    device = check_device(args.device)
+    device = check_device(device_for_rank(args.device))
+    with process_group(device) as shard:
+        if shard.rank != 0:
+            args.quiet = True
+            with contextlib.redirect_stdout(io.StringIO()):
+                return discover_and_compare(args, device, shard)
+        return discover_and_compare(args, device, shard)
+
+
+def discover_and_compare(args: argparse.Namespace, device: str, shard: Shard) -> int:
     folder = ImageFolder(args.images, limit=args.num_images, seed=args.seed) if args.images else None
 
     started = time.perf_counter()
@@ -115,7 +137,10 @@ def run(args: argparse.Namespace) -> int:
         neurons = find_register_neurons(
             hook_manager, images, preprocess, top_k=top_k, threshold=args.threshold or "auto",
             detect_layer=args.detect_layer, highest_layer=highest_layer, score=args.score or "raw",
-            batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
+            batch_size=args.batch_size, seed=args.seed, workers=args.workers, checkpoint=args.checkpoint,
+            checkpoint_every=args.checkpoint_every, resume=args.resume, progress=not args.quiet)
+        if shard.rank != 0:   # every rank holds the merged result; rank 0 writes and reports it
+            return 0
         neurons.save(args.out)
         print(f"found {len(neurons)} register neurons in {neurons.images_seen} images "
               f"({neurons.images_with_outliers} with outliers): threshold {neurons.threshold:.4g} "
@@ -123,7 +148,10 @@ def run(args: argparse.Namespace) -> int:
               f"highest layer {neurons.highest_layer}")
         print_neurons(neurons, loaded.planted)
         print(f"wrote {args.out}")
-        _report_skipped(images, args.images)
+        if neurons.extra.get("files_skipped"):
+            print(f"skipped {neurons.extra['files_skipped']} unreadable or non-image file(s) in {args.images}")
+    if shard.rank != 0:   # the table and the files are rank 0's
+        return 0
 
     if args.log:
         log_activations(hook_manager, images, neurons, args.log, preprocess, batch_size=args.batch_size,

@@ -7,7 +7,8 @@ timm ViTs and register their model specs.
 
 __version__ = "0.2.0"
 
-from .discovery import auto_threshold, check_discovery_arguments, find_register_neurons  # noqa: E402
+from .discovery import (DiscoveryStatistics, auto_threshold, check_discovery_arguments, find_register_neurons,  # noqa: E402
+                        gather_statistics)
 from .errors import (ImageSourceError, IncompatibleNeuronsError, InvalidArgumentError, ModelLoadError,  # noqa: E402
                      NeuronFileError, NonFiniteActivationsError, NoOutliersError, TestTimeRegistersError,
                      UnsupportedModelError)
@@ -22,10 +23,10 @@ from .registry import (Architecture, Preset, architectures, load_model, load_neu
                        register_architecture)
 
 __all__ = [
-    "PRECISIONS", "Architecture", "Capture", "Edit", "EditContext", "LegacyEdit", "PaperEdit", "HookManager", "HookSite", "Hooks", "ImageFolder", "ImageSourceError",
+    "PRECISIONS", "Architecture", "Capture", "DiscoveryStatistics", "Edit", "EditContext", "LegacyEdit", "PaperEdit", "HookManager", "HookSite", "Hooks", "ImageFolder", "ImageSourceError",
     "IncompatibleNeuronsError", "InvalidArgumentError", "LoadedModel", "ModelLoadError", "ModifiedModel",
     "NeuronFileError", "NonFiniteActivationsError", "NoOutliersError", "Precision", "Preset", "RegisterNeuron",
     "RegisterNeurons", "StopForward", "TestTimeRegistersError", "TokenLayout", "UnsupportedModelError",
-    "__version__", "architectures", "auto_threshold", "check_discovery_arguments", "find_register_neurons",
+    "__version__", "architectures", "auto_threshold", "check_discovery_arguments", "find_register_neurons", "gather_statistics",
     "legacy_edit", "load_model", "load_neurons", "load_preset", "paper_edit", "register_architecture",
 ]

@@ -79,6 +79,7 @@ class DiscoveryStatistics:
         score: ``"raw"`` or ``"abs"``.
         sparsity: ``(activation_threshold, frac_threshold)`` of the reference's filter, or ``None``.
         device: where the sums live.
+        model: the model's name, recorded in the result.
 
     Every sum is float32 on ``device``. Two statistics of disjoint image sets ``merge`` into the
     statistics of their union, exactly as one pass would have summed them (up to float rounding).
@@ -86,8 +87,11 @@ class DiscoveryStatistics:
 
     def __init__(self, num_neurons: dict[int, int], detect_layer: int, layout: TokenLayout, *,
                  threshold: float | None = None, score: Literal["raw", "abs"] = "raw",
-                 sparsity: tuple[float, float] | None = None, device: torch.device | str = "cpu"):
+                 sparsity: tuple[float, float] | None = None, device: torch.device | str = "cpu",
+                 model: str = "unknown"):
         self.detect_layer = detect_layer
+        self.model = model
+        self.threshold_mode = "given" if threshold is not None else AUTO
         self.layout = layout
         self.threshold = threshold
         self.score = score
@@ -99,6 +103,7 @@ class DiscoveryStatistics:
         self.norm_sums = zeros(2)                     # detection-layer patch norms: sum, sum of squares
         self.norm_max = zeros(())
         self.reference_median: float | None = None   # a typical patch norm, for messages
+        self.source = None                            # the images gather_statistics read, if it made these
         self.image_size: tuple[int, int] | None = None
 
     # ---- counters ------------------------------------------------------------------------
@@ -196,7 +201,8 @@ class DiscoveryStatistics:
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values only, so that ``torch.load(weights_only=True)`` reads it."""
         return {
-            "detect_layer": self.detect_layer, "score": self.score,
+            "detect_layer": self.detect_layer, "score": self.score, "model": self.model,
+            "threshold_mode": self.threshold_mode,
             "sparsity": list(self.sparsity) if self.sparsity else None, "threshold": self.threshold,
             "num_cls": self.layout.num_cls, "num_trained_registers": self.layout.num_trained_registers,
             "score_sums": {layer: total.cpu() for layer, total in self.score_sums.items()},
@@ -212,7 +218,7 @@ class DiscoveryStatistics:
         if settings != mine:
             raise InvalidArgumentError("these statistics were gathered with other discovery settings")
         device = self.counts.device
-        self.threshold = state["threshold"]
+        self.threshold, self.threshold_mode = state["threshold"], state["threshold_mode"]
         for layer, total in state["score_sums"].items():
             self.score_sums[layer] = total.to(device)
         self.ratio_sums, self.counts = state["ratio_sums"].to(device), state["counts"].to(device)
@@ -221,8 +227,7 @@ class DiscoveryStatistics:
         self.image_size = tuple(state["image_size"]) if state["image_size"] else None
 
     # ---- the result ------------------------------------------------------------------------
-    def finalize(self, *, top_k: int = 10, highest_layer: int | Literal["auto"] = AUTO, model: str = "unknown",
-                 threshold_mode: str = "given") -> RegisterNeurons:
+    def finalize(self, *, top_k: int = 10, highest_layer: int | Literal["auto"] = AUTO) -> RegisterNeurons:
         """The ``top_k`` neurons of layers up to ``highest_layer``, best first.
 
         Raises:
@@ -238,7 +243,7 @@ class DiscoveryStatistics:
                 f"the model produced {non_finite} NaN or infinite patch norms in blocks 0..{self.detect_layer}; "
                 "this is usually overflow: run it in float32 or bfloat16")
         if with_outliers == 0:
-            raise NoOutliersError(self._no_outlier_message(threshold_mode))
+            raise NoOutliersError(self._no_outlier_message())
         ratios = (self.ratio_sums / with_outliers).tolist()
         if highest_layer == AUTO:
             highest_layer = _stand_out_layer(ratios, self.detect_layer)
@@ -253,21 +258,21 @@ class DiscoveryStatistics:
         if len(ranked) < top_k:
             log.warning("only %d candidate neurons exist in layers 0..%d (top_k=%d)", len(ranked), highest_layer, top_k)
         return RegisterNeurons(
-            neurons=ranked, model=model, detect_layer=self.detect_layer, threshold=float(self.threshold),
+            neurons=ranked, model=self.model, detect_layer=self.detect_layer, threshold=float(self.threshold),
             highest_layer=highest_layer, images_seen=images_seen, images_with_outliers=with_outliers,
             image_size=self.image_size, score=self.score, source="find_register_neurons",
-            extra={"threshold_mode": threshold_mode, "sparsity_filter": self.sparsity is not None,
+            extra={"threshold_mode": self.threshold_mode, "sparsity_filter": self.sparsity is not None,
                    "outlier_norm_ratio_by_layer": [round(r, 4) for r in ratios]},
         )
 
-    def _no_outlier_message(self, threshold_mode: str) -> str:
+    def _no_outlier_message(self) -> str:
         largest = float(self.norm_max)
         count = float(self.counts[3])
         mean = float(self.norm_sums[0]) / count
         std = max(float(self.norm_sums[1]) / count - mean ** 2, 0.0) ** 0.5
         median = self.reference_median or float("nan")
         suggestion = mean + 3 * std if mean + 3 * std < largest else 0.9 * largest
-        if threshold_mode == AUTO:
+        if self.threshold_mode == AUTO:
             verdict = (f"this model shows no high-norm outliers at layer {self.detect_layer}: the largest patch "
                        f"norm in {self.images_seen} images is {largest:.4g}, {largest / median:.1f}x the median "
                        f"patch norm {median:.4g}, below the automatic threshold {self.threshold:.4g}")
@@ -279,12 +284,39 @@ class DiscoveryStatistics:
                 f"(mean + 3 sigma of the patch norms, the paper's heuristic) or another detect_layer.")
 
 
-def find_register_neurons(
+def find_register_neurons(hook_manager: HookManager, images, preprocess: Callable | None = None, *, top_k: int = 10,
+                          highest_layer: int | Literal["auto"] = AUTO, **options) -> RegisterNeurons:
+    """Find the MLP neurons that write the high-norm outlier tokens.
+
+    Gathers the statistics with :func:`gather_statistics` (every option of which it takes) and
+    returns their ``top_k`` neurons of layers up to ``highest_layer``, best first: the last
+    candidate layer, or with ``"auto"``, the first layer at which the outlier positions stand
+    out in norm.
+
+    Returns:
+        :class:`RegisterNeurons` with the threshold and layers actually used.
+
+    Raises:
+        NoOutliersError: no image had a patch above the threshold; the message gives the
+            largest patch norm seen and a threshold to try.
+        ImageSourceError: no readable image.
+        InvalidArgumentError: bad settings, or a checkpoint that does not match them.
+    """
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise InvalidArgumentError(f"top_k must be a positive int, got {top_k!r}")
+    stats = gather_statistics(hook_manager, images, preprocess, highest_layer=highest_layer, **options)
+    result = stats.finalize(top_k=top_k, highest_layer=highest_layer)
+    skipped = _total_skipped(stats.source)
+    if skipped is not None:
+        result.extra["files_skipped"] = skipped
+    return result
+
+
+def gather_statistics(
     hook_manager: HookManager,
     images,
     preprocess: Callable | None = None,
     *,
-    top_k: int = 10,
     threshold: float | Literal["auto"] = AUTO,
     detect_layer: int | None = None,
     highest_layer: int | Literal["auto"] = AUTO,
@@ -300,8 +332,8 @@ def find_register_neurons(
     checkpoint_every: int = 50,
     resume: bool = False,
     progress: bool = True,
-) -> RegisterNeurons:
-    """Find the MLP neurons that write the high-norm outlier tokens.
+) -> DiscoveryStatistics:
+    """Run the model over ``images`` and gather Algorithm 1's statistics (see :func:`find_register_neurons`).
 
     Args:
         hook_manager: the model, described by its architecture's :class:`HookManager`.
@@ -309,7 +341,6 @@ def find_register_neurons(
             PIL images, a preprocessed tensor [N, 3, H, W], or any iterable of PIL images or of
             preprocessed batches (such as your own ``DataLoader``).
         preprocess: PIL image -> tensor [3, H, W]; not needed for tensors.
-        top_k: how many (layer, neuron) pairs to return, best first.
         threshold: patch-norm threshold at ``detect_layer``, or ``"auto"``: a robust threshold
             (see :func:`auto_threshold`) from the patch norms of a seeded random sample of 32
             images, whatever the batch size. The sample is visited first (smaller batches are
@@ -318,8 +349,8 @@ def find_register_neurons(
             the positions with ``seed``; an iterable of unknown length gives its first 32.
         detect_layer: block whose output is searched for outliers; default the hook
             manager's ``default_detect_layer``.
-        highest_layer: last layer whose neurons are candidates, or ``"auto"``: the first
-            layer at which the outlier positions stand out in norm.
+        highest_layer: last layer whose neurons are candidates, or ``"auto"``: every layer up to
+            ``detect_layer`` is gathered, and :meth:`DiscoveryStatistics.finalize` picks.
         score: ``"raw"`` averages activations (the paper); ``"abs"`` averages their absolute
             values (the reference implementation).
         batch_size: images per forward pass.
@@ -341,18 +372,16 @@ def find_register_neurons(
     Under torch.distributed (``torchrun``), each rank reads its shard of the images (positions
     ``rank, rank + world, ...``), the ranks calibrate the automatic threshold together on the
     same sample one process would use, and their statistics are merged with ``all_reduce``:
-    every rank returns the result one process would have found.
+    every rank gets the statistics one process would have gathered.
 
     Returns:
-        :class:`RegisterNeurons` with the threshold and layers actually used.
+        :class:`DiscoveryStatistics`; ``.source`` is the image source as it was read.
 
     Raises:
-        NoOutliersError: no image had a patch above the threshold; the message gives the
-            largest patch norm seen and a threshold to try.
         ImageSourceError: no readable image.
         InvalidArgumentError: bad settings, or a checkpoint that does not match them.
     """
-    detect_layer, candidate_layers = check_discovery_arguments(hook_manager, top_k, threshold, detect_layer,
+    detect_layer, candidate_layers = check_discovery_arguments(hook_manager, 1, threshold, detect_layer,  # top_k: later
                                                                highest_layer, score)
     for name, value in (("sparsity_activation_threshold", sparsity_activation_threshold),
                         ("sparsity_frac_threshold", sparsity_frac_threshold)):
@@ -374,8 +403,7 @@ def find_register_neurons(
     sparsity = (float(sparsity_activation_threshold), float(sparsity_frac_threshold)) if sparsity_filter else None
     stats = DiscoveryStatistics({layer: hook_manager.num_neurons(layer) for layer in candidate_layers}, detect_layer,
                                 hook_manager.layout, threshold=None if threshold == AUTO else float(threshold),
-                                score=score, sparsity=sparsity, device=model_device)
-    threshold_mode = AUTO if threshold == AUTO else "given"
+                                score=score, sparsity=sparsity, device=model_device, model=hook_manager.name)
     settings = {"model": hook_manager.name, "detect_layer": detect_layer, "candidate_layers": len(candidate_layers),
                 "score": score, "sparsity": list(sparsity) if sparsity else None, "threshold": str(threshold),
                 "batch_size": batch_size, "seed": seed, "images": len(source) if source is not None else None,
@@ -411,12 +439,8 @@ def find_register_neurons(
     stats.all_reduce()
     if stats.images_seen == 0:
         raise ImageSourceError(no_images_message(images))
-    result = stats.finalize(top_k=top_k, highest_layer=highest_layer, model=hook_manager.name,
-                            threshold_mode=threshold_mode)
-    skipped = _total_skipped(images)
-    if skipped is not None:
-        result.extra["files_skipped"] = skipped
-    return result
+    stats.source = images
+    return stats
 
 
 def _total_skipped(images) -> int | None:
