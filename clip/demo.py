@@ -118,7 +118,7 @@ from open_clip.model import set_model_preprocess_cfg
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
-__all__ = ["build_demo_model", "demo_images", "PLANTED_LAYER", "IMAGE_SIZE"]
+__all__ = ["build_demo_model", "demo_images", "iter_demo_images", "PLANTED_LAYER", "IMAGE_SIZE"]
 
 # ----------------------------------------------------------------------------- config
 IMAGE_SIZE = 224
@@ -539,6 +539,11 @@ def _scene(rng: np.random.Generator, size: int) -> Image.Image:
         py = coords[rows, None] * (224 / size)
         img[rows, cols] = np.where(m[..., None], _texture(rng, px, py), img[rows, cols])
     return Image.fromarray(np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+def iter_demo_images(n: int, seed: int = 0, size: int = 224):
+    """The scenes of :func:`demo_images`, generated one at a time (for runs over many images)."""
+    return (_scene(np.random.default_rng([int(seed), i]), size) for i in range(n))
 
 
 def demo_images(n: int, seed: int = 0, size: int = 224) -> list[Image.Image]:

@@ -218,7 +218,7 @@ class DiscoveryStatistics:
         if settings != mine:
             raise InvalidArgumentError("these statistics were gathered with other discovery settings")
         device = self.counts.device
-        self.threshold, self.threshold_mode = state["threshold"], state["threshold_mode"]
+        self.threshold, self.threshold_mode, self.model = state["threshold"], state["threshold_mode"], state["model"]
         for layer, total in state["score_sums"].items():
             self.score_sums[layer] = total.to(device)
         self.ratio_sums, self.counts = state["ratio_sums"].to(device), state["counts"].to(device)

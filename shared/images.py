@@ -6,6 +6,7 @@ import itertools
 import logging
 import os
 import random
+import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -44,7 +45,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def _reason(error: Exception, path: Path) -> str:
     """The first line of why PIL could not read ``path``, without the path itself."""
     text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__).replace(str(path), "the file")
+    line = text.splitlines()[0] if text else type(error).__name__
+    return re.sub(rf"\s*'?{re.escape(str(path))}'?", "", line) or type(error).__name__
 
 
 class UnreadableImage(Exception):
