@@ -124,7 +124,7 @@ def load_openclip_spec(reference: str, *, device="cpu", precision="fp32", seed: 
 @register_architecture("demo", hook_manager=ClipHookManager, spec="demo",
                        description="SYNTHETIC: a small random open_clip ViT with planted register neurons, offline")
 def load_demo_spec(reference: str, *, device="cpu", precision="fp32", seed: int = 0) -> LoadedModel:
-    from .demo import build_demo_model, demo_images
+    from .demo import build_demo_model, iter_demo_images
 
     if reference:
         raise ModelLoadError(f"the demo takes no reference, got demo:{reference}; write demo")
@@ -133,4 +133,4 @@ def load_demo_spec(reference: str, *, device="cpu", precision="fp32", seed: int 
     model = set_precision(model, precision, device)
     hook_manager = ClipHookManager(model, name="demo", autocast_dtype=precision.autocast)
     return LoadedModel(model, preprocess, hook_manager, synthetic=True, planted=planted,
-                       generate_images=lambda count, image_seed: demo_images(count, seed=image_seed))
+                       generate_images=lambda count, image_seed: iter_demo_images(count, seed=image_seed))

@@ -168,7 +168,7 @@ def _image_sets(args, folder: ImageFolder | None, loaded):
     """(discovery images, held-out evaluation images, a description) for this run."""
     if folder is None:
         count = args.num_images or DEMO_IMAGES
-        scenes = loaded.generate_images(count + args.eval_images, args.seed)
+        scenes = list(loaded.generate_images(count + args.eval_images, args.seed))
         return scenes[:count], scenes[count:], f"{count} generated scenes"
     if args.neurons:   # nothing is discovered, so every image is held out
         return folder, ImageFolder(folder.root, args.eval_images, args.seed), f"images from {args.images}"

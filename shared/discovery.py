@@ -463,6 +463,7 @@ class _Pass:
         self.buffers: dict[int, torch.Tensor] = {}
         self.norms: dict[int, torch.Tensor] = {}
         self.held: list[tuple[dict, dict, list[int]]] = []   # (activations, norms, sample positions) per batch
+        self.held_buffers: dict[int, torch.Tensor] = {}      # the buffers of the last held batch
         # This rank's share of the calibration sample: the global positions below the sample size.
         self.share = len(range(shard.rank, AUTO_CALIBRATION_IMAGES, shard.world))
 
@@ -505,7 +506,7 @@ class _Pass:
             positions = batch.positions if self.ordered else [p * self.shard.world + self.shard.rank
                                                               for p in batch.positions]
             self.held.append((dict(self.activations), dict(self.norms), positions))
-            self.buffers.clear()
+            self.held_buffers, self.buffers = self.buffers, {}
         self.activations.clear()
         self.norms.clear()
 
@@ -533,6 +534,8 @@ class _Pass:
         for activations, norms, _ in self.held:
             self.stats.update(activations, norms)
         self.held.clear()
+        self.buffers = self.buffers or self.held_buffers   # reused from now on, not allocated anew
+        self.held_buffers = {}
 
 
 class _Checkpoints:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from PIL import Image
@@ -26,8 +26,9 @@ class LoadedModel:
     synthetic: bool = False
     #: The planted (layer, neuron) pairs of a synthetic model.
     planted: list[tuple[int, int]] | None = None
-    #: ``generate_images(count, seed)`` -> PIL images, for models that come with their own scenes.
-    generate_images: Callable[[int, int], list[Image.Image]] | None = None
+    #: ``generate_images(count, seed)`` -> PIL images, made one at a time as they are iterated, for
+    #: models that come with their own scenes.
+    generate_images: Callable[[int, int], Iterable[Image.Image]] | None = None
 
     def __iter__(self):
         return iter((self.model, self.preprocess, self.hook_manager))

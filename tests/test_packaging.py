@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -61,8 +62,10 @@ def test_a_fresh_environment_installs_the_wheel_and_its_console_script_runs_the_
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
     (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    source = tmp_path / "source"   # a copy, so that the build leaves nothing in the checkout
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__"))
     install = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-                              "-q", str(ROOT)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                              "-q", str(source)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert install.returncode == 0, install.stderr
     assert (site / "test_time_registers" / "dinov2" / "presets" / "dinov2_vitl14.json").is_file()
     assert not (site / "shared").exists() and not (site / "clip").exists()

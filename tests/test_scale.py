@@ -28,7 +28,7 @@ def demo_model():
 
 @pytest.fixture(scope="module")
 def scenes(demo_model):
-    return demo_model.generate_images(40, 0)
+    return list(demo_model.generate_images(40, 0))
 
 
 def same_result(one: RegisterNeurons, other: RegisterNeurons) -> None:
