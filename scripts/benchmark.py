@@ -151,9 +151,11 @@ def run(args: argparse.Namespace) -> int:
     device = hook_manager.device
 
     def discover():
+        # The highest layer is given (the same candidates "auto" gathers) so that a model without
+        # outliers does not warn at every run.
         return find_register_neurons(hook_manager, images, preprocess, top_k=top_k, threshold=args.threshold,
-                                     batch_size=args.batch_size, seed=args.seed, workers=args.workers,
-                                     progress=False)
+                                     highest_layer=hook_manager.default_detect_layer, batch_size=args.batch_size,
+                                     seed=args.seed, workers=args.workers, progress=False)
 
     found = discover()  # warm-up, and the neurons for the modified model
     neurons = found
