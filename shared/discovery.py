@@ -155,10 +155,15 @@ class DiscoveryStatistics:
         """Summed over the batch: each image's mean activation over its outliers, [N]."""
         batch, seq_len = token_weights.shape
         if self.sparsity is None:
-            flat = acts.reshape(batch * seq_len, -1).float()                     # a copy only for bf16/fp16
+            weights = token_weights.reshape(-1)                                  # [B*L], nonzero at outliers only
+            flat = acts.reshape(batch * seq_len, -1)
+            if flat.device.type == "cpu":   # outliers are few: read their rows, not the whole tensor
+                rows = weights.nonzero()[:, 0]
+                weights, flat = weights[rows], flat[rows]
+            flat = flat.float()                                                  # a copy only for bf16/fp16
             if self.score == "abs":
                 flat = flat.abs()
-            return (token_weights.reshape(1, -1) @ flat)[0]                      # summed in float32
+            return weights @ flat                                                # [N], summed in float32
         values = acts.float().abs() if self.score == "abs" else acts.float()
         per_image = torch.bmm(token_weights[:, None, :], values)[:, 0]           # [B, N]
         activation_threshold, frac_threshold = self.sparsity
