@@ -193,17 +193,16 @@ def cli_logging() -> Iterator[None]:
 
 def run_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int], argv=None) -> int:
     """Parse ``argv`` and call ``run``; bad input of any kind is one line on stderr and exit code 2."""
-    speaks = os.environ.get("RANK", "0") == "0"   # under torchrun, rank 0 alone reports errors
+    rank = os.environ.get("RANK", "0") if "LOCAL_RANK" in os.environ else "0"
+    prefix = "error: " if rank == "0" else f"error: rank {rank}: "   # under torchrun, say which rank failed
     with cli_logging():
         try:
             return run(parser.parse_args(argv))
         except (UsageError, TestTimeRegistersError) as error:
-            if speaks:
-                print(f"error: {in_cli_language(' '.join(str(error).split()), parser)}", file=sys.stderr)
+            print(f"{prefix}{in_cli_language(' '.join(str(error).split()), parser)}", file=sys.stderr)
             return 2
         except OSError as error:   # a file that vanished or a disk that filled up mid-run
-            if speaks:
-                print(f"error: {error}", file=sys.stderr)
+            print(f"{prefix}{error}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)

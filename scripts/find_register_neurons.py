@@ -33,6 +33,7 @@ from test_time_registers.scripts.common import (Parser, UsageError, add_model_fl
 
 DEMO_IMAGES = 64
 DEFAULT_OUT = Path("register_neurons.json")
+CHECKPOINT_EVERY = 50
 FIGURE_ROWS = 4
 #: Flags that only discovery reads: refused together with --neurons.
 DISCOVERY_FLAGS = ("out", "top_k", "threshold", "detect_layer", "highest_layer", "score", "checkpoint")
@@ -73,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="DataLoader processes that decode and preprocess images")
     parser.add_argument("--checkpoint", type=Path, help="save discovery's statistics to this file as it goes "
                         "(one file per rank under torchrun), to continue after a kill with --resume")
-    parser.add_argument("--checkpoint-every", type=positive_int, default=50, help="batches between checkpoints")
+    parser.add_argument("--checkpoint-every", type=positive_int,
+                        help=f"batches between checkpoints (default: {CHECKPOINT_EVERY})")
     parser.add_argument("--resume", action="store_true", help="continue discovery from --checkpoint")
     parser.add_argument("--log", type=Path, help="write per-image norm maps and neuron activations to this HDF5 file")
     parser.add_argument("--figure", type=Path, help="save a before/after PNG of norm and attention maps")
@@ -91,6 +93,9 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UsageError("--force only applies to --neurons")
     if args.resume and args.checkpoint is None:
         raise UsageError("--resume needs --checkpoint FILE, the checkpoint to continue from")
+    if args.checkpoint_every is not None and args.checkpoint is None:
+        raise UsageError("--checkpoint-every needs --checkpoint FILE")
+    args.checkpoint_every = args.checkpoint_every or CHECKPOINT_EVERY
     args.out = None if args.neurons else (args.out or DEFAULT_OUT)
     check_output_paths(out=args.out, log=args.log, figure=args.figure, checkpoint=args.checkpoint)
 
@@ -155,7 +160,7 @@ def discover_and_compare(args: argparse.Namespace, device: str, shard: Shard) ->
 
     if args.log:
         log_activations(hook_manager, images, neurons, args.log, preprocess, batch_size=args.batch_size,
-                        progress=not args.quiet)
+                        workers=args.workers, progress=not args.quiet)
         print(f"wrote {args.log}")
 
     compare(args, hook_manager, preprocess, evaluation if evaluation is not None else images, neurons,
@@ -198,7 +203,7 @@ def compare(args, hook_manager, preprocess, evaluation, neurons, held_out: bool)
                              edit=LegacyEdit() if args.legacy else PaperEdit(), seed=args.seed)
     keep = FIGURE_ROWS if args.figure else 0
     common = dict(detect_layer=detect_layer, attention_layer=attention_layer, batch_size=args.batch_size,
-                  keep_maps=keep)
+                  keep_maps=keep, workers=args.workers)
     before = measure_outliers(hook_manager, evaluation, preprocess, **common)
     after = measure_outliers(modified, evaluation, preprocess, **common)
     _report_skipped(evaluation, args.images)

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 def log_activations(hook_manager: HookManager, images, neurons, path: str | os.PathLike,
-                    preprocess: Callable | None = None, *, batch_size: int = 32,
+                    preprocess: Callable | None = None, *, batch_size: int = 32, workers: int = 0,
                     progress: bool = True) -> Path:
     """Run the unmodified model over ``images`` and log norms and neuron activations to ``path``.
 
@@ -76,7 +76,8 @@ def log_activations(hook_manager: HookManager, images, neurons, path: str | os.P
                 hooks.on_block_output(layer, keep_norms(layer))
             for layer in by_layer:
                 hooks.on_neurons(layer, keep_neurons(layer))
-            for batch in batches(images, preprocess, batch_size, hook_manager.device, hook_manager.input_dtype):
+            for batch in batches(images, preprocess, batch_size, hook_manager.device, hook_manager.input_dtype,
+                                 workers=workers):
                 if not batch.names:   # every image of it was unreadable
                     continue
                 hook_manager.forward_images(batch.pixel_values)

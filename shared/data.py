@@ -14,6 +14,7 @@ under torchrun shards itself (``DistributedSampler``).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -81,14 +82,55 @@ def _collate(samples):
     return positions, pixels, skipped, len(samples)
 
 
-class OrderedSource:
-    """A source whose items have positions: ``names[i]`` and ``read(i)`` for ``i`` in ``range(len)``."""
+class _ReadFiles:
+    """Position -> RGB image of a file (picklable, for DataLoader workers started by spawn)."""
 
-    def __init__(self, names: Sequence[str], read: Callable[[int], object], on_skip=None, origin=None):
-        self.names, self.read, self.on_skip, self.origin = names, read, on_skip, origin
+    def __init__(self, files: Sequence):
+        self.files = list(files)
+
+    def __call__(self, position: int):
+        return read_image(self.files[position])
+
+
+class _ReadItems:
+    """Position -> a list's PIL image (as RGB) or a tensor's row, through an optional order."""
+
+    def __init__(self, items, order: Sequence[int] | None = None):
+        self.items, self.order = items, order
+
+    def __call__(self, position: int):
+        item = self.items[self.order[position] if self.order is not None else position]
+        return item if isinstance(item, torch.Tensor) else to_rgb(item)
+
+
+class Reordered:
+    """A list or tensor of images visited in ``order`` (positions of the original), without a copy."""
+
+    def __init__(self, items, order: Sequence[int]):
+        self.items, self.order = items, list(order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+class OrderedSource:
+    """A source whose items have positions: ``names[i]`` and ``read(i)`` for ``i`` in ``range(len)``.
+
+    ``fingerprint`` identifies the items (their names, and the folder), so that a checkpoint
+    is resumed only on the images it was made from.
+    """
+
+    def __init__(self, names: Sequence[str], read: Callable[[int], object], on_skip=None, origin=None,
+                 on_device: bool = False):
+        self.names, self.read, self.on_skip, self.origin, self.on_device = names, read, on_skip, origin, on_device
 
     def __len__(self) -> int:
         return len(self.names)
+
+    @property
+    def fingerprint(self) -> str:
+        root = str(getattr(self.origin, "root", ""))
+        return hashlib.sha256("\n".join([root, *self.names]).encode()).hexdigest()[:16]
 
     def batches(self, preprocess, batch_size: int, device, dtype, *, workers: int = 0, shard: Shard = Shard(),
                 start: int = 0) -> Iterator[Batch]:
@@ -96,7 +138,8 @@ class OrderedSource:
         positions = list(range(shard.rank, len(self), shard.world))[start:]
         device = torch.device(device)
         loader = DataLoader(_Items(self.read, preprocess, len(self)), batch_size=batch_size, sampler=positions,
-                            num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda",
+                            num_workers=workers, collate_fn=_collate,
+                            pin_memory=device.type == "cuda" and not self.on_device,
                             persistent_workers=False)
         for kept, pixels, skipped, consumed in loader:
             for position, reason in skipped:
@@ -116,19 +159,18 @@ def ordered_source(images) -> OrderedSource | None:
     images = image_source(images)
     if isinstance(images, ImageFolder):
         files = images.sample_files()
-        return OrderedSource([images.name_of(path) for path in files], lambda i: read_image(files[i]),
+        return OrderedSource([images.name_of(path) for path in files], _ReadFiles(files),
                              on_skip=lambda i, reason: images.record_skip(files[i], reason), origin=images)
-    if isinstance(images, torch.Tensor):
-        if images.ndim != 4:
-            raise InvalidArgumentError(f"an image tensor must be [N, 3, H, W], got shape {tuple(images.shape)}")
-        return OrderedSource([f"image_{i}" for i in range(len(images))], lambda i: images[i])
-    if isinstance(images, (list, tuple)):
-        return OrderedSource([f"image_{i}" for i in range(len(images))], lambda i: _as_item(images[i]))
+    items, order = (images.items, images.order) if isinstance(images, Reordered) else (images, None)
+    if isinstance(items, torch.Tensor) and items.ndim != 4:
+        raise InvalidArgumentError(f"an image tensor must be [N, 3, H, W], got shape {tuple(items.shape)}")
+    if isinstance(items, (list, tuple)) and items and _batch_tensor(items[0]) is not None:
+        return None   # a list of preprocessed batches streams like a DataLoader
+    if isinstance(items, (list, tuple, torch.Tensor)):
+        indices = order if order is not None else range(len(items))
+        return OrderedSource([f"image_{i}" for i in indices], _ReadItems(items, order),
+                             on_device=isinstance(items, torch.Tensor) and items.device.type != "cpu")
     return None
-
-
-def _as_item(item):
-    return item if isinstance(item, torch.Tensor) else to_rgb(item)
 
 
 def _stream_batches(images: Iterable, preprocess, batch_size: int, device, dtype, start: int) -> Iterator[Batch]:
@@ -151,6 +193,9 @@ def _stream_batches(images: Iterable, preprocess, batch_size: int, device, dtype
             if seen + count <= start:       # resumed: this batch was done before
                 seen += count
                 continue
+            if seen < start:                # resumed inside this batch: its first rows were done before
+                pixels, seen = pixels[start - seen:], start
+                count = len(pixels)
             positions = list(range(seen, seen + count))
             seen += count
             yield Batch([f"image_{p}" for p in positions], pixels.to(device=device, dtype=dtype,

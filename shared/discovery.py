@@ -32,7 +32,7 @@ from .errors import (ImageSourceError, InvalidArgumentError, NonFiniteActivation
 from .hooks import HookManager, StopForward
 from .images import calibration_first, count_hint, image_source, no_images_message
 from .layout import TokenLayout
-from .neurons import RegisterNeuron, RegisterNeurons
+from .neurons import UNKNOWN_MODEL, RegisterNeuron, RegisterNeurons
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,9 @@ class DiscoveryStatistics:
         sparsity: ``(activation_threshold, frac_threshold)`` of the reference's filter, or ``None``.
         device: where the sums live.
         model: the model's name, recorded in the result.
+        outlier_rows: score only the rows of outlier tokens (read a few rows instead of the whole
+            activation tensor; best on the CPU) rather than a dense product over every token (no
+            host synchronisation; best on a GPU). ``None`` chooses by device.
 
     Every sum is float32 on ``device``. Two statistics of disjoint image sets ``merge`` into the
     statistics of their union, exactly as one pass would have summed them (up to float rounding).
@@ -88,10 +91,11 @@ class DiscoveryStatistics:
     def __init__(self, num_neurons: dict[int, int], detect_layer: int, layout: TokenLayout, *,
                  threshold: float | None = None, score: Literal["raw", "abs"] = "raw",
                  sparsity: tuple[float, float] | None = None, device: torch.device | str = "cpu",
-                 model: str = "unknown"):
+                 model: str = "unknown", outlier_rows: bool | None = None):
         self.detect_layer = detect_layer
         self.model = model
         self.threshold_mode = "given" if threshold is not None else AUTO
+        self.outlier_rows = torch.device(device).type == "cpu" if outlier_rows is None else outlier_rows
         self.layout = layout
         self.threshold = threshold
         self.score = score
@@ -157,7 +161,7 @@ class DiscoveryStatistics:
         if self.sparsity is None:
             weights = token_weights.reshape(-1)                                  # [B*L], nonzero at outliers only
             flat = acts.reshape(batch * seq_len, -1)
-            if flat.device.type == "cpu":   # outliers are few: read their rows, not the whole tensor
+            if self.outlier_rows:   # outliers are few: read their rows, not the whole tensor
                 rows = weights.nonzero()[:, 0]
                 weights, flat = weights[rows], flat[rows]
             flat = flat.float()                                                  # a copy only for bf16/fp16
@@ -175,11 +179,14 @@ class DiscoveryStatistics:
         return [*((total, "sum") for total in self.score_sums.values()), (self.ratio_sums, "sum"),
                 (self.counts, "sum"), (self.norm_sums, "sum"), (self.norm_max, "max")]
 
+    def _settings(self) -> tuple:
+        """What two statistics must share to be merged (besides the model and the threshold)."""
+        return (self.detect_layer, self.score, self.sparsity, self.layout.num_cls, self.layout.num_trained_registers,
+                {layer: len(total) for layer, total in self.score_sums.items()})
+
     def _check_compatible(self, other: "DiscoveryStatistics") -> None:
-        mine = (self.detect_layer, self.score, self.sparsity, {k: len(v) for k, v in self.score_sums.items()})
-        theirs = (other.detect_layer, other.score, other.sparsity, {k: len(v) for k, v in other.score_sums.items()})
-        if mine != theirs or self.threshold != other.threshold:
-            raise InvalidArgumentError("cannot merge statistics gathered with different settings or thresholds")
+        if self._settings() != other._settings() or (self.model, self.threshold) != (other.model, other.threshold):
+            raise InvalidArgumentError("cannot merge statistics gathered with different models, settings or thresholds")
 
     def merge(self, other: "DiscoveryStatistics") -> "DiscoveryStatistics":
         """Add ``other``'s images to these statistics (in place); returns ``self``."""
@@ -218,10 +225,10 @@ class DiscoveryStatistics:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         settings = (state["detect_layer"], state["score"], tuple(state["sparsity"]) if state["sparsity"] else None,
+                    state["num_cls"], state["num_trained_registers"],
                     {layer: len(total) for layer, total in state["score_sums"].items()})
-        mine = (self.detect_layer, self.score, self.sparsity, {k: len(v) for k, v in self.score_sums.items()})
-        if settings != mine:
-            raise InvalidArgumentError("these statistics were gathered with other discovery settings")
+        if settings != self._settings() or self.model not in (UNKNOWN_MODEL, state["model"]):
+            raise InvalidArgumentError("these statistics were gathered with another model or other discovery settings")
         device = self.counts.device
         self.threshold, self.threshold_mode, self.model = state["threshold"], state["threshold_mode"], state["model"]
         for layer, total in state["score_sums"].items():
@@ -240,6 +247,13 @@ class DiscoveryStatistics:
             NonFiniteActivationsError: NaN or infinite patch norms.
             NoOutliersError: no image had an outlier; the message suggests a threshold.
         """
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise InvalidArgumentError(f"top_k must be a positive int, got {top_k!r}")
+        gathered = max(self.score_sums)
+        if highest_layer != AUTO and (isinstance(highest_layer, bool) or not isinstance(highest_layer, int)
+                                      or not 0 <= highest_layer <= gathered):
+            raise InvalidArgumentError(f"highest_layer must be 'auto' or an int in 0..{gathered} (the layers "
+                                       f"gathered), got {highest_layer!r}")
         images_seen, with_outliers, non_finite = (int(value) for value in self.counts[:3].tolist())
         if images_seen == 0:
             raise ImageSourceError("no images were given")
@@ -412,6 +426,7 @@ def gather_statistics(
     settings = {"model": hook_manager.name, "detect_layer": detect_layer, "candidate_layers": len(candidate_layers),
                 "score": score, "sparsity": list(sparsity) if sparsity else None, "threshold": str(threshold),
                 "batch_size": batch_size, "seed": seed, "images": len(source) if source is not None else None,
+                "image_names": source.fingerprint if source is not None else None,
                 "rank": shard.rank, "world": shard.world}
     saver = _Checkpoints(checkpoint, shard, settings, images) if checkpoint is not None else None
     consumed = saver.restore(stats) if resume else 0
@@ -430,14 +445,14 @@ def gather_statistics(
             if not batch.names:
                 continue
             runner.run(batch)
-            if stats.threshold is None and runner.calibration_done(consumed):
-                runner.calibrate()
+            while stats.threshold is None and runner.calibration_due(consumed):
+                runner.calibrate(exhausted=False)
             since_saved += 1
             if saver is not None and stats.threshold is not None and since_saved >= checkpoint_every:
                 saver.save(stats, consumed)
                 since_saved = 0
-        if stats.threshold is None:   # every rank calls this once: fewer images than the sample wants
-            runner.calibrate()
+        while stats.threshold is None:   # this rank has run out of images; the others may not have
+            runner.calibrate(exhausted=True)
         if saver is not None and stats.threshold is not None:
             saver.save(stats, consumed, complete=True)
     bar.close()
@@ -449,12 +464,13 @@ def gather_statistics(
 
 
 def _total_skipped(images) -> int | None:
-    """Unreadable files of a folder over every rank, or ``None`` for other sources."""
+    """Distinct unreadable files of a folder over every rank, or ``None`` for other sources."""
     from .images import ImageFolder
 
     if not isinstance(images, ImageFolder):
         return None
-    return sum(distributed.all_gather_objects(images.skipped))
+    names = distributed.all_gather_objects(sorted(images.name_of(path) for path in images.skipped_files))
+    return len(set().union(*names))
 
 
 class _Pass:
@@ -469,8 +485,9 @@ class _Pass:
         self.norms: dict[int, torch.Tensor] = {}
         self.held: list[tuple[dict, dict, list[int]]] = []   # (activations, norms, sample positions) per batch
         self.held_buffers: dict[int, torch.Tensor] = {}      # the buffers of the last held batch
-        # This rank's share of the calibration sample: the global positions below the sample size.
-        self.share = len(range(shard.rank, AUTO_CALIBRATION_IMAGES, shard.world))
+        # The sample is the first AUTO_CALIBRATION_IMAGES readable images in position order. Positions
+        # below ``bound`` are gathered in rounds, the bound doubling while too few of them were readable.
+        self.bound = AUTO_CALIBRATION_IMAGES
 
     def attach(self, hooks) -> None:
         for layer in self.candidate_layers:
@@ -515,23 +532,27 @@ class _Pass:
         self.activations.clear()
         self.norms.clear()
 
-    def calibration_done(self, consumed: int) -> bool:
-        """True once this rank has read its share of the sample (ordered sources: by position)."""
-        if self.ordered:
-            return consumed >= self.share
-        return sum(len(positions) for _, _, positions in self.held) >= self.share
+    def calibration_due(self, consumed: int) -> bool:
+        """True once this rank has read all its positions below the bound (a stream: its images)."""
+        return consumed >= len(range(self.shard.rank, self.bound, self.shard.world))
 
-    def calibrate(self) -> None:
-        """The automatic threshold from the sample, agreed by every rank; then the held batches count."""
+    def calibrate(self, exhausted: bool) -> None:
+        """One round: gather every rank's held images below the bound; if at least the sample size
+        were readable, or every rank has run out of images, the first of them set the automatic
+        threshold and the held batches count. Otherwise the bound doubles. Every rank makes the same
+        rounds, since all decide on the same gathered data."""
         mine = [(position, norms[self.detect_layer][row].cpu())
                 for _, norms, positions in self.held for row, position in enumerate(positions)
-                if position < AUTO_CALIBRATION_IMAGES or not self.ordered]
-        if not self.ordered:   # a stream: this rank's first images
-            mine = mine[:self.share]
-        sample = sorted((item for gathered in distributed.all_gather_objects(mine) for item in gathered),
-                        key=lambda item: item[0])
+                if position < self.bound]
+        gathered = distributed.all_gather_objects((mine, exhausted))
+        sample = sorted((item for items, _ in gathered for item in items), key=lambda item: item[0])
+        if len(sample) < AUTO_CALIBRATION_IMAGES and not all(done for _, done in gathered):
+            self.bound *= 2
+            return
+        sample = sample[:AUTO_CALIBRATION_IMAGES]
         if not sample:
-            return   # no image anywhere: finalize says so
+            self.stats.threshold = math.inf   # no image anywhere: finalize says so
+            return
         calibration = torch.stack([norms for _, norms in sample])
         self.stats.threshold = auto_threshold(calibration)
         self.stats.reference_median = float(calibration.median())
@@ -560,6 +581,7 @@ class _Checkpoints:
         state = {"format": CHECKPOINT_FORMAT, "settings": self.settings, "statistics": stats.state_dict(),
                  "consumed": consumed, "skipped": skipped, "complete": complete}
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.remove_stale()
         handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         os.close(handle)
         try:
@@ -570,10 +592,16 @@ class _Checkpoints:
             raise
         log.info("checkpoint: %d images done, saved to %s", consumed, self.path)
 
+    def remove_stale(self) -> None:
+        """Temporary files a killed save left behind (only this checkpoint's own)."""
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
     def restore(self, stats: DiscoveryStatistics) -> int:
         """Load the statistics into ``stats``; returns how many of this shard's positions were done."""
         from .images import ImageFolder
 
+        self.remove_stale()
         if not self.path.is_file():
             raise InvalidArgumentError(f"no checkpoint to resume from at {self.path}")
         try:

@@ -129,8 +129,9 @@ class Hooks:
             except BaseException as error:  # noqa: BLE001 - the rest must still be removed
                 failures.append(error)
         if failures:
-            for later in failures[1:]:
-                failures[0].add_note(f"also failed while closing hooks: {type(later).__name__}: {later}")
+            if hasattr(failures[0], "add_note"):   # Python 3.11 and later
+                for later in failures[1:]:
+                    failures[0].add_note(f"also failed while closing hooks: {type(later).__name__}: {later}")
             raise failures[0]
 
     def keep(self, handle: RemovableHandle) -> RemovableHandle:

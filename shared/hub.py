@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import socket
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -38,10 +39,19 @@ def _unreachable(host: str, port: int) -> str | None:
         return f"{host} cannot be reached ({error.strerror or type(error).__name__})"
 
 
+#: Behind one of these proxies a direct connection proves nothing, so the hub is not probed.
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
 def why_offline(url: str | None = None) -> str | None:
-    """``None`` when downloads from ``url`` (default: the Hugging Face hub) can work, else why not."""
+    """``None`` when downloads from ``url`` (default: the Hugging Face hub) can work, else why not.
+
+    With a proxy variable set, downloads are left to try (through the proxy) rather than probed.
+    """
     if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return None
     parsed = urlparse(url or constants.ENDPOINT)
     if not parsed.hostname:
         return None

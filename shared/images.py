@@ -206,20 +206,21 @@ def calibration_first(images, count: int, seed: int = 0):
 
     A folder is visited in an order drawn with its own seed from its sorted file list, so the
     sample does not depend on how the files are listed. A list, tuple or tensor has ``count`` of
-    its positions drawn with ``seed`` and moved to the front. Other iterables are left as they
-    are: their first ``count`` images are the sample.
+    its positions drawn with ``seed`` and moved to the front (a :class:`~test_time_registers.data.Reordered`
+    view, not a copy). Other iterables are left as they are: their first ``count`` images are the sample.
     """
+    from .data import Reordered
+
     if isinstance(images, ImageFolder):
         return images.shuffled()
-    if isinstance(images, (list, tuple, torch.Tensor)) and len(images) > count:
+    if isinstance(images, torch.Tensor) or (isinstance(images, (list, tuple)) and images
+                                            and not isinstance(images[0], torch.Tensor)):
+        if len(images) <= count:
+            return images
         sample = sorted(random.Random(seed).sample(range(len(images)), count))
         chosen = set(sample)
-        order = sample + [index for index in range(len(images)) if index not in chosen]
-        if isinstance(images, torch.Tensor):
-            return images[torch.tensor(order)]
-        return [images[index] for index in order]
-    if not isinstance(images, (list, tuple, torch.Tensor)):
-        log.info("calibrating the automatic threshold on the first %d images of an iterable", count)
+        return Reordered(images, sample + [index for index in range(len(images)) if index not in chosen])
+    log.info("calibrating the automatic threshold on the first %d images of an iterable", count)
     return images
 
 

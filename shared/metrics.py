@@ -33,11 +33,12 @@ class OutlierReport:
 
 def measure_outliers(runner: HookManager | ModifiedModel, images, preprocess: Callable | None = None, *,
                      detect_layer: int | None = None, attention_layer: int | None = None,
-                     batch_size: int = 32, keep_maps: int = 0) -> OutlierReport:
+                     batch_size: int = 32, keep_maps: int = 0, workers: int = 0) -> OutlierReport:
     """Run ``runner`` over ``images`` and measure the outliers at the detection layer.
 
     ``runner`` is a hook manager (the unmodified model) or a :class:`ModifiedModel`. The
     attention layer defaults to the last block. ``keep_maps`` keeps that many images' maps.
+    ``workers`` DataLoader processes decode and preprocess the images.
     """
     hook_manager = runner.hook_manager if isinstance(runner, ModifiedModel) else runner
     images = image_source(images)
@@ -52,7 +53,8 @@ def measure_outliers(runner: HookManager | ModifiedModel, images, preprocess: Ca
     count = 0
     norm_maps, attention_maps = [], []
     with torch.no_grad():
-        for batch in batches(images, preprocess, batch_size, hook_manager.device, hook_manager.input_dtype):
+        for batch in batches(images, preprocess, batch_size, hook_manager.device, hook_manager.input_dtype,
+                             workers=workers):
             if not batch.names:   # every image of it was unreadable
                 continue
             sites = {"residual": [detect_layer], "attention": [attention_layer] if has_cls else []}
