@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 
 import torch
-from PIL import Image
 
 from test_time_registers.errors import ModelLoadError
+from test_time_registers.hf import ProcessorTransform, register_transformers_model
 from test_time_registers.hub import load_pretrained
-from test_time_registers.images import IMAGENET_MEAN, IMAGENET_STD
+from test_time_registers.images import default_transform
 from test_time_registers.loading import LoadedModel, first_line
 from test_time_registers.precision import Precision, cast_model, get_precision
 from test_time_registers.registry import Preset, register_architecture
@@ -23,31 +23,6 @@ DINOV2_VITL14 = Preset("dinov2-vitl14", "test_time_registers.dinov2.presets", "d
                        model="dinov2:facebook/dinov2-large",
                        description="DINOv2 ViT-L/14 (LVD-142M): 45 neurons in blocks 12-17, from the reference "
                                    "implementation; detect layer 22, threshold 150, top layer 17")
-
-
-class ProcessorTransform:
-    """A transformers image processor as a PIL image -> tensor [3, H, W] transform."""
-
-    def __init__(self, processor):
-        self.processor = processor
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
-
-    def __repr__(self) -> str:
-        return f"ProcessorTransform({type(self.processor).__name__})"
-
-
-def default_transform(size: int = 224):
-    """DINOv2's evaluation transform: resize to 256/224 of ``size``, centre crop, ImageNet normalisation."""
-    from torchvision import transforms
-
-    return transforms.Compose([
-        transforms.Resize(round(size * 256 / 224), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
 
 
 def load_dinov2(id_or_dir: str | os.PathLike, *, device: torch.device | str = "cpu",
@@ -116,3 +91,7 @@ def load_dinov2_spec(reference: str, *, device="cpu", precision="fp32", seed: in
 
     transformers_logging.disable_progress_bar()   # stderr stays for our progress bars and errors
     return load_dinov2(reference, device=device, precision=precision)
+
+
+register_transformers_model("Dinov2Model", "Dinov2WithRegistersModel", "Dinov2ForImageClassification",
+                            "Dinov2WithRegistersForImageClassification", hook_manager=Dinov2HookManager)

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import nn
 
-from .hooks import Hooks
+from .errors import ModelLoadError, UnsupportedModelError
+from .hooks import HookManager, Hooks
+from .hub import load_pretrained
+from .loading import LoadedModel, first_line
+from .precision import Precision, cast_model, get_precision
+from .registry import register_architecture
+
+log = logging.getLogger(__name__)
 
 
 def probe_eager_attention(model: nn.Module, attention: nn.Module, fn: Callable[[torch.Tensor], None],
@@ -35,3 +46,107 @@ def probe_eager_attention(model: nn.Module, attention: nn.Module, fn: Callable[[
         fn(output[1])  # [B, heads, L, L]
 
     hooks.keep(attention.register_forward_hook(read_weights))
+
+
+# ---- models named by their transformers class --------------------------------------------
+#: transformers class name -> the hook manager that describes it, registered by architecture packages.
+_HOOK_MANAGERS: dict[str, type[HookManager]] = {}
+def register_transformers_model(*class_names: str, hook_manager: type[HookManager]) -> None:
+    """Declare that ``hook_manager`` describes models of these transformers classes (for ``hf:`` specs)."""
+    for name in class_names:
+        _HOOK_MANAGERS[name] = hook_manager
+
+
+def hook_manager_class(model: nn.Module) -> type[HookManager]:
+    """The hook manager registered for ``model``'s class (or a base class of it)."""
+    from .registry import architectures
+
+    architectures()   # every installed package registers its classes on import
+    for cls in type(model).__mro__:
+        if cls.__name__ in _HOOK_MANAGERS:
+            return _HOOK_MANAGERS[cls.__name__]
+    known = ", ".join(sorted(_HOOK_MANAGERS))
+    raise UnsupportedModelError(f"no hook manager describes transformers' {type(model).__name__}; supported: {known}")
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+
+
+def load_transformers(id_or_dir: str | os.PathLike, *, device: torch.device | str = "cpu",
+                      precision: str | Precision = "fp32", seed: int = 0) -> LoadedModel:
+    """Load any supported transformers vision model with ``AutoModel``; the hook manager follows its class.
+
+    Args:
+        id_or_dir: a Hugging Face id, a folder saved with ``save_pretrained``, or a folder with only
+            a ``config.json``: that builds the architecture with random weights (seeded by ``seed``).
+        device, precision: as for every loader.
+
+    Raises:
+        ModelLoadError: missing folder, unreachable and uncached id, corrupt weights.
+        UnsupportedModelError: a class no hook manager describes.
+    """
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+    precision = get_precision(precision)
+    source = os.fspath(id_or_dir)
+    folder = Path(source).expanduser()
+    local = folder.exists() or source.startswith(("/", ".", "~")) or source.count("/") > 1
+    if local and not folder.is_dir():
+        raise ModelLoadError(f"model directory not found: {source}")
+
+    def load():
+        if local and not _has_weights(folder):
+            log.warning("%s has a config but no weights: building it with random weights (seed %d)", source, seed)
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                return AutoModel.from_config(AutoConfig.from_pretrained(source))
+        return AutoModel.from_pretrained(source)
+
+    try:
+        model = load() if local else load_pretrained(
+            load, f"transformers model {source}",
+            f"Download it where the hub can be reached (hf download {source} --local-dir DIR), then pass hf:DIR.")
+        preprocess = _image_processor(AutoImageProcessor, source)
+    except ModelLoadError:
+        raise
+    except Exception as error:  # OSError (missing, offline), ValueError, safetensors errors
+        raise ModelLoadError(f"could not load transformers model {source!r}: {first_line(error)}") from error
+    manager = hook_manager_class(model)
+    model = cast_model(model, precision, device).eval()
+    return LoadedModel(model, preprocess, manager(model, name=f"hf:{source}", autocast_dtype=precision.autocast))
+
+
+class ProcessorTransform:
+    """A transformers image processor as a PIL image -> tensor [3, H, W] transform."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def __repr__(self) -> str:
+        return f"ProcessorTransform({type(self.processor).__name__})"
+
+
+def _image_processor(auto_processor, source: str):
+    try:
+        return ProcessorTransform(auto_processor.from_pretrained(source))
+    except Exception:  # no preprocessor_config.json: the ImageNet-normalised default
+        from .images import default_transform
+
+        return default_transform()
+
+
+@register_architecture("hf", hook_manager=HookManager, spec="hf:HF_ID_OR_DIR",
+                       description="a transformers vision model, through AutoModel; the hook manager follows its class",
+                       examples=("hf:openai/clip-vit-base-patch16", "hf:google/siglip-base-patch16-224",
+                                 "hf:/models/vit-config-only"))
+def load_transformers_spec(reference: str, *, device="cpu", precision="fp32", seed: int = 0) -> LoadedModel:
+    if not reference:
+        raise ModelLoadError("hf: needs a Hugging Face id or a local directory, e.g. hf:openai/clip-vit-base-patch16")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()   # stderr stays for our progress bars and errors
+    return load_transformers(reference, device=device, precision=precision, seed=seed)

@@ -196,6 +196,19 @@ class ImageFolder:
         return f"no readable image among the {len(self)} file(s) tried in {self.root} ({self.skipped} skipped)"
 
 
+def default_transform(size: int = 224):
+    """The evaluation transform of most ImageNet-trained ViTs (DINOv2's among them): resize to 256/224
+    of ``size``, centre crop, ImageNet normalisation. PIL image -> tensor [3, size, size]."""
+    from torchvision import transforms
+
+    return transforms.Compose([
+        transforms.Resize(round(size * 256 / 224), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
 def image_source(images):
     """A folder path becomes an :class:`ImageFolder`; every other source is returned as it is."""
     return ImageFolder(images) if isinstance(images, (str, os.PathLike)) else images

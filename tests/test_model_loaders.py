@@ -160,3 +160,70 @@ def test_dinov2_with_a_swiglu_mlp_reads_neurons_at_the_output_projection():
         unedited(pixel_values=pixels)
     assert torch.equal(after.neurons[2][:, 65, [5, 9]], reference.neurons[2][:, :, [5, 9]].amax(dim=1))
     assert output.last_hidden_state.shape == (2, 65, 64)
+
+
+@pytest.mark.parametrize("kind, manager", [("clip", "ClipVisionHookManager"), ("siglip", "SiglipVisionHookManager"),
+                                           ("vit", "ViTHookManager")])
+def test_hf_specs_pick_the_hook_manager_from_the_model_class(tmp_path, kind, manager):
+    from test_time_registers import load_model
+    from tests.tiny_models import hf_tower
+
+    source = hf_tower(kind)
+    source.save_pretrained(tmp_path)
+    loaded = load_model(f"hf:{tmp_path}", precision="bf16")
+    assert type(loaded.hook_manager).__name__ == manager and loaded.hook_manager.name == f"hf:{tmp_path}"
+    assert loaded.hook_manager.input_dtype == torch.bfloat16
+    for name, value in source.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[name].float(), value.to(torch.bfloat16).float())
+    assert loaded.preprocess(Image.new("RGB", (300, 200))).shape == (3, 224, 224)   # no processor saved: the default
+
+
+def test_an_hf_folder_with_only_a_config_builds_random_weights_and_says_so(tmp_path, caplog):
+    from transformers import ViTConfig
+
+    from test_time_registers import load_model
+    from tests.tiny_models import HF_TOWER
+
+    ViTConfig(**HF_TOWER).save_pretrained(tmp_path)
+    with caplog.at_level("WARNING", logger="test_time_registers"):
+        first = load_model(f"hf:{tmp_path}", seed=3)
+    assert "no weights: building it with random weights (seed 3)" in caplog.text
+    again = load_model(f"hf:{tmp_path}", seed=3)
+    for name, value in first.model.state_dict().items():
+        assert torch.equal(again.model.state_dict()[name], value), name
+
+
+def test_hf_specs_that_cannot_be_served_are_precise_errors(tmp_path):
+    from transformers import BertConfig
+
+    from test_time_registers import UnsupportedModelError, load_model
+
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+               vocab_size=50).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="no hook manager describes transformers' BertModel; supported: "):
+        load_model(f"hf:{tmp_path}")
+    with pytest.raises(ModelLoadError, match="model directory not found"):
+        load_model(f"hf:{tmp_path / 'missing'}")
+    with pytest.raises(ModelLoadError, match="cannot download transformers model openai/clip-vit-base-patch16"):
+        load_model("hf:openai/clip-vit-base-patch16")
+
+
+def test_a_full_clip_model_runs_its_image_features_with_registers():
+    from transformers import CLIPConfig, CLIPModel
+
+    from test_time_registers.clip import ClipVisionHookManager
+    from tests.tiny_models import HF_TOWER
+
+    config = CLIPConfig(vision_config=HF_TOWER, text_config=dict(hidden_size=32, intermediate_size=64,
+                                                                 num_hidden_layers=1, num_attention_heads=2))
+    model = CLIPModel(config).eval()
+    hook_manager = ClipVisionHookManager(model)
+    modified = ModifiedModel(model, hook_manager, [(1, 3)], num_registers=2)
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = modified.get_image_features(pixel_values=pixels)
+        plain = model.get_image_features(pixel_values=pixels)
+    plain = getattr(plain, "pooler_output", plain)
+    features = getattr(features, "pooler_output", features)
+    assert features.shape == plain.shape and not torch.equal(features, plain)
+    assert modified.register_tokens.shape == (2, 2, 64)

@@ -77,7 +77,7 @@ def test_entry_points_name_the_packages_that_serve_each_prefix():
     served = {entry.name: entry.value for entry in metadata.entry_points(group=ENTRY_POINT_GROUP)}
     assert served == {"demo": "test_time_registers.clip", "openclip": "test_time_registers.clip",
                       "dinov2": "test_time_registers.dinov2", "timm": "test_time_registers.deit",
-                      "deit": "test_time_registers.deit"}
+                      "deit": "test_time_registers.deit", "hf": "test_time_registers.hf"}
 
 
 def test_a_bad_precision_is_a_precise_error():

@@ -14,11 +14,12 @@ from typing import Callable
 import open_clip
 import timm
 import torch
-from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+from transformers import (CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig,
+                          Dinov2WithRegistersModel, SiglipVisionConfig, SiglipVisionModel, ViTConfig, ViTModel)
 
-from test_time_registers.clip import ClipHookManager
+from test_time_registers.clip import ClipHookManager, ClipVisionHookManager, SiglipVisionHookManager
 from test_time_registers.deit import DeitHookManager
-from test_time_registers.dinov2 import Dinov2HookManager
+from test_time_registers.dinov2 import Dinov2HookManager, ViTHookManager
 from test_time_registers.hooks import HookManager
 
 IMAGE_SIZE = 64
@@ -91,6 +92,29 @@ def timm_model(name: str = "deit3_small_patch16_224", seed: int = 0, **overrides
     return model.eval()
 
 
+HF_TOWER = dict(hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=LAYERS, num_attention_heads=2,
+                image_size=IMAGE_SIZE, patch_size=8)
+
+
+def hf_tower(kind: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny transformers CLIP or SigLIP image tower, or ViTModel, with dominant positions."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        if kind == "clip":
+            model = CLIPVisionModel(CLIPVisionConfig(**HF_TOWER))
+        elif kind == "siglip":
+            model = SiglipVisionModel(SiglipVisionConfig(**HF_TOWER))
+        else:
+            model = ViTModel(ViTConfig(**HF_TOWER), add_pooling_layer=False)
+    embeddings = model.embeddings
+    if kind == "vit":
+        positions, projection = embeddings.position_embeddings, embeddings.patch_embeddings.projection
+    else:
+        positions, projection = embeddings.position_embedding.weight, embeddings.patch_embedding
+    _dominant_positions(positions, projection, torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
 ARCHITECTURES = [
     Architecture("openclip", clip_model, ClipHookManager, 1, 0),
     Architecture("dinov2", dinov2_model, Dinov2HookManager, 1, 0),
@@ -99,4 +123,7 @@ ARCHITECTURES = [
     Architecture("timm-reg4-no-embed-class",
                  lambda: timm_model("vit_small_patch16_224", reg_tokens=4, no_embed_class=True, global_pool="avg"),
                  DeitHookManager, 1, 4),
+    Architecture("hf-clip", lambda: hf_tower("clip"), ClipVisionHookManager, 1, 0),
+    Architecture("hf-siglip", lambda: hf_tower("siglip"), SiglipVisionHookManager, 0, 0),
+    Architecture("hf-vit", lambda: hf_tower("vit"), ViTHookManager, 1, 0),
 ]
