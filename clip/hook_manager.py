@@ -1,16 +1,30 @@
-"""OpenCLIP's VisionTransformer, described for the shared core. No open_clip code is copied."""
+"""OpenCLIP's image towers, described for the shared core: its own VisionTransformer, and towers
+with a timm trunk (SigLIP, SigLIP 2 and the other ``TimmModel`` towers). No open_clip code is copied."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
 import torch
+from open_clip.timm_model import TimmModel
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
+from test_time_registers.deit.hook_manager import DeitHookManager
 from test_time_registers.errors import UnsupportedModelError
 from test_time_registers.hooks import HookManager, Hooks, HookSite
 from test_time_registers.layout import TokenLayout
+
+
+#: Why towers that are not plain ViTs cannot take a test-time register (yet).
+_WHY_NOT = {
+    "ModifiedResNet": ": a convolutional ResNet has no token sequence to append a register to",
+    "ConvNeXt": ": a convolutional network has no token sequence to append a register to",
+    "FastVit": ": FastViT mixes tokens by convolution over the patch grid, which has no slot for an extra token",
+    "SwinTransformer": ": Swin attends within windows of the patch grid, which have no slot for an extra token",
+    "Eva": ": Eva trunks (EVA02) apply rotary embeddings to every token after the prefix; not supported yet",
+    "VisionTransformerRelPos": ": its relative position bias is sized for the patch grid; not supported yet",
+}
 
 
 class ClipHookManager(HookManager):
@@ -20,13 +34,21 @@ class ClipHookManager(HookManager):
     ``VisionTransformer`` itself. Test-time registers are appended to the input of
     ``ln_pre`` (after the positional embedding, which they do not get) and taken off the
     output of ``transformer``, before ``ln_post`` and pooling.
+
+    A tower with a timm trunk (``TimmModel``) gets a :class:`ClipTimmHookManager` instead.
     """
+
+    def __new__(cls, model: nn.Module, *args, **kwargs):
+        if cls is ClipHookManager and isinstance(getattr(model, "visual", model), TimmModel):
+            cls = ClipTimmHookManager
+        return super().__new__(cls)
 
     def __init__(self, model: nn.Module, name: str | None = None, **options):
         visual = getattr(model, "visual", model)
         if not isinstance(visual, VisionTransformer):
             raise UnsupportedModelError(
-                f"ClipHookManager needs an open_clip VisionTransformer image tower, got {type(visual).__name__}")
+                f"ClipHookManager needs an open_clip VisionTransformer image tower, got {type(visual).__name__}"
+                f"{_WHY_NOT.get(type(visual).__name__, '')}")
         if not getattr(visual.transformer, "batch_first", True):
             raise UnsupportedModelError("ClipHookManager needs a batch-first open_clip transformer")
         unsupported = {type(b).__name__ for b in visual.transformer.resblocks if not isinstance(b, ResidualAttentionBlock)}
@@ -80,3 +102,61 @@ class ClipHookManager(HookManager):
 
         hooks.keep(attention.register_forward_pre_hook(ask_for_weights, with_kwargs=True))
         hooks.keep(attention.register_forward_hook(read_weights))
+
+
+class ClipTimmHookManager(ClipHookManager):
+    """An open_clip tower whose trunk is a timm ViT (``TimmModel``: SigLIP, SigLIP 2, ...).
+
+    Every site is the trunk's, as :class:`~test_time_registers.deit.DeitHookManager` declares them
+    (prefix tokens read from the trunk, so SigLIP has none); ``forward_images`` and
+    ``encode_image`` run the whole tower, so open_clip's pooling and projection follow. Trunks
+    that are not a timm ``VisionTransformer`` raise :class:`UnsupportedModelError`.
+    """
+
+    def __init__(self, model: nn.Module, name: str | None = None, **options):
+        visual = getattr(model, "visual", model)
+        if not isinstance(visual, TimmModel):
+            raise UnsupportedModelError(f"ClipTimmHookManager needs an open_clip TimmModel tower, got "
+                                        f"{type(visual).__name__}")
+        self.visual = visual
+        trunk = type(visual.trunk).__name__
+        if trunk in _WHY_NOT:
+            raise UnsupportedModelError(f"open_clip tower with a timm {trunk} trunk{_WHY_NOT[trunk]}")
+        self.trunk = DeitHookManager(visual.trunk)   # raises for trunks it does not describe
+        HookManager.__init__(self, model, name, **options)
+        self.forward_methods = ("encode_image",) if hasattr(model, "encode_image") else ()
+
+    def default_name(self) -> str:
+        return f"openclip:{self.trunk.default_name().removeprefix('timm:')}"
+
+    @property
+    def layout(self) -> TokenLayout:
+        return self.trunk.layout
+
+    @property
+    def patch_embedding(self) -> nn.Module:
+        return self.trunk.patch_embedding
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return self.trunk.patch_size
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        return self.trunk.blocks
+
+    def mlp_output_projection(self, layer: int) -> nn.Module:
+        return self.trunk.mlp_output_projection(layer)
+
+    def mlp_input_projection(self, layer: int) -> nn.Module:
+        return self.trunk.mlp_input_projection(layer)
+
+    def register_insertion_site(self) -> HookSite:
+        return self.trunk.register_insertion_site()
+
+    def register_removal_site(self) -> HookSite:
+        return self.trunk.register_removal_site()
+
+    def attach_attention_probe(self, layer: int, fn: Callable[[torch.Tensor], None], hooks: Hooks) -> None:
+        self.trunk.attach_attention_probe(layer, fn, hooks)
+

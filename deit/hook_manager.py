@@ -32,7 +32,10 @@ class DeitHookManager(HookManager):
             attention = getattr(block, "attn", None)
             if not (hasattr(block, "mlp") and hasattr(block.mlp, "fc2") and hasattr(attention, "attn_drop")
                     and hasattr(attention, "fused_attn")):
-                raise UnsupportedModelError(f"DeitHookManager does not support the block type {type(block).__name__}")
+                raise UnsupportedModelError(
+                    f"DeitHookManager does not support the block type {type(block).__name__} with "
+                    f"{type(getattr(block, 'mlp', None)).__name__} (hybrid or gated ViTs such as ViTamin are not "
+                    "supported yet)")
         super().__init__(model, name, **options)
 
     def default_name(self) -> str:

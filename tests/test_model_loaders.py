@@ -227,3 +227,29 @@ def test_a_full_clip_model_runs_its_image_features_with_registers():
     features = getattr(features, "pooler_output", features)
     assert features.shape == plain.shape and not torch.equal(features, plain)
     assert modified.register_tokens.shape == (2, 2, 64)
+
+
+@pytest.mark.parametrize("name, supported, reason", [
+    ("ViT-B-16", True, None),
+    ("ViT-B-16-SigLIP", True, None),                  # a timm ViT trunk without CLS, attention pooling
+    ("ViT-SO400M-16-SigLIP2-256", True, None),
+    ("RN50", False, "a convolutional ResNet has no token sequence"),
+    ("convnext_base", False, "a convolutional network has no token sequence"),
+    ("EVA02-B-16", False, "rotary embeddings"),
+    ("ViTamin-S", False, "hybrid or gated ViTs such as ViTamin"),
+])
+def test_open_clip_towers_are_described_or_refused_with_the_reason(name, supported, reason):
+    import open_clip
+
+    from test_time_registers import UnsupportedModelError
+    from test_time_registers.clip import ClipHookManager, ClipTimmHookManager
+
+    with torch.device("meta"):   # the real architecture, without allocating its weights
+        model = open_clip.create_model(name, device="meta")
+    if supported:
+        hook_manager = ClipHookManager(model)
+        assert isinstance(hook_manager, ClipTimmHookManager) == (type(model.visual).__name__ == "TimmModel")
+        assert hook_manager.num_layers == len(hook_manager.blocks) > 0
+        return
+    with pytest.raises(UnsupportedModelError, match=reason):
+        ClipHookManager(model)

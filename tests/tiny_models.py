@@ -115,6 +115,20 @@ def hf_tower(kind: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+def clip_with_timm_trunk(trunk_name: str, seed: int = 0, **overrides) -> open_clip.CLIP:
+    """A real open_clip CLIP whose image tower is a ``TimmModel`` around a tiny timm ViT trunk."""
+    vision = {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False, "timm_pool": "",
+              "timm_proj": "linear", "image_size": IMAGE_SIZE}
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = open_clip.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=CLIP_TEXT)
+        trunk = timm_model(trunk_name, seed=seed, **overrides)
+        trunk.reset_classifier(0)                       # the tower's own projection follows
+        model.visual.trunk = trunk
+        model.visual.head.proj = torch.nn.Linear(trunk.num_features, 32, bias=False)
+    return model.eval()
+
+
 ARCHITECTURES = [
     Architecture("openclip", clip_model, ClipHookManager, 1, 0),
     Architecture("dinov2", dinov2_model, Dinov2HookManager, 1, 0),
@@ -123,6 +137,9 @@ ARCHITECTURES = [
     Architecture("timm-reg4-no-embed-class",
                  lambda: timm_model("vit_small_patch16_224", reg_tokens=4, no_embed_class=True, global_pool="avg"),
                  DeitHookManager, 1, 4),
+    Architecture("openclip-timm-trunk", lambda: clip_with_timm_trunk("vit_small_patch16_224"), ClipHookManager, 1, 0),
+    Architecture("openclip-siglip-trunk", lambda: clip_with_timm_trunk("vit_base_patch16_siglip_224"),
+                 ClipHookManager, 0, 0),
     Architecture("hf-clip", lambda: hf_tower("clip"), ClipVisionHookManager, 1, 0),
     Architecture("hf-siglip", lambda: hf_tower("siglip"), SiglipVisionHookManager, 0, 0),
     Architecture("hf-vit", lambda: hf_tower("vit"), ViTHookManager, 1, 0),
