@@ -288,9 +288,10 @@ class ModifiedModel(nn.Module):
 
     # ---- hooks -----------------------------------------------------------------------
     def _append_registers(self, tokens: torch.Tensor) -> torch.Tensor:
-        batch, _, width = tokens.shape
+        batch, seq_len, width = tokens.shape
         zeros = tokens.new_zeros(batch, self.num_registers, width)
-        return torch.cat([tokens, zeros], dim=1)
+        where = self.layout.test_time_registers(seq_len + self.num_registers).start
+        return torch.cat([tokens[:, :where], zeros, tokens[:, where:]], dim=1)
 
     def _strip_registers(self, tokens: torch.Tensor) -> torch.Tensor:
         seq_len = tokens.shape[1]

@@ -4,7 +4,12 @@ Every sequence the library touches is ordered
 
     [CLS x num_cls][trained registers x num_trained_registers][patches][test-time registers]
 
-and every slice in the library comes from a :class:`TokenLayout`. The number of patches is
+or, for models that position the tokens after the prefix by counting from the end (rotary
+embeddings applied to the last num_patches tokens, as in DINOv3), with ``registers_after_prefix``:
+
+    [CLS x num_cls][trained registers x num_trained_registers][test-time registers][patches]
+
+Every slice in the library comes from a :class:`TokenLayout`. The number of patches is
 never stored: it follows from the sequence length, so one layout serves every image size.
 """
 
@@ -22,6 +27,7 @@ class TokenLayout:
     num_cls: int = 1
     num_trained_registers: int = 0
     num_test_time_registers: int = 0
+    registers_after_prefix: bool = False
 
     def __post_init__(self):
         for name in ("num_cls", "num_trained_registers", "num_test_time_registers"):
@@ -54,16 +60,23 @@ class TokenLayout:
         return slice(self.num_cls, self.num_prefix)
 
     def patches(self, seq_len: int) -> slice:
-        return slice(self.num_prefix, self.num_prefix + self.num_patches(seq_len))
+        start = self.num_prefix + (self.num_test_time_registers if self.registers_after_prefix else 0)
+        return slice(start, start + self.num_patches(seq_len))
 
     def test_time_registers(self, seq_len: int) -> slice:
         # Written with explicit bounds: a count of zero gives an empty slice, never x[-0:].
-        start = self.num_prefix + self.num_patches(seq_len)
+        start = self.num_prefix if self.registers_after_prefix else self.num_prefix + self.num_patches(seq_len)
         return slice(start, start + self.num_test_time_registers)
 
-    def image_tokens(self, seq_len: int) -> slice:
-        """CLS, trained registers and patches: everything but the test-time registers."""
-        return slice(0, self.num_prefix + self.num_patches(seq_len))
+    def image_tokens(self, seq_len: int) -> slice | torch.Tensor:
+        """CLS, trained registers and patches: everything but the test-time registers.
+
+        A slice, or a long index tensor when test-time registers sit between the prefix and the patches.
+        """
+        if not self.registers_after_prefix or not self.num_test_time_registers:
+            return slice(0, self.num_prefix + self.num_patches(seq_len))
+        patches = self.patches(seq_len)
+        return torch.cat([torch.arange(self.num_prefix), torch.arange(patches.start, patches.stop)])
 
     def mask(self, seq_len: int, *, cls: bool = False, trained_registers: bool = False,
              patches: bool = False, test_time_registers: bool = False,

@@ -33,3 +33,17 @@ def test_bad_layouts_are_rejected():
         TokenLayout(num_cls=-1)
     with pytest.raises(ValueError):
         TokenLayout(num_cls=1, num_test_time_registers=3).patches(2)
+
+
+def test_registers_after_the_prefix_sit_before_the_patches():
+    from test_time_registers import TokenLayout
+
+    layout = TokenLayout(num_cls=1, num_trained_registers=2, num_test_time_registers=2, registers_after_prefix=True)
+    seq_len = 1 + 2 + 2 + 6
+    tokens = list(range(seq_len))
+    assert tokens[layout.test_time_registers(seq_len)] == [3, 4]
+    assert tokens[layout.patches(seq_len)] == [5, 6, 7, 8, 9, 10]
+    assert layout.image_tokens(seq_len).tolist() == [0, 1, 2, 5, 6, 7, 8, 9, 10]
+    assert layout.mask(seq_len, test_time_registers=True).nonzero()[:, 0].tolist() == [3, 4]
+    plain = layout.with_test_time_registers(0)
+    assert plain.image_tokens(7) == slice(0, 7) and plain.patches(7) == slice(3, 7)

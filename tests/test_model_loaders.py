@@ -253,3 +253,24 @@ def test_open_clip_towers_are_described_or_refused_with_the_reason(name, support
         return
     with pytest.raises(UnsupportedModelError, match=reason):
         ClipHookManager(model)
+
+
+def test_dinov3_loads_by_spec_and_keeps_registers_out_of_its_outputs(tmp_path):
+    from test_time_registers import load_model
+    from test_time_registers.dinov2 import Dinov3HookManager
+    from tests.tiny_models import dinov3_model
+
+    dinov3_model().save_pretrained(tmp_path)
+    model, _, hook_manager = load_model(f"hf:{tmp_path}")
+    assert isinstance(hook_manager, Dinov3HookManager)
+    layout = hook_manager.layout
+    assert (layout.num_cls, layout.num_trained_registers, layout.registers_after_prefix) == (1, 4, True)
+    pixels = torch.randn(2, 3, 64, 64)
+    modified = ModifiedModel(model, hook_manager, [(1, 5)], num_registers=2)
+    with torch.no_grad():
+        output, plain = modified(pixel_values=pixels), model(pixel_values=pixels)
+        with modified.capture(residual=[0]) as captured:
+            modified.forward_images(pixels)
+    assert output.last_hidden_state.shape == plain.last_hidden_state.shape == (2, 1 + 4 + 64, 64)
+    assert modified.register_tokens.shape == (2, 2, 64)
+    assert captured.residual[0].shape[1] == 1 + 4 + 2 + 64      # [CLS][4 registers][2 test-time][patches]

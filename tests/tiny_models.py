@@ -15,11 +15,12 @@ import open_clip
 import timm
 import torch
 from transformers import (CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig,
-                          Dinov2WithRegistersModel, SiglipVisionConfig, SiglipVisionModel, ViTConfig, ViTModel)
+                          Dinov2WithRegistersModel, DINOv3ViTConfig, DINOv3ViTModel, SiglipVisionConfig,
+                          SiglipVisionModel, ViTConfig, ViTModel)
 
 from test_time_registers.clip import ClipHookManager, ClipVisionHookManager, SiglipVisionHookManager
 from test_time_registers.deit import DeitHookManager
-from test_time_registers.dinov2 import Dinov2HookManager, ViTHookManager
+from test_time_registers.dinov2 import Dinov2HookManager, Dinov3HookManager, ViTHookManager
 from test_time_registers.hooks import HookManager
 
 IMAGE_SIZE = 64
@@ -115,6 +116,19 @@ def hf_tower(kind: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+def dinov3_model(seed: int = 0) -> torch.nn.Module:
+    """A tiny transformers DINOv3 (rotary positions, 4 trained registers)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = DINOv3ViTModel(DINOv3ViTConfig(**HF_TOWER, num_register_tokens=4))
+        with torch.no_grad():
+            model.embeddings.register_tokens.normal_()
+    # Rotary positions add nothing to the tokens: the patch embedding's bias plays the dominant part.
+    projection = model.embeddings.patch_embeddings
+    _dominant_positions(projection.bias, projection, torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
 def clip_with_timm_trunk(trunk_name: str, seed: int = 0, **overrides) -> open_clip.CLIP:
     """A real open_clip CLIP whose image tower is a ``TimmModel`` around a tiny timm ViT trunk."""
     vision = {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False, "timm_pool": "",
@@ -143,4 +157,5 @@ ARCHITECTURES = [
     Architecture("hf-clip", lambda: hf_tower("clip"), ClipVisionHookManager, 1, 0),
     Architecture("hf-siglip", lambda: hf_tower("siglip"), SiglipVisionHookManager, 0, 0),
     Architecture("hf-vit", lambda: hf_tower("vit"), ViTHookManager, 1, 0),
+    Architecture("hf-dinov3", dinov3_model, Dinov3HookManager, 1, 4),
 ]
