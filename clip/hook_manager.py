@@ -10,7 +10,7 @@ from open_clip.timm_model import TimmModel
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
-from test_time_registers.deit.hook_manager import DeitHookManager
+from test_time_registers.deit.hook_manager import timm_hook_manager
 from test_time_registers.errors import UnsupportedModelError
 from test_time_registers.hooks import HookManager, Hooks, HookSite
 from test_time_registers.layout import TokenLayout
@@ -22,7 +22,6 @@ _WHY_NOT = {
     "ConvNeXt": ": a convolutional network has no token sequence to append a register to",
     "FastVit": ": FastViT mixes tokens by convolution over the patch grid, which has no slot for an extra token",
     "SwinTransformer": ": Swin attends within windows of the patch grid, which have no slot for an extra token",
-    "Eva": ": Eva trunks (EVA02) apply rotary embeddings to every token after the prefix; not supported yet",
     "VisionTransformerRelPos": ": its relative position bias is sized for the patch grid; not supported yet",
 }
 
@@ -107,8 +106,9 @@ class ClipHookManager(HookManager):
 class ClipTimmHookManager(ClipHookManager):
     """An open_clip tower whose trunk is a timm ViT (``TimmModel``: SigLIP, SigLIP 2, ...).
 
-    Every site is the trunk's, as :class:`~test_time_registers.deit.DeitHookManager` declares them
-    (prefix tokens read from the trunk, so SigLIP has none); ``forward_images`` and
+    Every site is the trunk's, as :class:`~test_time_registers.deit.DeitHookManager` (or, for an
+    Eva trunk, :class:`~test_time_registers.deit.EvaHookManager`) declares them (prefix tokens read
+    from the trunk, so SigLIP has none); ``forward_images`` and
     ``encode_image`` run the whole tower, so open_clip's pooling and projection follow. Trunks
     that are not a timm ``VisionTransformer`` raise :class:`UnsupportedModelError`.
     """
@@ -122,7 +122,7 @@ class ClipTimmHookManager(ClipHookManager):
         trunk = type(visual.trunk).__name__
         if trunk in _WHY_NOT:
             raise UnsupportedModelError(f"open_clip tower with a timm {trunk} trunk{_WHY_NOT[trunk]}")
-        self.trunk = DeitHookManager(visual.trunk)   # raises for trunks it does not describe
+        self.trunk = timm_hook_manager(visual.trunk)   # raises for trunks it does not describe
         HookManager.__init__(self, model, name, **options)
         self.forward_methods = ("encode_image",) if hasattr(model, "encode_image") else ()
 
@@ -151,6 +151,9 @@ class ClipTimmHookManager(ClipHookManager):
     def mlp_input_projection(self, layer: int) -> nn.Module:
         return self.trunk.mlp_input_projection(layer)
 
+    def mlp_input_rows(self, layer: int) -> tuple[tuple[nn.Module, int], ...]:
+        return self.trunk.mlp_input_rows(layer)
+
     def register_insertion_site(self) -> HookSite:
         return self.trunk.register_insertion_site()
 
@@ -159,4 +162,7 @@ class ClipTimmHookManager(ClipHookManager):
 
     def attach_attention_probe(self, layer: int, fn: Callable[[torch.Tensor], None], hooks: Hooks) -> None:
         self.trunk.attach_attention_probe(layer, fn, hooks)
+
+    def prepare_for_registers(self, num_registers: int, hooks: Hooks) -> None:
+        self.trunk.prepare_for_registers(num_registers, hooks)
 

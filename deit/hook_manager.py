@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -25,15 +26,19 @@ class DeitHookManager(HookManager):
     block's ``fused_attn`` (timm has no public switch for a built model), which is not thread-safe.
     """
 
+    #: The timm model class this hook manager describes.
+    model_class: type = VisionTransformer
+
     def __init__(self, model: nn.Module, name: str | None = None, **options):
-        if not isinstance(model, VisionTransformer):
-            raise UnsupportedModelError(f"DeitHookManager needs a timm VisionTransformer, got {type(model).__name__}")
+        if not isinstance(model, self.model_class):
+            raise UnsupportedModelError(f"{type(self).__name__} needs a timm {self.model_class.__name__}, "
+                                        f"got {type(model).__name__}")
         for block in model.blocks:
             attention = getattr(block, "attn", None)
             if not (hasattr(block, "mlp") and hasattr(block.mlp, "fc2") and hasattr(attention, "attn_drop")
                     and hasattr(attention, "fused_attn")):
                 raise UnsupportedModelError(
-                    f"DeitHookManager does not support the block type {type(block).__name__} with "
+                    f"{type(self).__name__} does not support the block type {type(block).__name__} with "
                     f"{type(getattr(block, 'mlp', None)).__name__} (hybrid or gated ViTs such as ViTamin are not "
                     "supported yet)")
         super().__init__(model, name, **options)
@@ -61,6 +66,15 @@ class DeitHookManager(HookManager):
             raise NotImplementedError("a gated MLP has no single input projection per neuron")
         return fc1
 
+    def mlp_input_rows(self, layer: int) -> tuple[tuple[nn.Module, int], ...]:
+        mlp = self.blocks[layer].mlp
+        if hasattr(mlp, "fc1_g"):                   # timm SwiGLU: separate gate and value layers
+            return ((mlp.fc1_g, 0), (mlp.fc1_x, 0))
+        width = self.num_neurons(layer)
+        if mlp.fc1.weight.shape[0] == 2 * width:    # timm GluMlp: one layer, two halves
+            return ((mlp.fc1, 0), (mlp.fc1, width))
+        return ((mlp.fc1, 0),)
+
     def register_insertion_site(self) -> HookSite:
         return HookSite(self.model.norm_pre, "input")
 
@@ -85,3 +99,36 @@ class DeitHookManager(HookManager):
             fn(output)  # [B, heads, L, L]
 
         hooks.keep(attention.attn_drop.register_forward_hook(read_probabilities))
+
+
+class EvaHookManager(DeitHookManager):
+    """Sites of an unmodified timm ``Eva`` (EVA02, EVA-CLIP): rotary positions, gated MLPs.
+
+    Eva applies its rotary embedding to every token after the prefix (``num_prefix_tokens``).
+    Test-time registers therefore go right after the prefix and before the patches
+    (``registers_after_prefix``), and while they are in, each block's attention counts them as
+    prefix tokens: they get no rotary position, and every patch keeps its own. The other sites
+    are those of a timm ViT (``norm_pre``, ``norm``, ``mlp.fc2``, ``attn.attn_drop``).
+    """
+
+    model_class = Eva
+
+    @property
+    def layout(self) -> TokenLayout:
+        registers = self.model.reg_token.shape[1] if getattr(self.model, "reg_token", None) is not None else 0
+        return TokenLayout(num_cls=self.model.num_prefix_tokens - registers, num_trained_registers=registers,
+                           registers_after_prefix=True)
+
+    def prepare_for_registers(self, num_registers: int, hooks: Hooks) -> None:
+        for block in self.blocks:
+            attention = block.attn
+            attention.num_prefix_tokens += num_registers
+            hooks.on_exit(lambda attention=attention: setattr(attention, "num_prefix_tokens",
+                                                              attention.num_prefix_tokens - num_registers))
+
+
+def timm_hook_manager(model: nn.Module, name: str | None = None, **options) -> DeitHookManager:
+    """The hook manager of a timm model: :class:`EvaHookManager` for ``Eva``, else :class:`DeitHookManager`."""
+    manager = EvaHookManager if isinstance(model, Eva) else DeitHookManager
+    return manager(model, name, **options)
+

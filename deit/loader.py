@@ -13,7 +13,7 @@ from test_time_registers.loading import LoadedModel, first_line
 from test_time_registers.precision import Precision, cast_model, get_precision
 from test_time_registers.registry import register_architecture
 
-from .hook_manager import DeitHookManager
+from .hook_manager import DeitHookManager, timm_hook_manager
 
 RANDOM = "random"
 
@@ -63,7 +63,7 @@ def load_timm(name: str, checkpoint: str | os.PathLike | None = None, *, pretrai
     model = cast_model(model, precision, device).eval()
     weights = os.fspath(checkpoint) if checkpoint is not None else (None if pretrained else RANDOM)
     spec = f"timm:{name}" + (f":{weights}" if weights else "")
-    return LoadedModel(model, preprocess, DeitHookManager(model, name=spec, autocast_dtype=precision.autocast))
+    return LoadedModel(model, preprocess, timm_hook_manager(model, name=spec, autocast_dtype=precision.autocast))
 
 
 @register_architecture("timm", hook_manager=DeitHookManager, spec="timm:NAME[:CHECKPOINT|:random]",

@@ -238,6 +238,20 @@ class HookManager(abc.ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} does not declare mlp_input_projection")
 
+    def mlp_input_rows(self, layer: int) -> tuple[tuple[nn.Module, int], ...]:
+        """Every input projection that feeds the neurons of block ``layer``, with the row of neuron 0.
+
+        A plain MLP has one, ``((fc1, 0),)``; a gated one (SwiGLU, GeGLU) two, its value and
+        gate rows, e.g. ``((fc1_g, 0), (fc1_x, 0))`` or ``((fc1, 0), (fc1, N))`` when one layer
+        holds both halves. Optional: only :mod:`test_time_registers.planting` needs it.
+        """
+        return ((self.mlp_input_projection(layer), 0),)
+
+    def prepare_for_registers(self, num_registers: int, hooks: Hooks) -> None:
+        """Change what the model needs changed to carry ``num_registers`` more tokens, while ``hooks``
+        is open (e.g. a prefix count that positions the tokens after it); restore it through
+        ``hooks.on_exit``. Most models need nothing."""
+
     @abc.abstractmethod
     def register_insertion_site(self) -> HookSite:
         """Where test-time registers are appended to the token sequence."""

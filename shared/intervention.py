@@ -250,6 +250,7 @@ class ModifiedModel(nn.Module):
         """
         with self.hook_manager.hooks() as hooks:
             if self.num_registers:
+                self.hook_manager.prepare_for_registers(self.num_registers, hooks)
                 hooks.on(self.hook_manager.register_insertion_site(), self._append_registers, prepend=True)
                 hooks.on(self.hook_manager.register_removal_site(), self._strip_registers, prepend=True)
             for layer in self._layers:

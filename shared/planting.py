@@ -79,7 +79,9 @@ def plant_register_neurons(hook_manager: HookManager, images: MarkedImages, laye
     """Turn ``count`` neurons of block ``layer`` into register neurons, in place.
 
     Args:
-        hook_manager: describes the model; it must declare ``mlp_input_projection``.
+        hook_manager: describes the model; it must declare ``mlp_input_rows`` (or
+            ``mlp_input_projection``). In a gated MLP the value and gate rows both read the planted
+            direction, so a neuron is ``act(h) * h``: large on markers, about zero elsewhere.
         images: calibration images from :func:`marker_images`, at the model's input size.
         layer: the block whose MLP gets the planted neurons.
         count: how many neurons to plant.
@@ -94,7 +96,10 @@ def plant_register_neurons(hook_manager: HookManager, images: MarkedImages, laye
     """
     hook_manager.check_layer(layer)
     generator = torch.Generator().manual_seed(seed)
-    fc_in, fc_out = hook_manager.mlp_input_projection(layer), hook_manager.mlp_output_projection(layer)
+    projections, fc_out = hook_manager.mlp_input_rows(layer), hook_manager.mlp_output_projection(layer)
+    fc_in = projections[0][0]
+    if any(module.bias is None for module, _ in projections):
+        raise NotImplementedError("planting sets a threshold through the input projections' biases, which this MLP lacks")
     width = fc_out.weight.shape[1]
     neurons = sorted(torch.randperm(width, generator=generator)[:count].tolist())
     index = torch.tensor(neurons, device=fc_in.weight.device)
@@ -119,8 +124,9 @@ def plant_register_neurons(hook_manager: HookManager, images: MarkedImages, laye
         midpoint = (lowest_marker + highest_other) / 2
         gains = FIRING_MARGIN / (lowest_marker - midpoint) * (1 + 0.5 * torch.rand(count, generator=generator))
         gains = gains.to(direction.device)
-        fc_in.weight[index] = (gains[:, None] * direction[None, :]).to(fc_in.weight.dtype)
-        fc_in.bias[index] = (-gains * midpoint).to(fc_in.bias.dtype)
+        for module, offset in projections:
+            module.weight[offset + index] = (gains[:, None] * direction[None, :]).to(module.weight.dtype)
+            module.bias[offset + index] = (-gains * midpoint).to(module.bias.dtype)
 
         write = torch.randn(fc_out.weight.shape[0], generator=generator).to(direction.device)
         write = write - write.mean()

@@ -235,7 +235,7 @@ def test_a_full_clip_model_runs_its_image_features_with_registers():
     ("ViT-SO400M-16-SigLIP2-256", True, None),
     ("RN50", False, "a convolutional ResNet has no token sequence"),
     ("convnext_base", False, "a convolutional network has no token sequence"),
-    ("EVA02-B-16", False, "rotary embeddings"),
+    ("EVA02-B-16", True, None),                        # an Eva trunk: rotary positions, gated MLPs
     ("ViTamin-S", False, "hybrid or gated ViTs such as ViTamin"),
 ])
 def test_open_clip_towers_are_described_or_refused_with_the_reason(name, supported, reason):

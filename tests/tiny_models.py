@@ -19,7 +19,7 @@ from transformers import (CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov
                           SiglipVisionModel, ViTConfig, ViTModel)
 
 from test_time_registers.clip import ClipHookManager, ClipVisionHookManager, SiglipVisionHookManager
-from test_time_registers.deit import DeitHookManager
+from test_time_registers.deit import DeitHookManager, EvaHookManager
 from test_time_registers.dinov2 import Dinov2HookManager, Dinov3HookManager, ViTHookManager
 from test_time_registers.hooks import HookManager
 
@@ -154,6 +154,8 @@ ARCHITECTURES = [
     Architecture("openclip-timm-trunk", lambda: clip_with_timm_trunk("vit_small_patch16_224"), ClipHookManager, 1, 0),
     Architecture("openclip-siglip-trunk", lambda: clip_with_timm_trunk("vit_base_patch16_siglip_224"),
                  ClipHookManager, 0, 0),
+    Architecture("openclip-eva-trunk", lambda: clip_with_timm_trunk("eva02_tiny_patch14_224"), ClipHookManager, 1, 0),
+    Architecture("timm-eva02", lambda: timm_model("eva02_tiny_patch14_224"), EvaHookManager, 1, 0),
     Architecture("hf-clip", lambda: hf_tower("clip"), ClipVisionHookManager, 1, 0),
     Architecture("hf-siglip", lambda: hf_tower("siglip"), SiglipVisionHookManager, 0, 0),
     Architecture("hf-vit", lambda: hf_tower("vit"), ViTHookManager, 1, 0),
