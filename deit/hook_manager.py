@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from timm.models.beit import Beit
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -127,8 +128,51 @@ class EvaHookManager(DeitHookManager):
                                                               attention.num_prefix_tokens - num_registers))
 
 
+def _pad_bias(bias: torch.Tensor, extra: int) -> torch.Tensor:
+    """A relative position bias [..., L, L] for ``extra`` tokens appended after position L - 1: each
+    gets the CLS token's row, column and diagonal entry (CLS is position 0)."""
+    rows = torch.cat([bias, bias[..., :1, :].expand(*bias.shape[:-2], extra, bias.shape[-1])], dim=-2)
+    columns = rows[..., :, :1].clone()
+    columns[..., -extra:, :] = bias[..., :1, :1]
+    return torch.cat([rows, columns.expand(*rows.shape[:-1], extra)], dim=-1)
+
+
+class BeitHookManager(DeitHookManager):
+    """Sites of an unmodified timm ``Beit`` (BEiT, BEiT v2): a relative position bias in attention.
+
+    The bias is sized for [CLS][patches]. Test-time registers are appended after the patches
+    (at the input of the first block), and while they are in, every bias the model computes is
+    extended for them: a register gets the CLS token's entries, i.e. the bias of attending to and
+    from CLS (BEiT gives CLS one learned entry per direction, and another for itself). They come
+    out at the input of ``norm``, before pooling.
+    """
+
+    model_class = Beit
+
+    @property
+    def layout(self) -> TokenLayout:
+        return TokenLayout(num_cls=1)
+
+    def register_insertion_site(self) -> HookSite:
+        return HookSite(self.blocks[0], "input")
+
+    def prepare_for_registers(self, num_registers: int, hooks: Hooks) -> None:
+        for block in self.blocks:
+            attention = block.attn
+            if getattr(attention, "relative_position_bias_table", None) is None:
+                continue
+            original = attention._get_rel_pos_bias   # a bound method; the instance attribute shadows it
+            attention._get_rel_pos_bias = lambda original=original: _pad_bias(original(), num_registers)
+            hooks.on_exit(lambda attention=attention: delattr(attention, "_get_rel_pos_bias"))
+        if self.model.rel_pos_bias is not None:      # one bias shared by every block
+            hooks.keep(self.model.rel_pos_bias.register_forward_hook(
+                lambda module, args, output: _pad_bias(output, num_registers)))
+
+
 def timm_hook_manager(model: nn.Module, name: str | None = None, **options) -> DeitHookManager:
-    """The hook manager of a timm model: :class:`EvaHookManager` for ``Eva``, else :class:`DeitHookManager`."""
-    manager = EvaHookManager if isinstance(model, Eva) else DeitHookManager
+    """The hook manager of a timm model: :class:`EvaHookManager` for ``Eva``, :class:`BeitHookManager`
+    for ``Beit``, else :class:`DeitHookManager`."""
+    manager = EvaHookManager if isinstance(model, Eva) else BeitHookManager if isinstance(model, Beit) \
+        else DeitHookManager
     return manager(model, name, **options)
 

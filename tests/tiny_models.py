@@ -19,7 +19,7 @@ from transformers import (CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov
                           SiglipVisionModel, ViTConfig, ViTModel)
 
 from test_time_registers.clip import ClipHookManager, ClipVisionHookManager, SiglipVisionHookManager
-from test_time_registers.deit import DeitHookManager, EvaHookManager
+from test_time_registers.deit import BeitHookManager, DeitHookManager, EvaHookManager
 from test_time_registers.dinov2 import Dinov2HookManager, Dinov3HookManager, ViTHookManager
 from test_time_registers.hooks import HookManager
 
@@ -129,6 +129,16 @@ def dinov3_model(seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+def beit_model(seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny timm BEiT: relative position bias in every block, no absolute positions."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = timm.create_model("beit_base_patch16_224", **{**TIMM, **overrides})
+    projection = model.patch_embed.proj   # no positional embedding: the bias plays the dominant part
+    _dominant_positions(projection.bias, projection, torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
 def clip_with_timm_trunk(trunk_name: str, seed: int = 0, **overrides) -> open_clip.CLIP:
     """A real open_clip CLIP whose image tower is a ``TimmModel`` around a tiny timm ViT trunk."""
     vision = {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False, "timm_pool": "",
@@ -156,6 +166,9 @@ ARCHITECTURES = [
                  ClipHookManager, 0, 0),
     Architecture("openclip-eva-trunk", lambda: clip_with_timm_trunk("eva02_tiny_patch14_224"), ClipHookManager, 1, 0),
     Architecture("timm-eva02", lambda: timm_model("eva02_tiny_patch14_224"), EvaHookManager, 1, 0),
+    Architecture("timm-beit", beit_model, BeitHookManager, 1, 0),
+    Architecture("timm-beit-shared-bias", lambda: beit_model(use_rel_pos_bias=False, use_shared_rel_pos_bias=True),
+                 BeitHookManager, 1, 0),
     Architecture("hf-clip", lambda: hf_tower("clip"), ClipVisionHookManager, 1, 0),
     Architecture("hf-siglip", lambda: hf_tower("siglip"), SiglipVisionHookManager, 0, 0),
     Architecture("hf-vit", lambda: hf_tower("vit"), ViTHookManager, 1, 0),
