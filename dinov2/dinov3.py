@@ -55,6 +55,12 @@ class Dinov3HookManager(HookManager):
             raise NotImplementedError("a gated MLP has no single input projection per neuron")
         return mlp.up_proj
 
+    def mlp_input_rows(self, layer: int) -> tuple[tuple[nn.Module, int], ...]:
+        mlp = self.blocks[layer].mlp
+        if hasattr(mlp, "gate_proj"):   # the gated MLP of the larger DINOv3 models: act(gate) * up
+            return ((mlp.gate_proj, 0), (mlp.up_proj, 0))
+        return ((mlp.up_proj, 0),)
+
     def register_insertion_site(self) -> HookSite:
         return HookSite(self.model.embeddings, "output")
 

@@ -116,11 +116,11 @@ def hf_tower(kind: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def dinov3_model(seed: int = 0) -> torch.nn.Module:
-    """A tiny transformers DINOv3 (rotary positions, 4 trained registers)."""
+def dinov3_model(seed: int = 0, gated: bool = False) -> torch.nn.Module:
+    """A tiny transformers DINOv3 (rotary positions, 4 trained registers; a gated MLP if asked)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = DINOv3ViTModel(DINOv3ViTConfig(**HF_TOWER, num_register_tokens=4))
+        model = DINOv3ViTModel(DINOv3ViTConfig(**HF_TOWER, num_register_tokens=4, use_gated_mlp=gated))
         with torch.no_grad():
             model.embeddings.register_tokens.normal_()
     # Rotary positions add nothing to the tokens: the patch embedding's bias plays the dominant part.
@@ -173,4 +173,5 @@ ARCHITECTURES = [
     Architecture("hf-siglip", lambda: hf_tower("siglip"), SiglipVisionHookManager, 0, 0),
     Architecture("hf-vit", lambda: hf_tower("vit"), ViTHookManager, 1, 0),
     Architecture("hf-dinov3", dinov3_model, Dinov3HookManager, 1, 4),
+    Architecture("hf-dinov3-gated-mlp", lambda: dinov3_model(gated=True), Dinov3HookManager, 1, 4),
 ]
