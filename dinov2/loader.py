@@ -7,9 +7,8 @@ import os
 import torch
 
 from test_time_registers.errors import ModelLoadError
-from test_time_registers.hf import ProcessorTransform, register_transformers_model
+from test_time_registers.hf import image_processor, is_local_folder, register_transformers_model
 from test_time_registers.hub import load_pretrained
-from test_time_registers.images import default_transform
 from test_time_registers.loading import LoadedModel, first_line
 from test_time_registers.precision import Precision, cast_model, get_precision
 from test_time_registers.registry import Preset, register_architecture
@@ -45,21 +44,14 @@ def load_dinov2(id_or_dir: str | os.PathLike, *, device: torch.device | str = "c
         ModelLoadError: missing directory, unreachable and uncached id, corrupt weights, or not a
             DINOv2 model.
     """
-    from transformers import AutoImageProcessor, AutoModel
+    from transformers import AutoModel
 
     precision = get_precision(precision)
     source = os.fspath(id_or_dir)
-    looks_local = source.startswith(("/", ".", "~")) or source.count("/") > 1 or os.path.exists(source)
-    if looks_local and not os.path.isdir(source):   # hub ids are "org/name"
-        raise ModelLoadError(f"model directory not found: {source}")
+    looks_local = is_local_folder(source)
 
     def load():
-        model = AutoModel.from_pretrained(source)
-        try:
-            preprocess = ProcessorTransform(AutoImageProcessor.from_pretrained(source))
-        except Exception:  # no preprocessor_config.json: use DINOv2's standard transform
-            preprocess = default_transform()
-        return model, preprocess
+        return AutoModel.from_pretrained(source), image_processor(source)
 
     try:
         if looks_local:

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, check_int
 from .images import ImageFolder, UnreadableImage, image_source, read_image, to_rgb
 
 log = logging.getLogger(__name__)
@@ -245,10 +245,8 @@ def batches(images, preprocess: Preprocess | None, batch_size: int, device: torc
         shard: which positions this process reads (ordered sources).
         start: skip the shard's first ``start`` positions (a stream: its first ``start`` images).
     """
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise InvalidArgumentError(f"batch_size must be a positive int, got {batch_size!r}")
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
-        raise InvalidArgumentError(f"workers must be a non-negative int, got {workers!r}")
+    check_int("batch_size", batch_size)
+    check_int("workers", workers, minimum=0)
     source = ordered_source(images)
     if source is None:
         if shard.world > 1:

@@ -27,10 +27,10 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .data import Shard, batches, ordered_source
-from .errors import (ImageSourceError, InvalidArgumentError, NonFiniteActivationsError, NoOutliersError,
+from .errors import (ImageSourceError, InvalidArgumentError, NonFiniteActivationsError, NoOutliersError, check_int,
                      TestTimeRegistersError)
 from .hooks import HookManager, StopForward
-from .images import calibration_first, count_hint, image_source, no_images_message
+from .images import ImageFolder, calibration_first, count_hint, image_source, no_images_message
 from .layout import TokenLayout
 from .neurons import UNKNOWN_MODEL, RegisterNeuron, RegisterNeurons
 
@@ -247,8 +247,7 @@ class DiscoveryStatistics:
             NonFiniteActivationsError: NaN or infinite patch norms.
             NoOutliersError: no image had an outlier; the message suggests a threshold.
         """
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise InvalidArgumentError(f"top_k must be a positive int, got {top_k!r}")
+        check_int("top_k", top_k)
         gathered = max(self.score_sums)
         if highest_layer != AUTO and (isinstance(highest_layer, bool) or not isinstance(highest_layer, int)
                                       or not 0 <= highest_layer <= gathered):
@@ -321,8 +320,7 @@ def find_register_neurons(hook_manager: HookManager, images, preprocess: Callabl
         ImageSourceError: no readable image.
         InvalidArgumentError: bad settings, or a checkpoint that does not match them.
     """
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise InvalidArgumentError(f"top_k must be a positive int, got {top_k!r}")
+    check_int("top_k", top_k)   # before the pass, not after it
     stats = gather_statistics(hook_manager, images, preprocess, highest_layer=highest_layer, **options)
     result = stats.finalize(top_k=top_k, highest_layer=highest_layer)
     skipped = _total_skipped(stats.source)
@@ -406,8 +404,7 @@ def gather_statistics(
                         ("sparsity_frac_threshold", sparsity_frac_threshold)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InvalidArgumentError(f"{name} must be a number, got {value!r}")
-    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-        raise InvalidArgumentError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+    check_int("checkpoint_every", checkpoint_every)
     if resume and checkpoint is None:
         raise InvalidArgumentError("resume needs the checkpoint to resume from")
     model_device = hook_manager.device
@@ -453,7 +450,7 @@ def gather_statistics(
                 since_saved = 0
         while stats.threshold is None:   # this rank has run out of images; the others may not have
             runner.calibrate(exhausted=True)
-        if saver is not None and stats.threshold is not None:
+        if saver is not None:
             saver.save(stats, consumed, complete=True)
     bar.close()
     stats.all_reduce()
@@ -465,11 +462,9 @@ def gather_statistics(
 
 def _total_skipped(images) -> int | None:
     """Distinct unreadable files of a folder over every rank, or ``None`` for other sources."""
-    from .images import ImageFolder
-
     if not isinstance(images, ImageFolder):
         return None
-    names = distributed.all_gather_objects(sorted(images.name_of(path) for path in images.skipped_files))
+    names = distributed.all_gather_objects(images.skipped_names())
     return len(set().union(*names))
 
 
@@ -574,10 +569,7 @@ class _Checkpoints:
         self.path, self.settings, self.images = path, settings, images
 
     def save(self, stats: DiscoveryStatistics, consumed: int, complete: bool = False) -> None:
-        from .images import ImageFolder
-
-        skipped = sorted(self.images.name_of(path) for path in self.images.skipped_files) \
-            if isinstance(self.images, ImageFolder) else []
+        skipped = self.images.skipped_names() if isinstance(self.images, ImageFolder) else []
         state = {"format": CHECKPOINT_FORMAT, "settings": self.settings, "statistics": stats.state_dict(),
                  "consumed": consumed, "skipped": skipped, "complete": complete}
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -599,8 +591,6 @@ class _Checkpoints:
 
     def restore(self, stats: DiscoveryStatistics) -> int:
         """Load the statistics into ``stats``; returns how many of this shard's positions were done."""
-        from .images import ImageFolder
-
         self.remove_stale()
         if not self.path.is_file():
             raise InvalidArgumentError(f"no checkpoint to resume from at {self.path}")
@@ -633,8 +623,7 @@ def check_discovery_arguments(hook_manager, top_k=10, threshold=AUTO, detect_lay
     Raises :class:`InvalidArgumentError` (also a ValueError) for bad values, layers the model
     does not have, or layers out of order.
     """
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-        raise InvalidArgumentError(f"top_k must be a positive int, got {top_k!r}")
+    check_int("top_k", top_k)
     if threshold != AUTO:
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
             raise InvalidArgumentError(f"threshold must be a positive number or 'auto', got {threshold!r}")

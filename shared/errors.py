@@ -11,6 +11,14 @@ class InvalidArgumentError(TestTimeRegistersError, ValueError):
     """An argument is out of range for the model, e.g. a layer it does not have."""
 
 
+def check_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` if it is an int (not a bool) of at least ``minimum``; :class:`InvalidArgumentError` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int of at least {minimum}")
+        raise InvalidArgumentError(f"{name} must be {kind}, got {value!r}")
+    return value
+
+
 class InvalidArgumentTypeError(InvalidArgumentError, TypeError):
     """An argument has a type the library cannot use, e.g. neurons that are not (layer, neuron) pairs."""
 

@@ -14,6 +14,7 @@ from torch import nn
 from .errors import ModelLoadError, UnsupportedModelError
 from .hooks import HookManager, Hooks
 from .hub import load_pretrained
+from .images import default_transform
 from .loading import LoadedModel, first_line
 from .precision import Precision, cast_model, get_precision
 from .registry import register_architecture
@@ -73,6 +74,19 @@ def _has_weights(folder: Path) -> bool:
     return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
 
 
+def is_local_folder(source: str) -> bool:
+    """True for a local folder, False for a hub id ("org/name").
+
+    Raises:
+        ModelLoadError: ``source`` names a local path that is not a folder.
+    """
+    folder = Path(source).expanduser()
+    local = folder.exists() or source.startswith(("/", ".", "~")) or source.count("/") > 1
+    if local and not folder.is_dir():
+        raise ModelLoadError(f"model directory not found: {source}")
+    return local
+
+
 def load_transformers(id_or_dir: str | os.PathLike, *, device: torch.device | str = "cpu",
                       precision: str | Precision = "fp32", seed: int = 0) -> LoadedModel:
     """Load any supported transformers vision model with ``AutoModel``; the hook manager follows its class.
@@ -86,28 +100,24 @@ def load_transformers(id_or_dir: str | os.PathLike, *, device: torch.device | st
         ModelLoadError: missing folder, unreachable and uncached id, corrupt weights.
         UnsupportedModelError: a class no hook manager describes.
     """
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+    from transformers import AutoConfig, AutoModel
 
     precision = get_precision(precision)
     source = os.fspath(id_or_dir)
-    folder = Path(source).expanduser()
-    local = folder.exists() or source.startswith(("/", ".", "~")) or source.count("/") > 1
-    if local and not folder.is_dir():
-        raise ModelLoadError(f"model directory not found: {source}")
+    local = is_local_folder(source)
 
-    def load():
-        if local and not _has_weights(folder):
+    def load():   # the processor too, so that offline it is read from the cache like the weights
+        if local and not _has_weights(Path(source).expanduser()):
             log.warning("%s has a config but no weights: building it with random weights (seed %d)", source, seed)
             with torch.random.fork_rng():
                 torch.manual_seed(seed)
-                return AutoModel.from_config(AutoConfig.from_pretrained(source))
-        return AutoModel.from_pretrained(source)
+                return AutoModel.from_config(AutoConfig.from_pretrained(source)), image_processor(source)
+        return AutoModel.from_pretrained(source), image_processor(source)
 
     try:
-        model = load() if local else load_pretrained(
+        model, preprocess = load() if local else load_pretrained(
             load, f"transformers model {source}",
             f"Download it where the hub can be reached (hf download {source} --local-dir DIR), then pass hf:DIR.")
-        preprocess = _image_processor(AutoImageProcessor, source)
     except ModelLoadError:
         raise
     except Exception as error:  # OSError (missing, offline), ValueError, safetensors errors
@@ -130,12 +140,13 @@ class ProcessorTransform:
         return f"ProcessorTransform({type(self.processor).__name__})"
 
 
-def _image_processor(auto_processor, source: str):
-    try:
-        return ProcessorTransform(auto_processor.from_pretrained(source))
-    except Exception:  # no preprocessor_config.json: the ImageNet-normalised default
-        from .images import default_transform
+def image_processor(source: str):
+    """The image processor saved with a model as a transform, or, without one, :func:`default_transform`."""
+    from transformers import AutoImageProcessor
 
+    try:
+        return ProcessorTransform(AutoImageProcessor.from_pretrained(source))
+    except Exception:  # no preprocessor_config.json: the ImageNet-normalised default
         return default_transform()
 
 

@@ -118,6 +118,10 @@ class ImageFolder:
         """How many distinct files could not be read, over every pass so far."""
         return len(self.skipped_files)
 
+    def skipped_names(self) -> list[str]:
+        """The unreadable files found so far, relative to the root, sorted."""
+        return sorted(self.name_of(path) for path in self.skipped_files)
+
     def shuffled(self) -> "ImageFolder":
         """The same files (and sample), visited in an order drawn with the folder's seed."""
         copy = ImageFolder(self.root, self.limit, self.seed, files=self.files, shuffle=True)

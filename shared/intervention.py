@@ -30,7 +30,7 @@ from typing import Literal, Protocol
 import torch
 from torch import nn
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, check_int
 from .hooks import Capture, HookManager
 from .layout import TokenLayout
 from .neurons import RegisterNeurons
@@ -208,8 +208,7 @@ class ModifiedModel(nn.Module):
         super().__init__()
         if not any(module is hook_manager.blocks[0] for module in model.modules()):
             raise InvalidArgumentError("the hook manager does not describe this model: build it from the same model")
-        if not isinstance(num_registers, int) or isinstance(num_registers, bool) or num_registers < 0:
-            raise InvalidArgumentError(f"num_registers must be a non-negative int, got {num_registers!r}")
+        check_int("num_registers", num_registers, minimum=0)
         edit = PaperEdit() if edit is None else edit
         if not callable(edit):
             raise InvalidArgumentError(f"edit must be callable as edit(activations, neurons, layout, context), "

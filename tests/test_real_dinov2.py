@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from test_time_registers.dinov2 import Dinov2HookManager
-from test_time_registers.dinov2.loader import default_transform
+from test_time_registers.images import default_transform
 from test_time_registers import ModifiedModel, NoOutliersError, find_register_neurons
 from test_time_registers.images import to_rgb
 from test_time_registers.metrics import measure_outliers
