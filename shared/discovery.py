@@ -275,8 +275,12 @@ class DiscoveryStatistics:
             layer_ids[indices].tolist(), neuron_ids[indices].tolist(), best.values.tolist())]
         if len(ranked) < top_k:
             log.warning("only %d candidate neurons exist in layers 0..%d (top_k=%d)", len(ranked), highest_layer, top_k)
+        width = max(len(total) for total in self.score_sums.values())
+        candidate_scores = torch.full((gathered + 1, width), float("nan"))    # [layers, neurons]
+        for layer, total in self.score_sums.items():
+            candidate_scores[layer, :len(total)] = (total / with_outliers).cpu()
         return RegisterNeurons(
-            neurons=ranked, model=self.model, detect_layer=self.detect_layer, threshold=float(self.threshold),
+            candidate_scores=candidate_scores, neurons=ranked, model=self.model, detect_layer=self.detect_layer, threshold=float(self.threshold),
             highest_layer=highest_layer, images_seen=images_seen, images_with_outliers=with_outliers,
             image_size=self.image_size, score=self.score, source="find_register_neurons",
             extra={"threshold_mode": self.threshold_mode, "sparsity_filter": self.sparsity is not None,

@@ -11,6 +11,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
 from .errors import IncompatibleNeuronsError, InvalidArgumentError, InvalidArgumentTypeError, NeuronFileError
 
 if TYPE_CHECKING:
@@ -50,6 +54,9 @@ class RegisterNeurons:
     score: str | None = None
     source: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Every candidate neuron's score, [layers 0..highest_layer, max MLP width], NaN where a layer is narrower;
+    #: saved beside the JSON file (``NAME.scores.safetensors``) and read back with it.
+    candidate_scores: torch.Tensor | None = field(default=None, repr=False, compare=False)
     _warned_for: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
 
     def __iter__(self) -> Iterator[RegisterNeuron]:
@@ -153,20 +160,27 @@ class RegisterNeurons:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write JSON atomically: a failed write leaves no partial file behind."""
+        """Write JSON atomically: a failed write leaves no partial file behind.
+
+        With :attr:`candidate_scores`, they go first to ``NAME.scores.safetensors`` beside it,
+        which the JSON names.
+        """
         path = Path(path)
-        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+        data = self.to_dict()
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        scores_path = None
+        if self.candidate_scores is not None:
+            scores_path = scores_path_for(path)
+            _write_atomically(scores_path, lambda temporary: save_file(
+                {"scores": self.candidate_scores.detach().float().cpu().contiguous()}, temporary,
+                metadata={"model": str(self.model)}))
+            data["candidate_scores_file"] = scores_path.name
+        text = json.dumps(data, indent=2, allow_nan=False) + "\n"
         try:
-            with os.fdopen(handle, "w") as stream:
-                stream.write(text)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(temporary, 0o666 & ~umask)   # mkstemp makes files private; keep the usual mode
-            os.replace(temporary, path)
+            _write_atomically(path, lambda temporary: Path(temporary).write_text(text))
         except BaseException:
-            Path(temporary).unlink(missing_ok=True)
+            if scores_path is not None:
+                scores_path.unlink(missing_ok=True)
             raise
         return path
 
@@ -219,9 +233,47 @@ class RegisterNeurons:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise NeuronFileError(f"{path} is not a readable JSON neuron file ({error})") from None
         neurons = cls.from_dict(data, origin=str(path))
+        if isinstance(data, dict) and data.get("candidate_scores_file"):
+            neurons.candidate_scores = _read_scores(path.parent / str(data["candidate_scores_file"]), path)
         if hook_manager is not None:
             neurons.check_fits(hook_manager)
         return neurons
+
+
+def scores_path_for(path: str | os.PathLike) -> Path:
+    """Where the candidate scores of the neuron file ``path`` are saved: ``NAME.scores.safetensors`` beside it."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.scores.safetensors")
+
+
+def _write_atomically(path: Path, write) -> None:
+    """``write(temporary_path)``, then rename it onto ``path``; nothing is left behind on failure."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temporary)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)   # mkstemp makes files private; keep the usual mode
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _read_scores(path: Path, origin: Path) -> torch.Tensor | None:
+    """The candidate scores [layers, neurons] saved beside ``origin``, or ``None`` (logged) if they are gone."""
+    try:
+        scores = load_file(path)["scores"]
+    except FileNotFoundError:
+        log.warning("%s names candidate scores in %s, which is missing; figures of them will be skipped",
+                    origin, path.name)
+        return None
+    except (SafetensorError, KeyError, OSError) as error:
+        raise NeuronFileError(f"{path} is not a readable candidate-score file ({error})") from None
+    if scores.ndim != 2:
+        raise NeuronFileError(f"{path}: candidate scores must be [layers, neurons], got shape {list(scores.shape)}")
+    return scores
 
 
 def _neuron_dict(item: RegisterNeuron) -> dict[str, Any]:

@@ -31,6 +31,12 @@ def test_recovers_exactly_the_planted_neurons(demo, found):
     ratios = neurons.extra["outlier_norm_ratio_by_layer"]
     assert max(ratios[:planted_layer]) < 2 <= ratios[planted_layer]
     assert hook_count(model) == 0
+    scores_by_layer = neurons.candidate_scores            # every candidate's score, [layers, neurons]
+    assert scores_by_layer.shape[0] > neurons.highest_layer and scores_by_layer.shape[1] == hm.num_neurons(0)
+    for item in neurons:
+        assert scores_by_layer[item.layer, item.neuron].item() == pytest.approx(item.score)
+    cut = torch.tensor([n.score for n in neurons]).min()
+    assert int((scores_by_layer[:planted_layer + 1] >= cut).sum()) == len(planted)
 
 
 def test_a_wider_search_still_ranks_the_planted_neurons_first(demo, found):

@@ -68,3 +68,23 @@ def test_neurons_that_do_not_fit_the_model(tmp_path, clip_hm):
         RegisterNeurons.load(path, clip_hm)
     with pytest.raises(IncompatibleNeuronsError, match="neurons 0..255"):
         RegisterNeurons.coerce([(1, 256)]).check_fits(clip_hm)
+
+
+def test_candidate_scores_are_saved_beside_the_json_and_read_back(tmp_path):
+    import torch
+
+    neurons = _sample()
+    neurons.candidate_scores = torch.tensor([[1.0, 2.0, float("nan")], [0.5, 12.5, 3.25]])
+    path = neurons.save(tmp_path / "n.json")
+    sidecar = tmp_path / "n.scores.safetensors"
+    assert json.loads(path.read_text())["candidate_scores_file"] == sidecar.name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["n.json", sidecar.name]   # no temporary files
+    loaded = RegisterNeurons.load(path)
+    torch.testing.assert_close(loaded.candidate_scores, neurons.candidate_scores, equal_nan=True)
+    assert loaded.top(1).candidate_scores is loaded.candidate_scores
+
+    sidecar.unlink()   # a neuron file copied without its scores still loads, without them
+    assert RegisterNeurons.load(path).candidate_scores is None
+    sidecar.write_bytes(b"not safetensors")
+    with pytest.raises(NeuronFileError, match="candidate-score file"):
+        RegisterNeurons.load(path)
