@@ -108,7 +108,8 @@ and numpy RNG states are left as they were.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np
@@ -464,10 +465,10 @@ def _background(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray) -> np.
     return (img + wave[..., None].astype(np.float32) * amp).astype(np.float32)
 
 
-def _shape_mask(rng: np.random.Generator, size: int) -> tuple[np.ndarray, tuple[slice, slice]]:
+def _shape_mask(rng: np.random.Generator, size: int) -> tuple[np.ndarray, tuple[slice, slice], int]:
     """One random shape (ellipse, box, triangle or wobbly blob).
 
-    Returns (mask [h, w] bool, (rows, cols) slices of its bounding box in the image).
+    Returns (mask [h, w] bool, (rows, cols) slices of its bounding box in the image, its kind).
     """
     cx, cy = rng.uniform(0.12, 0.88, 2)
     r = rng.uniform(0.07, 0.22)
@@ -493,7 +494,7 @@ def _shape_mask(rng: np.random.Generator, size: int) -> tuple[np.ndarray, tuple[
         phi = np.arctan2(v, u)
         wob = 1 + sum(a * np.cos(k * phi + p) for a, k, p in zip(wob_amp, (2, 3, 5), wob_phase))
         m = np.hypot(u, v) <= r * wob
-    return m, (slice(y0, y1), slice(x0, x1))
+    return m, (slice(y0, y1), slice(x0, x1)), int(kind)
 
 
 def _texture(rng: np.random.Generator, px: np.ndarray, py: np.ndarray) -> np.ndarray:
@@ -529,21 +530,58 @@ def _texture(rng: np.random.Generator, px: np.ndarray, py: np.ndarray) -> np.nda
     return np.where(m[..., None], a, b)
 
 
-def _scene(rng: np.random.Generator, size: int) -> Image.Image:
-    """One synthetic scene: 1-4 textured objects on a smooth background."""
+#: The object classes of the demo scenes: the kinds of :func:`_shape_mask`, in its order.
+SHAPES = ("ellipse", "box", "triangle", "blob")
+
+
+@dataclass(frozen=True)
+class DemoScene:
+    """One generated scene and what is in it.
+
+    ``boxes`` is [K, 4] (left, top, right, bottom in pixels, right/bottom exclusive) of the K
+    objects still visible, ``labels`` [K] their classes (indices into :data:`SHAPES`), and
+    ``object_mask`` [H, W] bool the pixels any object covers. ``label`` is the class of the
+    largest visible object, a one-label-per-image target for linear probes.
+    """
+
+    image: Image.Image
+    boxes: np.ndarray
+    labels: np.ndarray
+    object_mask: np.ndarray
+
+    @property
+    def label(self) -> int:
+        areas = (self.boxes[:, 2] - self.boxes[:, 0]) * (self.boxes[:, 3] - self.boxes[:, 1])
+        return int(self.labels[int(np.argmax(areas))])
+
+
+def _scene(rng: np.random.Generator, size: int) -> DemoScene:
+    """One synthetic scene: 1-4 textured objects on a smooth background; later objects cover earlier ones."""
     coords = np.arange(size, dtype=np.float32)
     img = _background(rng, coords[None, :] / size, coords[:, None] / size)
-    for _ in range(int(rng.integers(1, 5))):
-        m, (rows, cols) = _shape_mask(rng, size)
+    owner = np.full((size, size), -1, dtype=np.int64)        # which object each pixel shows
+    kinds = []
+    for index in range(int(rng.integers(1, 5))):
+        m, (rows, cols), kind = _shape_mask(rng, size)
         px = coords[None, cols] * (224 / size)
         py = coords[rows, None] * (224 / size)
         img[rows, cols] = np.where(m[..., None], _texture(rng, px, py), img[rows, cols])
-    return Image.fromarray(np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8), "RGB")
+        owner[rows, cols] = np.where(m, index, owner[rows, cols])
+        kinds.append(kind)
+    boxes, labels = [], []
+    for index, kind in enumerate(kinds):
+        ys, xs = np.nonzero(owner == index)
+        if len(ys):   # an object entirely covered by later ones is not in the scene
+            boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+            labels.append(kind)
+    image = Image.fromarray(np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8), "RGB")
+    return DemoScene(image, np.array(boxes, dtype=np.int64).reshape(-1, 4), np.array(labels, dtype=np.int64),
+                     owner >= 0)
 
 
 def iter_demo_images(n: int, seed: int = 0, size: int = 224):
     """The scenes of :func:`demo_images`, generated one at a time (for runs over many images)."""
-    return (_scene(np.random.default_rng([int(seed), i]), size) for i in range(n))
+    return (_scene(np.random.default_rng([int(seed), i]), size).image for i in range(n))
 
 
 def demo_images(n: int, seed: int = 0, size: int = 224) -> list[Image.Image]:
@@ -553,4 +591,14 @@ def demo_images(n: int, seed: int = 0, size: int = 224) -> list[Image.Image]:
     blobs, dots) on a smooth gradient background. Image i depends only on
     (seed, i), so it is the same whatever ``n`` is.
     """
-    return [_scene(np.random.default_rng([int(seed), i]), size) for i in range(n)]
+    return [scene.image for scene in iter_demo_scenes(n, seed, size)]
+
+
+def iter_demo_scenes(n: int, seed: int = 0, size: int = 224) -> Iterator[DemoScene]:
+    """The scenes of :func:`demo_images` with their objects' boxes, classes and mask, one at a time."""
+    return (_scene(np.random.default_rng([int(seed), i]), size) for i in range(n))
+
+
+def demo_scenes(n: int, seed: int = 0, size: int = 224) -> list[DemoScene]:
+    """:func:`demo_images` with what is in them: each object's box and class (see :class:`DemoScene`)."""
+    return list(iter_demo_scenes(n, seed, size))
