@@ -17,6 +17,7 @@ class _TransformersTower(HookManager):
     """What the transformers CLIP and SigLIP towers share: encoder layers with ``self_attn`` and ``mlp.fc1/fc2``."""
 
     pixel_keyword = "pixel_values"
+    attention_input = "layer_norm1"
 
     def __init__(self, model: nn.Module, name: str | None = None, **options):
         self.tower = getattr(model, "vision_model", model)   # the full CLIPModel/SiglipModel hold the tower here

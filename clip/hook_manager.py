@@ -37,6 +37,8 @@ class ClipHookManager(HookManager):
     A tower with a timm trunk (``TimmModel``) gets a :class:`ClipTimmHookManager` instead.
     """
 
+    attention_input = "ln_1"
+
     def __new__(cls, model: nn.Module, *args, **kwargs):
         if cls is ClipHookManager and isinstance(getattr(model, "visual", model), TimmModel):
             cls = ClipTimmHookManager
@@ -112,6 +114,8 @@ class ClipTimmHookManager(ClipHookManager):
     ``encode_image`` run the whole tower, so open_clip's pooling and projection follow. Trunks
     that are not a timm ``VisionTransformer`` raise :class:`UnsupportedModelError`.
     """
+
+    attention_input = "norm1"   # the trunk's blocks
 
     def __init__(self, model: nn.Module, name: str | None = None, **options):
         visual = getattr(model, "visual", model)

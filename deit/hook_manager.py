@@ -29,6 +29,7 @@ class DeitHookManager(HookManager):
 
     #: The timm model class this hook manager describes.
     model_class: type = VisionTransformer
+    attention_input = "norm1"
 
     def __init__(self, model: nn.Module, name: str | None = None, **options):
         if not isinstance(model, self.model_class):

@@ -24,6 +24,7 @@ class Dinov3HookManager(HookManager):
     """
 
     pixel_keyword = "pixel_values"
+    attention_input = "norm1"
 
     def __init__(self, model: nn.Module, name: str | None = None, **options):
         if not all(hasattr(model, part) for part in ("embeddings", "rope_embeddings", "model", "norm")):

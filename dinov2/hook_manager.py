@@ -31,6 +31,7 @@ class Dinov2HookManager(HookManager):
     """
 
     pixel_keyword = "pixel_values"
+    attention_input = "norm1"
 
     def __init__(self, model: nn.Module, name: str | None = None, **options):
         self.backbone = _backbone(model)

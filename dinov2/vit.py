@@ -21,6 +21,7 @@ class ViTHookManager(HookManager):
     """
 
     pixel_keyword = "pixel_values"
+    attention_input = "layernorm_before"
 
     def __init__(self, model: nn.Module, name: str | None = None, **options):
         self.vit = getattr(model, "vit", model)   # ViTForImageClassification wraps a ViTModel

@@ -20,6 +20,7 @@ from pathlib import Path
 from test_time_registers import (ImageFolder, LegacyEdit, ModifiedModel, PaperEdit, RegisterNeurons,
                                  check_discovery_arguments, find_register_neurons)
 from test_time_registers.activation_log import log_activations
+from test_time_registers.discovery import AUTO_TARGET_RATIO
 from test_time_registers.data import Shard
 from test_time_registers.distributed import device_for_rank, process_group
 from test_time_registers.figures import save_comparison
@@ -28,7 +29,8 @@ from test_time_registers.metrics import measure_outliers
 from test_time_registers.registry import load_model, load_neurons
 
 from test_time_registers.scripts.common import (Parser, UsageError, add_model_flags, check_device, check_output_paths,
-                                                layer_or_auto, non_negative_int, positive_int, run_main,
+                                                layer_or_auto, non_negative_int, positive_int, positive_int_or_auto,
+                                                run_main,
                                                 threshold_value)
 
 DEMO_IMAGES = 64
@@ -36,7 +38,7 @@ DEFAULT_OUT = Path("register_neurons.json")
 CHECKPOINT_EVERY = 50
 FIGURE_ROWS = 4
 #: Flags that only discovery reads: refused together with --neurons.
-DISCOVERY_FLAGS = ("out", "top_k", "threshold", "detect_layer", "highest_layer", "score", "checkpoint")
+DISCOVERY_FLAGS = ("out", "top_k", "target_ratio", "threshold", "detect_layer", "highest_layer", "score", "checkpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,8 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "instead of running discovery")
     parser.add_argument("--force", action="store_true",
                         help="apply --neurons even if they were found on another model")
-    parser.add_argument("--top-k", type=positive_int, help="neurons to keep (default: the planted count for the "
-                        "demo, else 10)")
+    parser.add_argument("--top-k", type=positive_int_or_auto,
+                        help="neurons to keep, or 'auto': the fewest that bring the held-out images' largest / median "
+                             "patch norm to --target-ratio (default: the planted count for the demo, else 10)")
+    parser.add_argument("--target-ratio", type=float,
+                        help=f"with --top-k auto: the largest / median patch norm to reach (default: {AUTO_TARGET_RATIO})")
     parser.add_argument("--threshold", type=threshold_value,
                         help="outlier norm threshold at the detection layer, or 'auto' (default: auto)")
     parser.add_argument("--detect-layer", type=non_negative_int,
@@ -91,6 +96,8 @@ def check_flags(args: argparse.Namespace) -> None:
                              "drop them, or drop --neurons to run discovery")
     elif args.force:
         raise UsageError("--force only applies to --neurons")
+    if args.target_ratio is not None and args.top_k != "auto":
+        raise UsageError("--target-ratio only applies to --top-k auto")
     if args.resume and args.checkpoint is None:
         raise UsageError("--resume needs --checkpoint FILE, the checkpoint to continue from")
     if args.checkpoint_every is not None and args.checkpoint is None:
@@ -139,8 +146,10 @@ def discover_and_compare(args: argparse.Namespace, device: str, shard: Shard) ->
         highest_layer = "auto" if args.highest_layer is None else args.highest_layer
         check_discovery_arguments(hook_manager, detect_layer=args.detect_layer, highest_layer=highest_layer)
         top_k = args.top_k or (len(loaded.planted) if loaded.planted else 10)
+        automatic = {"held_out": evaluation if evaluation is not None else images,
+                     "target_ratio": args.target_ratio or AUTO_TARGET_RATIO} if top_k == "auto" else {}
         neurons = find_register_neurons(
-            hook_manager, images, preprocess, top_k=top_k, threshold=args.threshold or "auto",
+            hook_manager, images, preprocess, top_k=top_k, **automatic, threshold=args.threshold or "auto",
             detect_layer=args.detect_layer, highest_layer=highest_layer, score=args.score or "raw",
             batch_size=args.batch_size, seed=args.seed, workers=args.workers, checkpoint=args.checkpoint,
             checkpoint_every=args.checkpoint_every, resume=args.resume, progress=not args.quiet)
@@ -151,6 +160,12 @@ def discover_and_compare(args: argparse.Namespace, device: str, shard: Shard) ->
               f"({neurons.images_with_outliers} with outliers): threshold {neurons.threshold:.4g} "
               f"({neurons.extra['threshold_mode']}), detect layer {neurons.detect_layer}, "
               f"highest layer {neurons.highest_layer}")
+        if "top_k_auto" in neurons.extra:
+            sweep = neurons.extra["top_k_auto"]
+            tried = ", ".join(f"k={k}: {ratio:.2f}x" for k, ratio in sweep["ratio_by_k"])
+            verdict = "met" if sweep["met"] else "not met even with all candidates"
+            print(f"top-k auto: {len(neurons)} neurons; largest / median patch norm on {sweep['held_out_images']} "
+                  f"held-out images with one register: {tried} (target {sweep['target_ratio']:g}x, {verdict})")
         print_neurons(neurons, loaded.planted)
         print(f"wrote {args.out}")
         if neurons.extra.get("files_skipped"):

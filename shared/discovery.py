@@ -52,6 +52,9 @@ STAND_OUT_FRACTION = 0.5
 #: is below SPARSITY_ACTIVATION_THRESHOLD on at least SPARSITY_FRAC_THRESHOLD of the image's tokens.
 SPARSITY_ACTIVATION_THRESHOLD = 0.5
 SPARSITY_FRAC_THRESHOLD = 0.5
+#: top_k="auto": the largest / median patch norm to reach on held-out images, and the most neurons to try.
+AUTO_TARGET_RATIO = 2.0
+AUTO_MAX_TOP_K = 64
 #: Version of discovery checkpoints.
 CHECKPOINT_FORMAT = 1
 
@@ -306,14 +309,20 @@ class DiscoveryStatistics:
                 f"(mean + 3 sigma of the patch norms, the paper's heuristic) or another detect_layer.")
 
 
-def find_register_neurons(hook_manager: HookManager, images, preprocess: Callable | None = None, *, top_k: int = 10,
-                          highest_layer: int | Literal["auto"] = AUTO, **options) -> RegisterNeurons:
+def find_register_neurons(hook_manager: HookManager, images, preprocess: Callable | None = None, *,
+                          top_k: int | Literal["auto"] = 10, highest_layer: int | Literal["auto"] = AUTO,
+                          held_out=None, target_ratio: float = AUTO_TARGET_RATIO, max_top_k: int = AUTO_MAX_TOP_K,
+                          **options) -> RegisterNeurons:
     """Find the MLP neurons that write the high-norm outlier tokens.
 
     Gathers the statistics with :func:`gather_statistics` (every option of which it takes) and
     returns their ``top_k`` neurons of layers up to ``highest_layer``, best first: the last
     candidate layer, or with ``"auto"``, the first layer at which the outlier positions stand
     out in norm.
+
+    With ``top_k="auto"``, k is the smallest that brings the ``held_out`` images' mean largest /
+    median patch norm at the detection layer to ``target_ratio`` or below with one test-time
+    register (see :func:`choose_top_k`; at most ``max_top_k``).
 
     Returns:
         :class:`RegisterNeurons` with the threshold and layers actually used.
@@ -324,9 +333,19 @@ def find_register_neurons(hook_manager: HookManager, images, preprocess: Callabl
         ImageSourceError: no readable image.
         InvalidArgumentError: bad settings, or a checkpoint that does not match them.
     """
-    check_int("top_k", top_k)   # before the pass, not after it
+    automatic = top_k == AUTO
+    if automatic:   # before the pass, not after it
+        if held_out is None:
+            raise InvalidArgumentError("top_k='auto' needs held_out images, on which k is chosen")
+        check_int("max_top_k", max_top_k)
+        _check_target_ratio(target_ratio)
+    else:
+        check_int("top_k", top_k)
     stats = gather_statistics(hook_manager, images, preprocess, highest_layer=highest_layer, **options)
-    result = stats.finalize(top_k=top_k, highest_layer=highest_layer)
+    result = stats.finalize(top_k=max_top_k if automatic else top_k, highest_layer=highest_layer)
+    if automatic:
+        result = choose_top_k(hook_manager, result, held_out, preprocess, target_ratio=target_ratio,
+                              batch_size=options.get("batch_size", 32), workers=options.get("workers", 0))
     skipped = _total_skipped(stats.source)
     if skipped is not None:
         result.extra["files_skipped"] = skipped
@@ -462,6 +481,67 @@ def gather_statistics(
         raise ImageSourceError(no_images_message(images))
     stats.source = images
     return stats
+
+
+def _check_target_ratio(target_ratio) -> float:
+    if isinstance(target_ratio, bool) or not isinstance(target_ratio, (int, float)) or not target_ratio >= 1:
+        raise InvalidArgumentError(f"target_ratio must be a number of at least 1 (a largest / median patch norm), "
+                                   f"got {target_ratio!r}")
+    return float(target_ratio)
+
+
+def choose_top_k(hook_manager: HookManager, ranked: RegisterNeurons, held_out, preprocess: Callable | None = None, *,
+                 target_ratio: float = AUTO_TARGET_RATIO, batch_size: int = 32, workers: int = 0) -> RegisterNeurons:
+    """The smallest k for which the best k of ``ranked`` bring the outliers under ``target_ratio``.
+
+    The paper's appendix raises top_k until the outliers are gone; this does it on ``held_out``
+    images: with one test-time register and the best k neurons, the mean over the images of
+    largest / median patch norm at ``ranked.detect_layer`` must be at most ``target_ratio``.
+    k doubles (1, 2, 4, ...) until the target is met, then bisects between the last k that
+    missed it and the first that met it (the ratio falls as neurons are added, as a rule).
+    If even all of ``ranked`` miss it, all are kept and a warning says so.
+
+    Returns:
+        ``ranked.top(k)``, with ``extra["top_k_auto"]``: the target, each k tried and its ratio,
+        and whether the target was met.
+    """
+    from .metrics import measure_outliers
+    from .intervention import ModifiedModel
+
+    target_ratio = _check_target_ratio(target_ratio)
+    source = image_source(held_out)
+    pixels = [batch.pixel_values for batch in batches(source, preprocess, batch_size, hook_manager.device,
+                                                      hook_manager.input_dtype, workers=workers) if batch.names]
+    if not pixels:
+        raise ImageSourceError(no_images_message(source))
+    pixels = torch.cat(pixels)     # decoded once, measured for every k
+    detect_layer = ranked.detect_layer if ranked.detect_layer is not None else hook_manager.default_detect_layer
+    ratios: dict[int, float] = {}
+
+    def ratio(k: int) -> float:
+        if k not in ratios:
+            modified = ModifiedModel(hook_manager.model, hook_manager, ranked.top(k), num_registers=1)
+            ratios[k] = measure_outliers(modified, pixels, detect_layer=detect_layer,
+                                         batch_size=batch_size).max_over_median
+            log.info("top_k=%d: largest / median patch norm %.3g (target %.3g)", k, ratios[k], target_ratio)
+        return ratios[k]
+
+    missed, k = 0, 1
+    while k < len(ranked) and ratio(k) > target_ratio:
+        missed, k = k, min(2 * k, len(ranked))
+    met = ratio(k) <= target_ratio
+    if met:
+        while k - missed > 1:          # the target is met at k and missed at `missed`
+            middle = (missed + k) // 2
+            missed, k = (missed, middle) if ratio(middle) <= target_ratio else (middle, k)
+    else:
+        log.warning("even the %d best neurons leave a largest / median patch norm of %.3g, above the target %.3g; "
+                    "keeping all of them", len(ranked), ratios[k], target_ratio)
+    chosen = ranked.top(k)
+    chosen.extra = {**ranked.extra, "top_k_auto": {
+        "target_ratio": target_ratio, "met": met, "held_out_images": len(pixels),
+        "ratio_by_k": [[tried, round(value, 4)] for tried, value in sorted(ratios.items())]}}
+    return chosen
 
 
 def _total_skipped(images) -> int | None:

@@ -310,6 +310,18 @@ class HookManager(abc.ABC):
     def block_output_site(self, layer: int) -> HookSite:
         return HookSite(self.blocks[layer], "output")
 
+    #: The module of each block whose output is its attention's input (the pre-attention norm), as a
+    #: dotted path inside the block; the site the attention-bias edit writes. ``None``: not declared.
+    attention_input: str | None = None
+
+    def attention_input_site(self, layer: int) -> HookSite:
+        """The input of block ``layer``'s attention [B, L, hidden_size]: what its queries, keys and values are
+        projected from."""
+        if self.attention_input is None:
+            raise UnsupportedModelError(f"{type(self).__name__} does not declare attention_input (the module whose "
+                                        "output is the attention's input), which the attention-bias edit writes")
+        return HookSite(self.blocks[layer].get_submodule(self.attention_input), "output")
+
     # ---- derived ---------------------------------------------------------------------
     def neuron_site(self, layer: int) -> HookSite:
         return HookSite(self.mlp_output_projection(layer), "input")
