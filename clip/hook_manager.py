@@ -22,7 +22,6 @@ _WHY_NOT = {
     "ConvNeXt": ": a convolutional network has no token sequence to append a register to",
     "FastVit": ": FastViT mixes tokens by convolution over the patch grid, which has no slot for an extra token",
     "SwinTransformer": ": Swin attends within windows of the patch grid, which have no slot for an extra token",
-    "VisionTransformerRelPos": ": its relative position bias is sized for the patch grid; not supported yet",
 }
 
 
@@ -108,11 +107,11 @@ class ClipHookManager(HookManager):
 class ClipTimmHookManager(ClipHookManager):
     """An open_clip tower whose trunk is a timm ViT (``TimmModel``: SigLIP, SigLIP 2, ...).
 
-    Every site is the trunk's, as :class:`~test_time_registers.deit.DeitHookManager` (or, for an
-    Eva trunk, :class:`~test_time_registers.deit.EvaHookManager`) declares them (prefix tokens read
-    from the trunk, so SigLIP has none); ``forward_images`` and
-    ``encode_image`` run the whole tower, so open_clip's pooling and projection follow. Trunks
-    that are not a timm ``VisionTransformer`` raise :class:`UnsupportedModelError`.
+    Every site is the trunk's, as :func:`~test_time_registers.deit.timm_hook_manager` declares them
+    (a timm ViT, with a hybrid stem and GeGLU MLPs for ViTamin; Eva; a relative-position ViT);
+    prefix tokens are read from the trunk, so SigLIP and ViTamin have none. ``forward_images`` and
+    ``encode_image`` run the whole tower, so open_clip's pooling and projection follow. Other
+    trunks raise :class:`UnsupportedModelError` with the reason.
     """
 
     attention_input = "norm1"   # the trunk's blocks

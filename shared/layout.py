@@ -89,3 +89,17 @@ class TokenLayout:
             if wanted:
                 selected[part] = True
         return selected
+
+
+def extend_pairwise(pairwise: torch.Tensor, extra: int) -> torch.Tensor:
+    """A pairwise tensor [..., L, L] (an attention bias or mask) for ``extra`` tokens appended after
+    position L - 1, each paired like token 0: it gets token 0's row, its column and its diagonal entry.
+
+    Returns [..., L + extra, L + extra]. With token 0 the CLS token, a register gets the bias of
+    attending to and from CLS; with a padding mask, it attends and is attended like a valid token.
+    """
+    leading = pairwise.shape[:-2]
+    rows = torch.cat([pairwise, pairwise[..., :1, :].expand(*leading, extra, pairwise.shape[-1])], dim=-2)
+    columns = rows[..., :, :1].clone()
+    columns[..., -extra:, :] = pairwise[..., :1, :1]
+    return torch.cat([rows, columns.expand(*rows.shape[:-1], extra)], dim=-1)

@@ -285,12 +285,12 @@ def test_outputs_without_a_tensor_and_models_a_hook_manager_does_not_describe_ar
 
 
 def test_beit_bias_for_an_extra_token_is_the_cls_tokens():
-    from test_time_registers.deit.hook_manager import _pad_bias
+    from test_time_registers.layout import extend_pairwise
 
     bias = torch.tensor([[0.0, 1.0, 2.0],     # CLS row: CLS attending to CLS, p1, p2
                          [3.0, 4.0, 5.0],
                          [6.0, 7.0, 8.0]])[None, None]        # [1, heads=1, L=3, L=3]
-    padded = _pad_bias(bias, 2)[0, 0]
+    padded = extend_pairwise(bias, 2)[0, 0]
     expected = torch.tensor([[0.0, 1.0, 2.0, 0.0, 0.0],
                              [3.0, 4.0, 5.0, 3.0, 3.0],   # p1 attending to the registers: as to CLS
                              [6.0, 7.0, 8.0, 6.0, 6.0],

@@ -235,8 +235,11 @@ def test_a_full_clip_model_runs_its_image_features_with_registers():
     ("ViT-SO400M-16-SigLIP2-256", True, None),
     ("RN50", False, "a convolutional ResNet has no token sequence"),
     ("convnext_base", False, "a convolutional network has no token sequence"),
+    ("MobileCLIP-S1", False, "FastViT mixes tokens by convolution"),
+    ("swin_base_patch4_window7_224", False, "Swin attends within windows"),
     ("EVA02-B-16", True, None),                        # an Eva trunk: rotary positions, gated MLPs
-    ("ViTamin-S", False, "hybrid or gated ViTs such as ViTamin"),
+    ("ViTamin-S", True, None),                         # a hybrid convolutional stem, GeGLU MLPs
+    ("vit_relpos_medium_patch16_cls_224", True, None),  # a relative position bias, no absolute positions
 ])
 def test_open_clip_towers_are_described_or_refused_with_the_reason(name, supported, reason):
     import open_clip
@@ -250,9 +253,48 @@ def test_open_clip_towers_are_described_or_refused_with_the_reason(name, support
         hook_manager = ClipHookManager(model)
         assert isinstance(hook_manager, ClipTimmHookManager) == (type(model.visual).__name__ == "TimmModel")
         assert hook_manager.num_layers == len(hook_manager.blocks) > 0
+        assert hook_manager.grid_shape(torch.empty(1, 3, 224, 224, device="meta")) == (14, 14)
         return
     with pytest.raises(UnsupportedModelError, match=reason):
         ClipHookManager(model)
+
+
+def test_vitamin_takes_the_pixels_at_its_stem_and_reads_its_neurons_at_the_geglu_output():
+    import open_clip
+
+    from test_time_registers.clip import ClipHookManager
+
+    with torch.device("meta"):
+        model = open_clip.create_model("ViTamin-S", device="meta")
+    hook_manager, trunk = ClipHookManager(model), model.visual.trunk
+    mlp = trunk.blocks[3].mlp
+    assert hook_manager.patch_embedding is trunk.patch_embed.backbone.stem.conv1
+    assert hook_manager.patch_size == (16, 16) and hook_manager.layout.num_prefix == 0
+    assert hook_manager.mlp_output_projection(3) is mlp.w2 and hook_manager.num_neurons(3) == 768
+    assert hook_manager.mlp_input_rows(3) == ((mlp.w0, 0), (mlp.w1, 0))
+
+
+@pytest.mark.parametrize("name", ["vit_relpos_small_patch16_224", "vit_srelpos_small_patch16_224"])
+def test_relative_position_vits_without_a_class_token_give_registers_no_bias(name):
+    from test_time_registers.deit import RelPosHookManager
+
+    model = timm_model(name, rel_pos_dim=16)
+    hook_manager = RelPosHookManager(model)
+    assert hook_manager.layout.num_prefix == 0
+    biases = [module for module in model.modules() if hasattr(module, "get_bias")]
+    plain = [module.get_bias() for module in biases]
+    with hook_manager.hooks() as hooks:
+        hook_manager.prepare_for_registers(2, hooks)
+        with torch.no_grad():
+            for module, bias in zip(biases, plain):
+                extended = module.get_bias()
+                assert torch.equal(extended[..., :-2, :-2], bias)
+                assert torch.equal(extended[..., -2:, :], torch.zeros_like(extended[..., -2:, :]))
+                assert torch.equal(extended[..., :, -2:], torch.zeros_like(extended[..., :, -2:]))
+    assert not any("get_bias" in vars(module) for module in biases)
+    modified = ModifiedModel(model, hook_manager, [(1, 3)], num_registers=2)
+    with torch.no_grad():
+        assert modified(torch.randn(2, 3, 64, 64)).shape == model(torch.randn(2, 3, 64, 64)).shape
 
 
 def test_dinov3_loads_by_spec_and_keeps_registers_out_of_its_outputs(tmp_path):

@@ -86,11 +86,24 @@ def dinov2_model(seed: int = 0, registers: int = 0) -> torch.nn.Module:
 
 
 def timm_model(name: str = "deit3_small_patch16_224", seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny timm model with dominant positions: its positional embedding, or without one (BEiT and
+    the relative-position ViTs) the bias of the last convolution before the tokens."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = timm.create_model(name, **{**TIMM, **overrides})
-    _dominant_positions(model.pos_embed, model.patch_embed.proj, torch.Generator().manual_seed(seed))
+    projection = [module for module in model.patch_embed.modules() if isinstance(module, torch.nn.Conv2d)][-1]
+    positions = model.pos_embed if getattr(model, "pos_embed", None) is not None else projection.bias
+    _dominant_positions(positions, projection, torch.Generator().manual_seed(seed))
     return model.eval()
+
+
+def vitamin_overrides() -> dict:
+    """A tiny ViTamin: a two-stage convolutional stem of stride 16 (no patch projection) and GeGLU MLPs."""
+    from timm.models.vitamin import VitCfg, VitConvCfg
+
+    stem = VitCfg(embed_dim=(16, 32, WIDTH), depths=(1, 1, 1), stem_width=16,
+                  conv_cfg=VitConvCfg(norm_layer="layernorm2d", norm_eps=1e-6), head_type="1d")
+    return dict(patch_size=1, embed_cfg=stem)
 
 
 HF_TOWER = dict(hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=LAYERS, num_attention_heads=2,
@@ -129,16 +142,6 @@ def dinov3_model(seed: int = 0, gated: bool = False) -> torch.nn.Module:
     return model.eval()
 
 
-def beit_model(seed: int = 0, **overrides) -> torch.nn.Module:
-    """A tiny timm BEiT: relative position bias in every block, no absolute positions."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = timm.create_model("beit_base_patch16_224", **{**TIMM, **overrides})
-    projection = model.patch_embed.proj   # no positional embedding: the bias plays the dominant part
-    _dominant_positions(projection.bias, projection, torch.Generator().manual_seed(seed))
-    return model.eval()
-
-
 def clip_with_timm_trunk(trunk_name: str, seed: int = 0, **overrides) -> open_clip.CLIP:
     """A real open_clip CLIP whose image tower is a ``TimmModel`` around a tiny timm ViT trunk."""
     vision = {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False, "timm_pool": "",
@@ -165,10 +168,14 @@ ARCHITECTURES = [
     Architecture("openclip-siglip-trunk", lambda: clip_with_timm_trunk("vit_base_patch16_siglip_224"),
                  ClipHookManager, 0, 0),
     Architecture("openclip-eva-trunk", lambda: clip_with_timm_trunk("eva02_tiny_patch14_224"), ClipHookManager, 1, 0),
+    Architecture("openclip-vitamin-trunk", lambda: clip_with_timm_trunk("vitamin_small_224", **vitamin_overrides()),
+                 ClipHookManager, 0, 0),
+    Architecture("openclip-relpos-trunk",
+                 lambda: clip_with_timm_trunk("vit_relpos_medium_patch16_cls_224", rel_pos_dim=32), ClipHookManager, 1, 0),
     Architecture("timm-eva02", lambda: timm_model("eva02_tiny_patch14_224"), EvaHookManager, 1, 0),
-    Architecture("timm-beit", beit_model, BeitHookManager, 1, 0),
-    Architecture("timm-beit-shared-bias", lambda: beit_model(use_rel_pos_bias=False, use_shared_rel_pos_bias=True),
-                 BeitHookManager, 1, 0),
+    Architecture("timm-beit", lambda: timm_model("beit_base_patch16_224"), BeitHookManager, 1, 0),
+    Architecture("timm-beit-shared-bias", lambda: timm_model("beit_base_patch16_224", use_rel_pos_bias=False,
+                                                             use_shared_rel_pos_bias=True), BeitHookManager, 1, 0),
     Architecture("hf-clip", lambda: hf_tower("clip"), ClipVisionHookManager, 1, 0),
     Architecture("hf-siglip", lambda: hf_tower("siglip"), SiglipVisionHookManager, 0, 0),
     Architecture("hf-vit", lambda: hf_tower("vit"), ViTHookManager, 1, 0),
