@@ -76,7 +76,8 @@ def load_openclip(name: str, pretrained: str | os.PathLike | None = None, *, dev
     model.eval()
     spec = f"openclip:{name}" + (f":{pretrained}" if pretrained else "")
     hook_manager = ClipHookManager(model, name=spec, autocast_dtype=precision.autocast)
-    return LoadedModel(model, preprocess, hook_manager)
+    tokenizer = (lambda: open_clip.get_tokenizer(name)) if hasattr(model, "encode_text") else None
+    return LoadedModel(model, preprocess, hook_manager, tokenizer=tokenizer)
 
 
 def _load_tag(create, name: str, tag: str, what: str):
@@ -133,4 +134,5 @@ def load_demo_spec(reference: str, *, device="cpu", precision="fp32", seed: int 
     model = set_precision(model, precision, device)
     hook_manager = ClipHookManager(model, name="demo", autocast_dtype=precision.autocast)
     return LoadedModel(model, preprocess, hook_manager, synthetic=True, planted=planted,
-                       generate_images=lambda count, image_seed: iter_demo_images(count, seed=image_seed))
+                       generate_images=lambda count, image_seed: iter_demo_images(count, seed=image_seed),
+                       tokenizer=open_clip.tokenizer.SimpleTokenizer)   # its text tower reads CLIP's own tokens

@@ -29,6 +29,9 @@ class LoadedModel:
     #: ``generate_images(count, seed)`` -> PIL images, made one at a time as they are iterated, for
     #: models that come with their own scenes.
     generate_images: Callable[[int, int], Iterable[Image.Image]] | None = None
+    #: For models with a text tower (CLIP): ``tokenizer()`` makes the tokenizer their text tower
+    #: reads (it may need files from the hub), for zero-shot classification.
+    tokenizer: Callable[[], Callable] | None = None
 
     def __iter__(self):
         return iter((self.model, self.preprocess, self.hook_manager))

@@ -1,0 +1,176 @@
+#!/usr/bin/env python
+"""Compare a ViT with and without test-time registers (and a model with trained registers) in one table.
+
+Rows: outlier statistics, CLS attention (entropy, share on the objects), LOST object discovery
+(CorLoc) where boxes are known, linear probes on CLS / mean-patch / register features where
+classes are known, and zero-shot accuracy for CLIP models with a text tower.
+
+With no arguments it runs offline on the SYNTHETIC demo: its planted model, neurons found on
+64 generated scenes, and 64 other scenes whose objects' boxes and shapes are known. Bad input
+gives one line on stderr and exit code 2.
+
+Installed as the console script ``test-time-registers-evaluate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from open_clip import zero_shot_metadata
+
+from test_time_registers import LegacyEdit, ModifiedModel, PaperEdit, find_register_neurons
+from test_time_registers.evaluation import (OUTLIER_RATIO, class_folder, compare_variants, demo_evaluation_set,
+                                            voc_dataset, zero_shot_classifier)
+from test_time_registers.intervention import calibrate_attention_bias
+from test_time_registers.loading import first_line
+from test_time_registers.registry import load_model, load_neurons
+
+from test_time_registers.scripts.common import (Parser, UsageError, add_model_flags, check_device, check_output_paths,
+                                                non_negative_int, positive_int, run_main)
+
+DEMO_IMAGES = 64
+CALIBRATION_IMAGES = 32
+TEMPLATES = {"simple": zero_shot_metadata.SIMPLE_IMAGENET_TEMPLATES,
+             "openai": zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES}
+EDITS = ("paper", "legacy", "attention-bias")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(description=__doc__)
+    add_model_flags(parser)
+    parser.add_argument("--neurons", help="register-neuron file or preset:NAME (default for the demo: found on "
+                        f"{DEMO_IMAGES} generated scenes; required for other models)")
+    parser.add_argument("--force", action="store_true", help="apply --neurons even if they were found on another model")
+    data = parser.add_mutually_exclusive_group()
+    data.add_argument("--images", type=Path, help="folder of images; one sub-folder per class gives labels for the "
+                      "linear probe and zero-shot rows (default: the demo's generated scenes)")
+    data.add_argument("--voc", type=Path, help="VOC-style folder (Annotations/*.xml, JPEGImages/): boxes for LOST "
+                      "CorLoc and attention on objects")
+    parser.add_argument("--num-images", type=positive_int,
+                        help=f"images to evaluate on (default: all; {DEMO_IMAGES} generated scenes for the demo)")
+    parser.add_argument("--trained-model", help="a model with trained registers to add as a third column, e.g. "
+                        "dinov2:facebook/dinov2-with-registers-large")
+    parser.add_argument("--num-registers", type=non_negative_int, default=1, help="test-time registers to append")
+    parser.add_argument("--edit", choices=EDITS, default="paper",
+                        help="paper: move the maxima to the registers (Algorithm 2); legacy: the reference code's "
+                             "edit; attention-bias: zero the neurons and attend to the register's mean key and value")
+    parser.add_argument("--detect-layer", type=non_negative_int,
+                        help="block whose patch norms give the outlier rows (default: the neuron file's)")
+    parser.add_argument("--outlier-ratio", type=float, default=OUTLIER_RATIO,
+                        help="an image has outliers when its largest patch norm is this many times its median")
+    parser.add_argument("--templates", choices=tuple(TEMPLATES), default="simple",
+                        help="open_clip's zero-shot prompt templates")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
+    parser.add_argument("--json", type=Path, help="also write the table to this JSON file")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    check_output_paths(json=args.json)
+    if args.outlier_ratio <= 1:
+        raise UsageError(f"--outlier-ratio must be above 1, got {args.outlier_ratio}")
+    if args.edit == "attention-bias" and args.num_registers != 1:
+        raise UsageError("--edit attention-bias holds its key and value in one token: use --num-registers 1")
+    device = check_device(args.device)
+    loaded = load_model(args.model, device=device, precision=args.precision, seed=args.seed)
+    model, preprocess, hook_manager = loaded
+    dataset = _dataset(args, loaded)
+    print(f"model: {hook_manager.name}; {dataset.description}")
+    neurons = _neurons(args, loaded)
+    detect_layer = args.detect_layer if args.detect_layer is not None else neurons.detect_layer
+    if detect_layer is not None:
+        hook_manager.check_layer(detect_layer, "--detect-layer")
+
+    if args.edit == "attention-bias":
+        calibration = [item.read() for item in dataset.items[:CALIBRATION_IMAGES]]
+        edit = calibrate_attention_bias(hook_manager, neurons, calibration, preprocess, batch_size=args.batch_size)
+    else:
+        edit = LegacyEdit() if args.edit == "legacy" else PaperEdit()
+    registers = f"{args.num_registers} test-time register" + ("s" if args.num_registers != 1 else "")
+    if args.edit != "paper":
+        registers += f" ({args.edit})"
+    variants = {"original": (hook_manager, preprocess),
+                f"with {registers}": (ModifiedModel(model, hook_manager, neurons, args.num_registers,
+                                                                 edit=edit, seed=args.seed), preprocess)}
+    zero_shot_models = {"original": loaded, next(iter(list(variants)[1:])): loaded}
+    if args.trained_model:
+        trained = load_model(args.trained_model, device=device, precision=args.precision, seed=args.seed)
+        variants["trained registers"] = (trained.hook_manager, trained.preprocess)
+        zero_shot_models["trained registers"] = trained
+    classifiers = _zero_shot(args, zero_shot_models, dataset, device)
+
+    comparison = compare_variants(variants, dataset, detect_layer=detect_layer, outlier_ratio=args.outlier_ratio,
+                                  zero_shot=classifiers, batch_size=args.batch_size, seed=args.seed,
+                                  progress=not args.quiet)
+    print(f"\non {comparison.images} images ({dataset.description}):")
+    print(comparison.format())
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"model": hook_manager.name, **comparison.to_dict()}, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _dataset(args, loaded):
+    if args.voc:
+        return voc_dataset(args.voc, limit=args.num_images)
+    if args.images:
+        dataset = class_folder(args.images)
+        if args.num_images:
+            dataset.items = dataset.items[:args.num_images]
+        return dataset
+    if loaded.generate_images is None:
+        raise UsageError(f"--images DIR or --voc DIR is required for {args.model}; only the demo generates its own scenes")
+    # Scenes with another seed than the ones discovery sees.
+    return demo_evaluation_set(args.num_images or DEMO_IMAGES, seed=args.seed + 1)
+
+
+def _neurons(args, loaded):
+    hook_manager = loaded.hook_manager
+    if args.neurons:
+        neurons = load_neurons(args.neurons)
+        neurons.check_fits(hook_manager, warn_other_model=False)
+        mismatch = neurons.model_mismatch(hook_manager)
+        if mismatch and not args.force:
+            raise UsageError(f"--neurons {args.neurons}: {mismatch}; pass --force to apply them anyway")
+        print(f"register neurons: {len(neurons)} from {args.neurons}")
+        return neurons
+    if loaded.generate_images is None:
+        raise UsageError(f"--neurons FILE is required for {args.model}; find them with find-register-neurons")
+    scenes = list(loaded.generate_images(DEMO_IMAGES, args.seed))
+    neurons = find_register_neurons(hook_manager, scenes, loaded.preprocess, top_k=len(loaded.planted or ()) or 10,
+                                    batch_size=args.batch_size, progress=not args.quiet)
+    print(f"register neurons: {len(neurons)} found on {DEMO_IMAGES} generated scenes {neurons.pairs()}")
+    return neurons
+
+
+def _zero_shot(args, models: dict, dataset, device) -> dict:
+    """A text classifier per column whose model has a text tower, when the images have classes."""
+    if not dataset.has_labels:
+        return {}
+    classifiers, built = {}, {}
+    for column, loaded in models.items():
+        if loaded.tokenizer is None or not hasattr(loaded.model, "encode_text"):
+            continue
+        if id(loaded) not in built:
+            try:
+                tokenizer = loaded.tokenizer()
+            except Exception as error:   # noqa: BLE001 - e.g. a tokenizer that would need the hub
+                print(f"no zero-shot row for {column}: its tokenizer could not be made ({first_line(error)})")
+                continue
+            built[id(loaded)] = zero_shot_classifier(loaded.model, tokenizer, dataset.class_names,
+                                                     TEMPLATES[args.templates], device)
+        classifiers[column] = built[id(loaded)]
+    return classifiers
+
+
+def main(argv=None) -> int:
+    return run_main(build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

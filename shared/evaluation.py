@@ -1,0 +1,532 @@
+"""Measure what test-time registers change: outliers, attention, LOST object discovery, linear probes, zero-shot.
+
+One pass over an :class:`EvaluationSet` per model variant (the original model, the model with
+test-time registers, a model with trained registers) gathers, per image:
+
+* the largest / median patch norm at the detection layer (outlier statistics);
+* the CLS attention over the patches at the last layer, head mean (its entropy, and the share
+  that falls on the objects where boxes or masks are known);
+* a LOST box (Siméoni et al., BMVC 2021) from the last block's attention input, scored as
+  CorLoc against the known boxes;
+* CLS, mean-patch and register-token features of the last block, for linear probes;
+* the image embedding, for zero-shot classification with CLIP's text tower.
+
+Images are resized to the model's square input before preprocessing, so boxes map to patches
+by scaling alone. Labels are int64 end to end.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import xml.etree.ElementTree as ElementTree
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .errors import ImageSourceError, InvalidArgumentError
+from .hooks import HookManager
+from .images import ImageFolder, UnreadableImage, read_image
+from .intervention import ModifiedModel
+
+log = logging.getLogger(__name__)
+
+#: An image "has outliers" when its largest patch norm is at least this many times its median.
+OUTLIER_RATIO = 4.0
+#: LOST: the number of lowest-degree patches that may join the seed.
+LOST_POTENTIAL_SEEDS = 100
+#: CorLoc: a box is correct when its intersection over union with a true box is at least this.
+CORLOC_IOU = 0.5
+PROBE_TEST_FRACTION = 0.3
+
+
+# ---------------------------------------------------------------------------- datasets
+
+@dataclass
+class EvaluationItem:
+    """One image and what is known about it: ``boxes`` [K, 4] (left, top, right, bottom, pixels of
+    the image as read, right/bottom exclusive), ``object_mask`` [H, W] bool, ``label`` a class index."""
+
+    name: str
+    read: Callable[[], Image.Image]
+    label: int | None = None
+    boxes: np.ndarray | None = None
+    object_mask: np.ndarray | None = None
+
+
+@dataclass
+class EvaluationSet:
+    """Images with, where known, their class (``class_names[label]``), object boxes and object masks."""
+
+    items: list[EvaluationItem]
+    class_names: list[str] | None = None
+    description: str = ""
+    skipped: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.items:
+            raise ImageSourceError(f"no images to evaluate on{': ' + self.description if self.description else ''}")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def has_labels(self) -> bool:
+        return self.class_names is not None and all(item.label is not None for item in self.items)
+
+    @property
+    def has_boxes(self) -> bool:
+        return all(item.boxes is not None and len(item.boxes) for item in self.items)
+
+
+def demo_evaluation_set(count: int, seed: int = 0, size: int = 224) -> EvaluationSet:
+    """The demo's generated scenes, with each object's box and mask, and the largest object's shape as label."""
+    from test_time_registers.clip.demo import SHAPES, iter_demo_scenes
+
+    items = [EvaluationItem(f"scene {index}", (lambda scene=scene: scene.image), scene.label, scene.boxes,
+                            scene.object_mask)
+             for index, scene in enumerate(iter_demo_scenes(count, seed, size))]
+    return EvaluationSet(items, list(SHAPES), f"{count} generated scenes")
+
+
+def _reader(path: Path) -> Callable[[], Image.Image]:
+    return lambda: read_image(path)
+
+
+def class_folder(root: str | Path) -> EvaluationSet:
+    """An ImageFolder with one sub-folder per class (torchvision's layout); labels index the sorted class names.
+
+    Files directly under ``root`` have no class; a folder with no sub-folders has no labels.
+    """
+    folder = ImageFolder(root)
+    classes = sorted({path.relative_to(folder.root).parts[0] for path in folder.files
+                      if len(path.relative_to(folder.root).parts) > 1})
+    index = {name: position for position, name in enumerate(classes)}
+    items = []
+    for path in folder.files:
+        parts = path.relative_to(folder.root).parts
+        items.append(EvaluationItem(folder.name_of(path), _reader(path), index.get(parts[0]) if len(parts) > 1 else None))
+    return EvaluationSet(items, classes or None, f"images from {root}")
+
+
+def voc_boxes(annotation: str | Path, *, skip_difficult: bool = False) -> tuple[str, np.ndarray, list[str]]:
+    """One Pascal VOC XML annotation: ``(file name, boxes [K, 4], class names)``.
+
+    VOC boxes are 1-based and inclusive; they are returned 0-based with exclusive right/bottom.
+    """
+    try:
+        root = ElementTree.parse(annotation).getroot()
+        boxes, names = [], []
+        for obj in root.iter("object"):
+            if skip_difficult and obj.findtext("difficult", "0").strip() == "1":
+                continue
+            box = obj.find("bndbox")
+            left, top, right, bottom = (float(box.findtext(key)) for key in ("xmin", "ymin", "xmax", "ymax"))
+            boxes.append([left - 1, top - 1, right, bottom])
+            names.append(obj.findtext("name", "").strip())
+        filename = root.findtext("filename", "").strip()
+    except (ElementTree.ParseError, AttributeError, TypeError, ValueError, OSError) as error:
+        raise ImageSourceError(f"{annotation} is not a readable VOC annotation ({error})") from None
+    if not filename:
+        raise ImageSourceError(f"{annotation} names no <filename>")
+    return filename, np.array(boxes, dtype=np.float64).reshape(-1, 4), names
+
+
+def voc_dataset(root: str | Path, *, skip_difficult: bool = False, limit: int | None = None) -> EvaluationSet:
+    """A Pascal-VOC-style folder: ``Annotations/*.xml`` with boxes, ``JPEGImages/`` with the images.
+
+    Each image's label is the class of its largest box (class names sorted), so the same
+    folder also serves a linear probe.
+    """
+    root = Path(root)
+    annotations, images = root / "Annotations", root / "JPEGImages"
+    if not annotations.is_dir() or not images.is_dir():
+        raise ImageSourceError(f"{root} is not a VOC-style folder: it needs Annotations/ (XML boxes) and JPEGImages/")
+    files = sorted(annotations.glob("*.xml"))[:limit]
+    if not files:
+        raise ImageSourceError(f"no XML annotation in {annotations}")
+    parsed = [voc_boxes(path, skip_difficult=skip_difficult) for path in files]
+    classes = sorted({name for _, _, names in parsed for name in names})
+    items, skipped = [], []
+    for filename, boxes, names in parsed:
+        path = images / filename
+        if not path.is_file() or not len(boxes):
+            skipped.append(filename)
+            continue
+        areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        items.append(EvaluationItem(filename, _reader(path), classes.index(names[int(areas.argmax())]), boxes))
+    if skipped:
+        log.warning("skipped %d annotation(s) whose image is missing or that have no box: %s", len(skipped),
+                    ", ".join(skipped[:5]))
+    return EvaluationSet(items, classes, f"VOC boxes from {root}", skipped)
+
+
+# ---------------------------------------------------------------------------- LOST and CorLoc
+
+def lost_box(features: torch.Tensor, grid: tuple[int, int], potential_seeds: int = LOST_POTENTIAL_SEEDS
+             ) -> tuple[int, int, int, int]:
+    """LOST's box for one image, in patches: (left, top, right, bottom), right/bottom exclusive.
+
+    Args:
+        features: patch features [P, D] (row-major over ``grid``).
+
+    The seed is the patch with the fewest positive similarities (dot products); the seeds are
+    the ``potential_seeds`` lowest-degree patches that correlate positively with it; the mask is
+    every patch whose summed similarity to the seeds is non-negative; the box bounds the
+    4-connected part of the mask that holds the seed.
+    """
+    rows, cols = grid
+    similarity = features.float() @ features.float().T                   # [P, P]
+    degree = (similarity >= 0).sum(dim=1)
+    seed = int(degree.argmin())
+    lowest = degree.argsort()[:min(potential_seeds, len(degree))]
+    seeds = lowest[similarity[lowest, seed] >= 0]
+    mask = (similarity[:, seeds].sum(dim=1) >= 0).reshape(rows, cols).cpu().numpy()
+    component = _component(mask, divmod(seed, cols))
+    ys, xs = np.nonzero(component)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def _component(mask: np.ndarray, start: tuple[int, int]) -> np.ndarray:
+    """The 4-connected part of ``mask`` [rows, cols] that contains ``start`` (which is always in it)."""
+    reached = np.zeros_like(mask, dtype=bool)
+    reached[start] = True
+    frontier = [start]
+    while frontier:
+        row, col = frontier.pop()
+        for r, c in ((row - 1, col), (row + 1, col), (row, col - 1), (row, col + 1)):
+            if 0 <= r < mask.shape[0] and 0 <= c < mask.shape[1] and mask[r, c] and not reached[r, c]:
+                reached[r, c] = True
+                frontier.append((r, c))
+    return reached
+
+
+def box_iou(box: Sequence[float], boxes: np.ndarray) -> np.ndarray:
+    """Intersection over union of one box with each of ``boxes`` [K, 4] (left, top, right, bottom)."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    width = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
+    height = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0, None)
+    intersection = width * height
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return intersection / np.maximum(area + areas - intersection, 1e-12)
+
+
+# ---------------------------------------------------------------------------- linear probe
+
+def linear_probe(features: torch.Tensor, labels: torch.Tensor, *, seed: int = 0,
+                 test_fraction: float = PROBE_TEST_FRACTION, weight_decay: float = 1e-3, steps: int = 100) -> float:
+    """Held-out accuracy of a multinomial logistic regression on ``features`` [N, D] with int64 ``labels`` [N].
+
+    Each class is split with ``seed``: ``test_fraction`` of its images (at least one when it has
+    two or more) are held out. Features are standardised with the training split's statistics;
+    the regression is fitted with L-BFGS and an L2 penalty of ``weight_decay``.
+    """
+    if labels.dtype != torch.int64:
+        raise InvalidArgumentError(f"labels must be int64 class indices, got {labels.dtype}")
+    generator = torch.Generator().manual_seed(seed)
+    test = torch.zeros(len(labels), dtype=torch.bool)
+    for label in labels.unique():
+        members = (labels == label).nonzero()[:, 0]
+        members = members[torch.randperm(len(members), generator=generator)]
+        held = math.ceil(test_fraction * len(members)) if len(members) > 1 else 0
+        test[members[:held]] = True
+    if not test.any() or test.all():
+        raise InvalidArgumentError("a linear probe needs classes with at least two images each")
+    features = features.float().cpu()
+    mean, std = features[~test].mean(dim=0), features[~test].std(dim=0).clamp_min(1e-6)
+    standard = (features - mean) / std
+    classes = int(labels.max()) + 1
+    weight = torch.zeros(standard.shape[1], classes, requires_grad=True)
+    bias = torch.zeros(classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=steps, line_search_fn="strong_wolfe")
+    train_x, train_y = standard[~test], labels[~test].cpu()
+
+    def loss():
+        optimizer.zero_grad()
+        value = torch.nn.functional.cross_entropy(train_x @ weight + bias, train_y) + weight_decay * weight.square().sum()
+        value.backward()
+        return value
+
+    with torch.enable_grad():
+        optimizer.step(loss)
+    with torch.no_grad():
+        predictions = (standard[test] @ weight + bias).argmax(dim=1)
+    return float((predictions == labels[test].cpu()).float().mean())
+
+
+# ---------------------------------------------------------------------------- zero-shot
+
+def zero_shot_classifier(model, tokenizer, class_names: Sequence[str], templates: Sequence, device) -> torch.Tensor:
+    """open_clip's own zero-shot classifier: [embed_dim, classes], one normalised text embedding per class."""
+    from open_clip import build_zero_shot_classifier
+
+    with torch.no_grad():
+        return build_zero_shot_classifier(model, tokenizer, list(class_names), list(templates),
+                                          num_classes_per_batch=16, device=device, use_tqdm=False)
+
+
+def zero_shot_accuracy(image_embeddings: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy of ``image_embeddings`` [N, E] against ``classifier`` [E, C]; ``labels`` int64 [N]."""
+    if labels.dtype != torch.int64:
+        raise InvalidArgumentError(f"labels must be int64 class indices, got {labels.dtype}")
+    embeddings = torch.nn.functional.normalize(image_embeddings.float(), dim=-1)
+    predictions = (embeddings @ classifier.float().to(embeddings.device)).argmax(dim=1)
+    return float((predictions == labels.to(predictions.device)).float().mean())
+
+
+# ---------------------------------------------------------------------------- the pass
+
+@dataclass
+class VariantResult:
+    """What one model variant gave on an evaluation set; per-image tensors are on the CPU."""
+
+    name: str
+    ratios: torch.Tensor                        # [N] largest / median patch norm at the detection layer
+    cls_entropy: torch.Tensor | None            # [N] entropy (nats) of CLS attention over the patches
+    cls_on_objects: torch.Tensor | None         # [N] share of CLS attention on object patches
+    lost_boxes: torch.Tensor | None             # [N, 4] in pixels of the model's input
+    corloc_hits: torch.Tensor | None            # [N] bool
+    features: dict[str, torch.Tensor]           # "CLS", "mean patch", "registers" -> [N, D]
+    embeddings: torch.Tensor | None             # [N, E] the model's image output, when it is one vector per image
+    labels: torch.Tensor | None                 # [N] int64
+    patches: int = 0                            # patches per image
+
+
+def input_size(preprocess: Callable) -> tuple[int, int]:
+    """The (height, width) the preprocessing makes of an image."""
+    return tuple(preprocess(Image.new("RGB", (64, 48))).shape[-2:])
+
+
+def _patch_coverage(item: EvaluationItem, scale: tuple[float, float], size: tuple[int, int],
+                    grid: tuple[int, int]) -> torch.Tensor | None:
+    """The fraction of each patch covered by objects [rows * cols], from the mask or else the boxes."""
+    height, width = size
+    if item.object_mask is not None:
+        mask = Image.fromarray(item.object_mask.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)
+        pixels = torch.from_numpy(np.asarray(mask) > 127).float()
+    elif item.boxes is not None and len(item.boxes):
+        pixels = torch.zeros(height, width)
+        for left, top, right, bottom in item.boxes:
+            pixels[int(top * scale[0]):math.ceil(bottom * scale[0]), int(left * scale[1]):math.ceil(right * scale[1])] = 1
+    else:
+        return None
+    rows, cols = grid
+    return torch.nn.functional.adaptive_avg_pool2d(pixels[None], (rows, cols))[0].reshape(-1)
+
+
+def evaluate_variant(name: str, runner: HookManager | ModifiedModel, dataset: EvaluationSet, preprocess: Callable, *,
+                     detect_layer: int | None = None, batch_size: int = 32, progress: bool = False) -> VariantResult:
+    """One pass of ``runner`` (a hook manager, or a :class:`ModifiedModel`) over ``dataset``."""
+    hook_manager = runner.hook_manager if isinstance(runner, ModifiedModel) else runner
+    layout = runner.layout
+    last = hook_manager.num_layers - 1
+    detect_layer = hook_manager.default_detect_layer if detect_layer is None else hook_manager.check_layer(detect_layer)
+    height, width = input_size(preprocess)
+    has_cls = layout.num_cls > 0
+    registers = layout.num_test_time_registers or layout.num_trained_registers
+    collected: dict[str, list] = {key: [] for key in ("ratios", "entropy", "objects", "boxes", "hits", "cls", "mean",
+                                                      "registers", "embeddings", "labels")}
+    lost_inputs = {}
+    try:
+        lost_site = hook_manager.attention_input_site(last)
+    except Exception:   # noqa: BLE001 - an architecture without the site gets no LOST row
+        lost_site = None
+    bar = tqdm(total=len(dataset), unit="img", desc=f"evaluating: {name}", disable=not progress)
+    with torch.no_grad(), hook_manager.hooks() as hooks:
+        if lost_site is not None and dataset.has_boxes:
+            hooks.on(lost_site, lambda tokens: lost_inputs.__setitem__("tokens", tokens.detach()))
+        for start in range(0, len(dataset), batch_size):
+            items, images, scales = [], [], []
+            for item in dataset.items[start:start + batch_size]:
+                try:
+                    image = item.read()
+                except UnreadableImage as error:
+                    dataset.skipped.append(item.name)
+                    log.warning("skipped %s: %s", item.name, error)
+                    continue
+                scales.append((height / image.height, width / image.width))
+                images.append(preprocess(image.resize((width, height), Image.BICUBIC)))
+                items.append(item)
+            bar.update(min(batch_size, len(dataset) - start))
+            if not items:
+                continue
+            pixels = torch.stack(images)
+            grid = hook_manager.grid_shape(pixels)
+            sites = {"residual": sorted({detect_layer, last}), "attention": [last] if has_cls else []}
+            with runner.capture(**sites) as captured:
+                output = runner.forward_images(pixels)
+            detect = captured.residual[detect_layer].float()
+            seq_len = detect.shape[1]
+            patch_norms = detect[:, layout.patches(seq_len)].norm(dim=-1)                      # [B, P]
+            patches = patch_norms.shape[1]
+            collected["ratios"].append((patch_norms.amax(dim=1) / patch_norms.median(dim=1).values).cpu())
+            final = captured.residual[last].float()
+            collected["cls"].append(final[:, layout.cls()].mean(dim=1).cpu() if has_cls else None)
+            collected["mean"].append(final[:, layout.patches(seq_len)].mean(dim=1).cpu())
+            register_slice = (layout.test_time_registers(seq_len) if layout.num_test_time_registers
+                              else layout.trained_registers())
+            collected["registers"].append(final[:, register_slice].mean(dim=1).cpu() if registers else None)
+            embedding = output if isinstance(output, torch.Tensor) and output.ndim == 2 else None
+            collected["embeddings"].append(embedding.float().cpu() if embedding is not None else None)
+            collected["labels"].append(torch.tensor([item.label if item.label is not None else -1 for item in items],
+                                                    dtype=torch.int64))
+            if has_cls:
+                cls_row = captured.attention[last][:, :, layout.cls().start, layout.patches(seq_len)].float()
+                attention = cls_row.mean(dim=1)                                                # [B, P]
+                attention = attention / attention.sum(dim=1, keepdim=True)
+                collected["entropy"].append(-(attention * attention.clamp_min(1e-12).log()).sum(dim=1).cpu())
+                coverage = [_patch_coverage(item, scale, (height, width), grid) for item, scale in zip(items, scales)]
+                if all(c is not None for c in coverage):
+                    collected["objects"].append((attention.cpu() * torch.stack(coverage)).sum(dim=1))
+            if "tokens" in lost_inputs:
+                tokens = lost_inputs.pop("tokens")[:, layout.patches(seq_len)]
+                patch_h, patch_w = height / grid[0], width / grid[1]
+                for item, scale, features in zip(items, scales, tokens):
+                    left, top, right, bottom = lost_box(features, grid)
+                    box = (left * patch_w, top * patch_h, right * patch_w, bottom * patch_h)
+                    truth = item.boxes * np.array([scale[1], scale[0], scale[1], scale[0]])
+                    collected["boxes"].append(torch.tensor(box))
+                    collected["hits"].append(bool(box_iou(box, truth).max() >= CORLOC_IOU))
+    bar.close()
+    if not collected["ratios"]:
+        raise ImageSourceError(f"no readable image in {dataset.description or 'the evaluation set'}")
+
+    def joined(key):
+        parts = collected[key]
+        return torch.cat(parts) if parts and all(part is not None for part in parts) else None
+
+    labels = torch.cat(collected["labels"])
+    features = {label: joined(key) for label, key in (("CLS", "cls"), ("mean patch", "mean"),
+                                                       ("registers", "registers"))}
+    return VariantResult(
+        name=name, ratios=torch.cat(collected["ratios"]), cls_entropy=joined("entropy"),
+        cls_on_objects=joined("objects") if len(collected["objects"]) == len(collected["ratios"]) else None,
+        lost_boxes=torch.stack(collected["boxes"]) if collected["boxes"] else None,
+        corloc_hits=torch.tensor(collected["hits"]) if collected["hits"] else None,
+        features={label: value for label, value in features.items() if value is not None},
+        embeddings=joined("embeddings"), labels=labels if bool((labels >= 0).all()) else None, patches=patches)
+
+
+# ---------------------------------------------------------------------------- the table
+
+@dataclass
+class Row:
+    """One row of the comparison: a label and one value per variant (``None``: does not apply)."""
+
+    label: str
+    values: list[float | None]
+    unit: str = ""
+
+
+def outlier_rows(results: Sequence[VariantResult], detect_layer: int, outlier_ratio: float = OUTLIER_RATIO) -> list[Row]:
+    return [
+        Row(f"images with outliers (largest/median >= {outlier_ratio:g}), layer {detect_layer}",
+            [float((r.ratios >= outlier_ratio).float().mean()) for r in results], "%"),
+        Row("largest / median patch norm, median over images", [float(r.ratios.median()) for r in results], "x"),
+        Row("largest / median patch norm, p99 over images",
+            [float(torch.quantile(r.ratios, 0.99)) for r in results], "x"),
+    ]
+
+
+def attention_rows(results: Sequence[VariantResult]) -> list[Row]:
+    rows = []
+    if any(r.cls_entropy is not None for r in results):
+        patches = next(r.patches for r in results if r.cls_entropy is not None)
+        rows.append(Row(f"CLS attention entropy over patches (nats; uniform: {math.log(patches):.2f})",
+                        [float(r.cls_entropy.mean()) if r.cls_entropy is not None else None for r in results]))
+    if any(r.cls_on_objects is not None for r in results):
+        rows.append(Row("CLS attention on the objects", [float(r.cls_on_objects.mean()) if r.cls_on_objects is not None
+                                                         else None for r in results], "%"))
+    if any(r.corloc_hits is not None for r in results):
+        rows.append(Row(f"LOST CorLoc (IoU >= {CORLOC_IOU:g})", [float(r.corloc_hits.float().mean())
+                                                                 if r.corloc_hits is not None else None
+                                                                 for r in results], "%"))
+    return rows
+
+
+def probe_rows(results: Sequence[VariantResult], seed: int = 0) -> list[Row]:
+    rows = []
+    for kind in ("CLS", "mean patch", "registers"):
+        values = [linear_probe(r.features[kind], r.labels, seed=seed) if kind in r.features and r.labels is not None
+                  else None for r in results]
+        if any(value is not None for value in values):
+            rows.append(Row(f"linear probe on {kind} features, held-out accuracy", values, "%"))
+    return rows
+
+
+def zero_shot_row(results: Sequence[VariantResult], classifiers: Sequence[torch.Tensor | None]) -> Row | None:
+    """Zero-shot top-1 accuracy per variant, from each one's image embeddings and its text classifier."""
+    values = [zero_shot_accuracy(r.embeddings, classifier, r.labels)
+              if classifier is not None and r.embeddings is not None and r.labels is not None else None
+              for r, classifier in zip(results, classifiers)]
+    return Row("zero-shot accuracy (open_clip templates)", values, "%") if any(v is not None for v in values) else None
+
+
+@dataclass
+class Comparison:
+    """The comparison table: one column per variant, one :class:`Row` per measure; ``notes`` say what was left out."""
+
+    columns: list[str]
+    rows: list[Row]
+    images: int
+    notes: list[str] = field(default_factory=list)
+
+    def format(self) -> str:
+        """The table as text, percentages as %, ratios with an x."""
+        label_width = max(len(row.label) for row in self.rows)
+        widths = [max(len(column), 8) for column in self.columns]
+        lines = ["  ".join([" " * label_width] + [column.rjust(width) for column, width in zip(self.columns, widths)])]
+        for row in self.rows:
+            cells = [_cell(value, row.unit).rjust(width) for value, width in zip(row.values, widths)]
+            lines.append("  ".join([row.label.ljust(label_width)] + cells))
+        return "\n".join(lines + [f"note: {note}" for note in self.notes])
+
+    def to_dict(self) -> dict:
+        return {"columns": self.columns, "images": self.images, "notes": self.notes,
+                "rows": [{"label": row.label, "unit": row.unit, "values": row.values} for row in self.rows]}
+
+
+def _cell(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit == "%":
+        return f"{100 * value:.1f}%"
+    return f"{value:.2f}{unit}" if unit else f"{value:.3f}"
+
+
+def compare_variants(variants: dict[str, tuple[HookManager | ModifiedModel, Callable]], dataset: EvaluationSet, *,
+                     detect_layer: int | None = None, outlier_ratio: float = OUTLIER_RATIO,
+                     zero_shot: dict[str, torch.Tensor] | None = None, batch_size: int = 32, seed: int = 0,
+                     progress: bool = False) -> Comparison:
+    """Evaluate each variant ``{column: (runner, preprocess)}`` on ``dataset`` and build the table.
+
+    Rows that need what the dataset lacks (labels, boxes) or what a model lacks (CLS, a text
+    tower: ``zero_shot`` maps columns to their text classifiers [E, C]) are left out, with a note.
+    """
+    results = [evaluate_variant(name, runner, dataset, preprocess, detect_layer=detect_layer, batch_size=batch_size,
+                                progress=progress)
+               for name, (runner, preprocess) in variants.items()]
+    first = next(iter(variants.values()))[0]
+    hook_manager = first.hook_manager if isinstance(first, ModifiedModel) else first
+    layer = hook_manager.default_detect_layer if detect_layer is None else detect_layer
+    rows = outlier_rows(results, layer, outlier_ratio) + attention_rows(results)
+    notes = []
+    if not dataset.has_boxes:
+        notes.append("no boxes or masks: no LOST CorLoc and no attention on objects (give VOC-style XML boxes)")
+    if dataset.has_labels:
+        rows += probe_rows(results, seed)
+        if zero_shot:
+            row = zero_shot_row(results, [zero_shot.get(name) for name in variants])
+            if row is not None:
+                rows.append(row)
+    else:
+        notes.append("no class labels: no linear probe or zero-shot rows (give one sub-folder per class)")
+    if dataset.skipped:
+        notes.append(f"skipped {len(dataset.skipped)} unreadable image(s): {', '.join(dataset.skipped[:5])}")
+    return Comparison(list(variants), rows, len(results[0].ratios), notes)

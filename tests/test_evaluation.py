@@ -1,0 +1,198 @@
+"""Evaluation: datasets with boxes and classes, LOST and CorLoc, linear probes, zero-shot, the table and its CLI."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from test_time_registers import ImageSourceError, InvalidArgumentError, ModifiedModel
+from test_time_registers.clip.demo import SHAPES, demo_images, demo_scenes
+from test_time_registers.evaluation import (Comparison, box_iou, class_folder, compare_variants, demo_evaluation_set,
+                                            linear_probe, lost_box, voc_boxes, voc_dataset, zero_shot_accuracy,
+                                            zero_shot_classifier)
+from test_time_registers.scripts import evaluate
+from tests.test_cli_messages import _readme_flags, error_line
+
+
+def test_demo_scenes_know_each_objects_box_class_and_pixels():
+    scenes = demo_scenes(12, seed=3, size=96)
+    assert [np.asarray(s.image).tolist() for s in scenes] == [np.asarray(i).tolist() for i in demo_images(12, 3, 96)]
+    for scene in scenes:
+        assert scene.boxes.shape == (len(scene.labels), 4) and len(scene.labels) >= 1
+        assert ((0 <= scene.labels) & (scene.labels < len(SHAPES))).all()
+        inside = np.zeros_like(scene.object_mask)
+        for left, top, right, bottom in scene.boxes:
+            assert 0 <= left < right <= 96 and 0 <= top < bottom <= 96
+            inside[top:bottom, left:right] = True
+            assert scene.object_mask[top:bottom, left:right].any()
+        assert not (scene.object_mask & ~inside).any()          # every object pixel lies in a box
+        assert scene.label in scene.labels.tolist()
+
+
+def _write_voc(root, entries):
+    (root / "Annotations").mkdir(parents=True)
+    (root / "JPEGImages").mkdir()
+    for name, size, objects in entries:
+        Image.new("RGB", size, (90, 120, 150)).save(root / "JPEGImages" / f"{name}.jpg")
+        objects_xml = "".join(
+            f"<object><name>{label}</name><difficult>{int(difficult)}</difficult><bndbox><xmin>{box[0]}</xmin>"
+            f"<ymin>{box[1]}</ymin><xmax>{box[2]}</xmax><ymax>{box[3]}</ymax></bndbox></object>"
+            for label, box, difficult in objects)
+        (root / "Annotations" / f"{name}.xml").write_text(
+            f"<annotation><filename>{name}.jpg</filename><size><width>{size[0]}</width><height>{size[1]}</height>"
+            f"</size>{objects_xml}</annotation>")
+
+
+def test_voc_boxes_are_read_zero_based_and_the_largest_box_gives_the_label(tmp_path):
+    _write_voc(tmp_path, [("a", (100, 80), [("dog", (1, 1, 10, 20), False), ("cat", (11, 21, 90, 70), True)]),
+                          ("b", (60, 60), [("bird", (5, 5, 30, 30), False)])])
+    filename, boxes, names = voc_boxes(tmp_path / "Annotations" / "a.xml")
+    assert filename == "a.jpg" and names == ["dog", "cat"]
+    assert boxes.tolist() == [[0, 0, 10, 20], [10, 20, 90, 70]]     # VOC's 1-based inclusive boxes, made 0-based
+    assert voc_boxes(tmp_path / "Annotations" / "a.xml", skip_difficult=True)[2] == ["dog"]
+    dataset = voc_dataset(tmp_path)
+    assert dataset.class_names == ["bird", "cat", "dog"] and dataset.has_boxes and dataset.has_labels
+    assert [item.label for item in dataset.items] == [1, 0]          # a: cat has the larger box
+    assert dataset.items[0].read().size == (100, 80)
+
+
+def test_bad_voc_folders_are_precise_errors(tmp_path):
+    with pytest.raises(ImageSourceError, match="Annotations/"):
+        voc_dataset(tmp_path)
+    _write_voc(tmp_path, [("a", (50, 50), [("dog", (1, 1, 10, 10), False)])])
+    (tmp_path / "Annotations" / "broken.xml").write_text("<annotation><filename>")
+    with pytest.raises(ImageSourceError, match="broken.xml is not a readable VOC annotation"):
+        voc_dataset(tmp_path)
+
+
+def test_box_iou_by_hand():
+    boxes = np.array([[0, 0, 10, 10], [5, 5, 15, 15], [20, 20, 30, 30]])
+    np.testing.assert_allclose(box_iou((0, 0, 10, 10), boxes), [1.0, 25 / 175, 0.0])
+
+
+def test_lost_finds_the_object_the_least_connected_patch_belongs_to():
+    """A 6 x 6 grid: background patches share one direction; a 2 x 3 object and a 1-patch speck oppose it.
+    The speck is not connected to the object, so the box is the seed's part of the mask only."""
+    torch.manual_seed(0)
+    background, thing = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([-1.0, 1.0, 0.0])
+    features = background.repeat(36, 1) + 0.01 * torch.randn(36, 3)
+    grid = torch.arange(36).reshape(6, 6)
+    features[grid[1:3, 2:5].flatten()] = thing
+    features[grid[5, 0]] = thing + torch.tensor([0.0, 0.0, 0.5])   # fewer positive links: it is not the seed
+    assert lost_box(features, (6, 6)) == (2, 1, 5, 3)
+
+
+def test_linear_probe_is_exact_on_separable_features_and_wants_integer_labels():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(5).repeat_interleave(8)
+    features = torch.nn.functional.one_hot(labels, 5).float() * 4 + 0.1 * torch.randn(40, 5, generator=generator)
+    assert linear_probe(features, labels, seed=1) == 1.0
+    noise = torch.randn(40, 5, generator=generator)
+    assert linear_probe(noise, labels, seed=1) == linear_probe(noise, labels, seed=1)   # seeded split
+    with pytest.raises(InvalidArgumentError, match="int64"):
+        linear_probe(features, labels.to(torch.bfloat16))
+
+
+def test_zero_shot_over_more_than_256_classes_keeps_integer_labels():
+    """The reference notebook cast labels to bf16, which rounds 257 to 256: an off-by-one answer counted as right."""
+    classes = 300
+    classifier = torch.eye(classes)                                  # class c's text embedding is e_c
+    labels = torch.arange(classes)
+    embeddings = torch.eye(classes)[labels]                          # every image is its own class ...
+    assert zero_shot_accuracy(embeddings, classifier, labels) == 1.0
+    wrong = labels.clone()
+    wrong[257] = 256                                                 # ... except image 257, answered 256
+    assert zero_shot_accuracy(torch.eye(classes)[wrong], classifier, labels) == pytest.approx(299 / 300)
+    assert labels.to(torch.bfloat16)[257] == 256                     # what a bf16 label would have hidden
+    with pytest.raises(InvalidArgumentError, match="int64"):
+        zero_shot_accuracy(embeddings, classifier, labels.to(torch.bfloat16))
+
+
+def test_open_clips_own_classifier_serves_300_classes(demo):
+    import open_clip
+    from open_clip import zero_shot_metadata
+
+    model = demo[0]
+    names = [f"class {index}" for index in range(300)]
+    classifier = zero_shot_classifier(model, open_clip.tokenizer.SimpleTokenizer(), names,
+                                      zero_shot_metadata.SIMPLE_IMAGENET_TEMPLATES[:2], "cpu")
+    assert classifier.shape == (model.text_projection.shape[1], 300)
+    torch.testing.assert_close(classifier.norm(dim=0), torch.ones(300))
+    labels = torch.arange(300)
+    assert zero_shot_accuracy(classifier.T.clone(), classifier, labels) == 1.0
+
+
+def test_the_comparison_on_the_demo_has_every_row_and_the_register_helps(demo):
+    from test_time_registers.clip import ClipHookManager
+
+    model, preprocess, planted, _ = demo
+    hm = ClipHookManager(model, name="demo")
+    dataset = demo_evaluation_set(24, seed=1)
+    comparison = compare_variants({"original": (hm, preprocess),
+                                   "register": (ModifiedModel(model, hm, planted), preprocess)}, dataset)
+    rows = {row.label.split(" (")[0].split(",")[0]: row.values for row in comparison.rows}
+    assert set(rows) == {"images with outliers", "largest / median patch norm", "CLS attention entropy over patches",
+                         "CLS attention on the objects", "LOST CorLoc", "linear probe on CLS features",
+                         "linear probe on mean patch features", "linear probe on registers features"}
+    assert comparison.columns == ["original", "register"] and comparison.images == 24
+    for row in comparison.rows:
+        assert len(row.values) == 2
+        assert all(value is None or math.isfinite(value) for value in row.values)
+    assert rows["images with outliers"] == [1.0, 0.0]
+    assert rows["CLS attention on the objects"][1] > rows["CLS attention on the objects"][0]
+    assert rows["linear probe on registers features"][0] is None      # the original has no register
+    assert 0 <= min(rows["LOST CorLoc"]) <= max(rows["LOST CorLoc"]) <= 1
+    text = comparison.format()
+    assert "100.0%" in text and text.count("\n") == len(comparison.rows)
+    assert Comparison(**{**comparison.__dict__}).to_dict()["rows"][0]["values"] == [1.0, 0.0]
+
+
+@pytest.fixture
+def classes(tmp_path):
+    """Two classes of 6 small images each, one sub-folder per class."""
+    for name, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+        folder = tmp_path / "classes" / name
+        folder.mkdir(parents=True)
+        for index in range(6):
+            Image.new("RGB", (40, 40), tuple(c + 5 * index for c in colour)).save(folder / f"{index}.png")
+    return tmp_path / "classes"
+
+
+def test_a_class_folder_gives_labels(classes):
+    dataset = class_folder(classes)
+    assert dataset.class_names == ["blue", "red"] and [item.label for item in dataset.items] == [0] * 6 + [1] * 6
+
+
+def test_the_cli_prints_the_table_and_writes_json(tmp_path, classes, capsys):
+    out = tmp_path / "table.json"
+    assert evaluate.main(["--images", str(classes), "--quiet", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "linear probe on CLS features" in printed and "zero-shot accuracy" in printed
+    assert "no boxes or masks" in printed
+    table = json.loads(out.read_text())
+    assert table["columns"] == ["original", "with 1 test-time register"] and table["images"] == 12
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--images", "/nonexistent"], "image folder not found"),
+    (["--voc", "."], "is not a VOC-style folder"),
+    (["--edit", "attention-bias", "--num-registers", "2"], "--num-registers 1"),
+    (["--model", "timm:vit_tiny_patch16_224:random"], "--images DIR or --voc DIR is required"),
+    (["--outlier-ratio", "1"], "--outlier-ratio must be above 1"),
+])
+def test_bad_input_is_one_line(flags, message, capsys):
+    assert evaluate.main([*flags, "--quiet"]) == 2
+    assert message in error_line(capsys)
+
+
+def test_the_attention_bias_edit_runs_from_the_cli(capsys):
+    assert evaluate.main(["--edit", "attention-bias", "--num-images", "8", "--quiet"]) == 0
+    assert "with 1 test-time register (attention-bias)" in capsys.readouterr().out
+
+
+def test_the_readme_flag_table_lists_every_flag():
+    flags = {option for action in evaluate.build_parser()._actions for option in action.option_strings}
+    assert _readme_flags("## Evaluate") == flags - {"--help", "-h"}
