@@ -1,16 +1,18 @@
-"""CLIP and SigLIP image towers from transformers (``CLIPVisionModel``, ``SiglipVisionModel`` and the
-full ``CLIPModel``/``SiglipModel``), for ``hf:`` specs. No model code is copied."""
+"""CLIP, SigLIP and SigLIP 2 image towers from transformers (``CLIPVisionModel``, ``SiglipVisionModel``,
+``Siglip2VisionModel`` and the full ``CLIPModel``/``SiglipModel``/``Siglip2Model``), for ``hf:`` specs.
+No model code is copied."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from test_time_registers.errors import UnsupportedModelError
 from test_time_registers.hf import probe_eager_attention, register_transformers_model
-from test_time_registers.hooks import HookManager, HookSite
-from test_time_registers.layout import TokenLayout
+from test_time_registers.hooks import HookManager, Hooks, HookSite
+from test_time_registers.layout import TokenLayout, extend_pairwise
 
 
 class _TransformersTower(HookManager):
@@ -86,6 +88,58 @@ class SiglipVisionHookManager(_TransformersTower):
         return HookSite(self.tower.post_layernorm, "input")
 
 
+class Siglip2VisionHookManager(SiglipVisionHookManager):
+    """transformers' SigLIP 2 image tower (NaFlex): patches only, taken as patchified pixels with a mask.
+
+    The model takes ``pixel_values`` [B, N, p * p * 3] (each patch's pixels row by row, channels
+    last), ``pixel_attention_mask`` [B, N] (1 for a real patch) and ``spatial_shapes`` [B, 2] (the
+    patch grid, to which it resizes its positional embedding). :meth:`model_inputs` builds them from
+    images [B, 3, H, W]: a full grid of H // p by W // p patches, every one real.
+
+    Test-time registers are appended to the encoder's input (after the positional embedding) and
+    come out at the input of ``post_layernorm``, before the attention-pooling head. While they are
+    in, the attention mask the model built for the encoder is extended: a register attends to every
+    real patch and is attended by all, like a real patch. Padded patches (from the model's own
+    processor) stay masked; registers come after them. The layout still counts padded patches as
+    patches, so discovery and the edit's maximum see them too: :meth:`forward_images` never pads.
+    """
+
+    def model_inputs(self, pixel_values: torch.Tensor) -> tuple[tuple, dict]:
+        _, inputs = super().model_inputs(pixel_values)
+        pixels = inputs["pixel_values"]                                   # [B, C, H, W]
+        (patch, _), (batch, channels) = self.patch_size, pixels.shape[:2]
+        rows, cols = self.grid_shape(pixels)
+        patches = (pixels[:, :, :rows * patch, :cols * patch]
+                   .reshape(batch, channels, rows, patch, cols, patch)
+                   .permute(0, 2, 4, 3, 5, 1)                             # [B, rows, cols, p, p, C]
+                   .reshape(batch, rows * cols, patch * patch * channels))
+        return (), {"pixel_values": patches,
+                    "pixel_attention_mask": torch.ones(batch, rows * cols, dtype=torch.long, device=pixels.device),
+                    "spatial_shapes": torch.tensor([[rows, cols]] * batch, device=pixels.device)}
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        size = self.tower.config.patch_size
+        return size, size
+
+    def register_insertion_site(self) -> HookSite:
+        return HookSite(self.tower.encoder, "input", keyword="inputs_embeds")
+
+    def prepare_for_registers(self, num_registers: int, hooks: Hooks) -> None:
+        def extend_mask(module, args, kwargs):
+            mask = kwargs.get("attention_mask")   # [B, 1, N, N], [B, N] for flash attention, or None: no padding
+            if mask is None:
+                return None
+            if mask.dim() == 2:
+                mask = torch.cat([mask, mask[:, :1].expand(-1, num_registers)], dim=1)
+            else:
+                mask = extend_pairwise(mask, num_registers)   # patch 0 is always real
+            return args, {**kwargs, "attention_mask": mask}
+
+        hooks.keep(self.tower.encoder.register_forward_pre_hook(extend_mask, with_kwargs=True))
+
+
 register_transformers_model("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel",
                             hook_manager=ClipVisionHookManager)
 register_transformers_model("SiglipVisionModel", "SiglipModel", hook_manager=SiglipVisionHookManager)
+register_transformers_model("Siglip2VisionModel", "Siglip2Model", hook_manager=Siglip2VisionHookManager)

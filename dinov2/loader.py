@@ -7,7 +7,7 @@ import os
 import torch
 
 from test_time_registers.errors import ModelLoadError
-from test_time_registers.hf import image_processor, is_local_folder, register_transformers_model
+from test_time_registers.hf import auto_model, is_local_folder, register_transformers_model
 from test_time_registers.hub import load_pretrained
 from test_time_registers.loading import LoadedModel, first_line
 from test_time_registers.precision import Precision, cast_model, get_precision
@@ -25,13 +25,14 @@ DINOV2_VITL14 = Preset("dinov2-vitl14", "test_time_registers.dinov2.presets", "d
 
 
 def load_dinov2(id_or_dir: str | os.PathLike, *, device: torch.device | str = "cpu",
-                precision: str | Precision = "fp32") -> LoadedModel:
+                precision: str | Precision = "fp32", seed: int = 0) -> LoadedModel:
     """Load a DINOv2 model (with or without registers) with ``AutoModel.from_pretrained``.
 
     Args:
         id_or_dir: a Hugging Face model id (``"facebook/dinov2-large"``,
             ``"facebook/dinov2-with-registers-base"``) or a local directory saved with
-            ``save_pretrained`` (safetensors).
+            ``save_pretrained`` (safetensors). A folder with only a ``config.json`` builds that
+            architecture with random weights, seeded by ``seed``.
         device: where the model goes.
         precision: a name in :data:`~test_time_registers.precision.PRECISIONS`; transformers has
             no mixed mode, so ``bf16`` casts every weight, as ``pure_bf16`` does.
@@ -44,14 +45,12 @@ def load_dinov2(id_or_dir: str | os.PathLike, *, device: torch.device | str = "c
         ModelLoadError: missing directory, unreachable and uncached id, corrupt weights, or not a
             DINOv2 model.
     """
-    from transformers import AutoModel
-
     precision = get_precision(precision)
     source = os.fspath(id_or_dir)
     looks_local = is_local_folder(source)
 
     def load():
-        return AutoModel.from_pretrained(source), image_processor(source)
+        return auto_model(source, local=looks_local, seed=seed)
 
     try:
         if looks_local:
@@ -82,7 +81,7 @@ def load_dinov2_spec(reference: str, *, device="cpu", precision="fp32", seed: in
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()   # stderr stays for our progress bars and errors
-    return load_dinov2(reference, device=device, precision=precision)
+    return load_dinov2(reference, device=device, precision=precision, seed=seed)
 
 
 register_transformers_model("Dinov2Model", "Dinov2WithRegistersModel", "Dinov2ForImageClassification",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -87,6 +88,23 @@ def is_local_folder(source: str) -> bool:
     return local
 
 
+def auto_model(source: str, *, local: bool, seed: int = 0) -> tuple[nn.Module, Callable]:
+    """``(model, preprocess)`` from a hub id or a local folder, with transformers' ``AutoModel``.
+
+    A local folder with a ``config.json`` and no weights builds that architecture with random weights,
+    seeded by ``seed``, and logs a warning saying so. The image processor is read in the same call, so
+    that offline it comes from the cache like the weights.
+    """
+    from transformers import AutoConfig, AutoModel
+
+    if local and not _has_weights(Path(source).expanduser()):
+        log.warning("%s has a config but no weights: building it with random weights (seed %d)", source, seed)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return AutoModel.from_config(AutoConfig.from_pretrained(source)), image_processor(source)
+    return AutoModel.from_pretrained(source), image_processor(source)
+
+
 def load_transformers(id_or_dir: str | os.PathLike, *, device: torch.device | str = "cpu",
                       precision: str | Precision = "fp32", seed: int = 0) -> LoadedModel:
     """Load any supported transformers vision model with ``AutoModel``; the hook manager follows its class.
@@ -100,19 +118,12 @@ def load_transformers(id_or_dir: str | os.PathLike, *, device: torch.device | st
         ModelLoadError: missing folder, unreachable and uncached id, corrupt weights.
         UnsupportedModelError: a class no hook manager describes.
     """
-    from transformers import AutoConfig, AutoModel
-
     precision = get_precision(precision)
     source = os.fspath(id_or_dir)
     local = is_local_folder(source)
 
-    def load():   # the processor too, so that offline it is read from the cache like the weights
-        if local and not _has_weights(Path(source).expanduser()):
-            log.warning("%s has a config but no weights: building it with random weights (seed %d)", source, seed)
-            with torch.random.fork_rng():
-                torch.manual_seed(seed)
-                return AutoModel.from_config(AutoConfig.from_pretrained(source)), image_processor(source)
-        return AutoModel.from_pretrained(source), image_processor(source)
+    def load():
+        return auto_model(source, local=local, seed=seed)
 
     try:
         model, preprocess = load() if local else load_pretrained(
@@ -140,14 +151,31 @@ class ProcessorTransform:
         return f"ProcessorTransform({type(self.processor).__name__})"
 
 
+def square_patch_grid_transform(processor):
+    """For a NaFlex processor (SigLIP 2), which resizes each image to its own patch grid and returns the
+    patches: images of one size instead, the largest square grid within its ``max_num_patches``, with
+    its normalisation. PIL image -> tensor [3, side, side]; the hook manager patchifies them."""
+    from torchvision import transforms
+
+    side = math.isqrt(processor.max_num_patches) * processor.patch_size
+    return transforms.Compose([
+        transforms.Resize((side, side), interpolation=transforms.InterpolationMode.BILINEAR),
+        transforms.ToTensor(),
+        transforms.Normalize(processor.image_mean, processor.image_std),
+    ])
+
+
 def image_processor(source: str):
     """The image processor saved with a model as a transform, or, without one, :func:`default_transform`."""
     from transformers import AutoImageProcessor
 
     try:
-        return ProcessorTransform(AutoImageProcessor.from_pretrained(source))
+        processor = AutoImageProcessor.from_pretrained(source)
     except Exception:  # no preprocessor_config.json: the ImageNet-normalised default
         return default_transform()
+    if getattr(processor, "max_num_patches", None):
+        return square_patch_grid_transform(processor)
+    return ProcessorTransform(processor)
 
 
 @register_architecture("hf", hook_manager=HookManager, spec="hf:HF_ID_OR_DIR",

@@ -289,17 +289,25 @@ class HookManager(abc.ABC):
         kernel = self.patch_embedding.kernel_size
         return (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
 
+    def model_inputs(self, pixel_values: torch.Tensor) -> tuple[tuple, dict]:
+        """The arguments ``(args, kwargs)`` that run :attr:`image_model` on preprocessed images [B, 3, H, W].
+
+        By default the pixels alone, moved to :attr:`device`, cast to :attr:`input_dtype` and passed
+        under :attr:`pixel_keyword` (or positionally). A model that takes other inputs (patchified
+        pixels with a mask, as SigLIP 2) builds them here.
+        """
+        pixel_values = pixel_values.to(device=self.device, dtype=self.input_dtype)
+        return ((), {self.pixel_keyword: pixel_values}) if self.pixel_keyword else ((pixel_values,), {})
+
     def forward_images(self, pixel_values: torch.Tensor):
         """Run preprocessed images [B, 3, H, W] through the image model at its declared precision.
 
-        The pixels are moved to :attr:`device` and cast to :attr:`input_dtype`, and the call runs
-        under autocast when :attr:`autocast_dtype` is set.
+        The inputs come from :meth:`model_inputs`, and the call runs under autocast when
+        :attr:`autocast_dtype` is set.
         """
-        pixel_values = pixel_values.to(device=self.device, dtype=self.input_dtype)
+        args, kwargs = self.model_inputs(pixel_values)
         with self.autocast():
-            if self.pixel_keyword:
-                return self.image_model(**{self.pixel_keyword: pixel_values})
-            return self.image_model(pixel_values)
+            return self.image_model(*args, **kwargs)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """``torch.autocast`` in :attr:`autocast_dtype` on the model's device, or nothing."""

@@ -170,7 +170,8 @@ def test_every_edit_and_scale_leaves_trained_registers_alone(arch, hook_manager,
 
 def test_no_neurons_and_no_registers_is_bit_identical(hook_manager, pixels):
     modified = ModifiedModel(hook_manager.model, hook_manager, [], num_registers=0)
+    args, kwargs = hook_manager.model_inputs(pixels)
     with torch.no_grad():
         assert torch.equal(_first_tensor(modified.forward_images(pixels)),
                            _first_tensor(hook_manager.forward_images(pixels)))
-        assert torch.equal(_first_tensor(modified(pixels)), _first_tensor(hook_manager.model(pixels)))
+        assert torch.equal(_first_tensor(modified(*args, **kwargs)), _first_tensor(hook_manager.model(*args, **kwargs)))

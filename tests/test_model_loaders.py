@@ -178,19 +178,23 @@ def test_hf_specs_pick_the_hook_manager_from_the_model_class(tmp_path, kind, man
     assert loaded.preprocess(Image.new("RGB", (300, 200))).shape == (3, 224, 224)   # no processor saved: the default
 
 
-def test_an_hf_folder_with_only_a_config_builds_random_weights_and_says_so(tmp_path, caplog):
+@pytest.mark.parametrize("prefix", ["hf", "dinov2"])
+def test_a_folder_with_only_a_config_builds_random_weights_and_says_so(tmp_path, caplog, prefix):
     from transformers import ViTConfig
 
     from test_time_registers import load_model
-    from tests.tiny_models import HF_TOWER
+    from tests.tiny_models import DINOV2, HF_TOWER
 
-    ViTConfig(**HF_TOWER).save_pretrained(tmp_path)
+    (ViTConfig(**HF_TOWER) if prefix == "hf" else Dinov2Config(**DINOV2)).save_pretrained(tmp_path)
     with caplog.at_level("WARNING", logger="test_time_registers"):
-        first = load_model(f"hf:{tmp_path}", seed=3)
+        first = load_model(f"{prefix}:{tmp_path}", seed=3)
     assert "no weights: building it with random weights (seed 3)" in caplog.text
-    again = load_model(f"hf:{tmp_path}", seed=3)
+    again, other = load_model(f"{prefix}:{tmp_path}", seed=3), load_model(f"{prefix}:{tmp_path}", seed=4)
     for name, value in first.model.state_dict().items():
         assert torch.equal(again.model.state_dict()[name], value), name
+    assert not all(torch.equal(other.model.state_dict()[name], value) for name, value in first.model.state_dict().items())
+    if prefix == "dinov2":
+        assert isinstance(first.hook_manager, Dinov2HookManager) and first.hook_manager.name == f"dinov2:{tmp_path}"
 
 
 def test_hf_specs_that_cannot_be_served_are_precise_errors(tmp_path):
@@ -316,3 +320,43 @@ def test_dinov3_loads_by_spec_and_keeps_registers_out_of_its_outputs(tmp_path):
     assert output.last_hidden_state.shape == plain.last_hidden_state.shape == (2, 1 + 4 + 64, 64)
     assert modified.register_tokens.shape == (2, 2, 64)
     assert captured.residual[0].shape[1] == 1 + 4 + 2 + 64      # [CLS][4 registers][2 test-time][patches]
+
+
+def test_siglip2_loads_by_spec_patchifies_like_its_processor_and_keeps_padding_masked(tmp_path):
+    import numpy as np
+    from transformers import Siglip2ImageProcessor
+
+    from test_time_registers import load_model
+    from test_time_registers.clip import Siglip2VisionHookManager
+    from tests.tiny_models import hf_tower
+
+    hf_tower("siglip2").config.save_pretrained(tmp_path)       # a config only: random weights
+    processor = Siglip2ImageProcessor(patch_size=8, max_num_patches=64)
+    processor.save_pretrained(tmp_path)
+    model, preprocess, hook_manager = load_model(f"hf:{tmp_path}")
+    assert isinstance(hook_manager, Siglip2VisionHookManager)
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    pixels = preprocess(image)
+    assert pixels.shape == (3, 64, 64) and hook_manager.grid_shape(pixels[None]) == (8, 8)
+    _, inputs = hook_manager.model_inputs(pixels[None])
+    expected = processor(images=image, return_tensors="pt")
+    torch.testing.assert_close(inputs["pixel_values"], expected["pixel_values"], atol=1e-5, rtol=0)
+    assert torch.equal(inputs["spatial_shapes"], expected["spatial_shapes"])
+    assert torch.equal(inputs["pixel_attention_mask"], expected["pixel_attention_mask"].long())
+
+    # A 4 x 8 grid padded to 64 patches, as the processor batches images of other shapes: registers
+    # attend to the real patches only, so the padding changes nothing.
+    _, alone = hook_manager.model_inputs(torch.randn(1, 3, 32, 64, generator=torch.Generator().manual_seed(1)))
+    padded = {"pixel_values": torch.cat([alone["pixel_values"], torch.zeros(1, 32, 192)], dim=1),
+              "pixel_attention_mask": torch.cat([torch.ones(1, 32), torch.zeros(1, 32)], dim=1).long(),
+              "spatial_shapes": alone["spatial_shapes"]}
+    modified = ModifiedModel(model, hook_manager, [], num_registers=2)
+    for attention in ("sdpa", "eager"):      # a boolean mask, then an additive one
+        model.set_attn_implementation(attention)
+        with torch.no_grad():
+            unpadded, with_padding = modified(**alone), modified(**padded)
+        torch.testing.assert_close(with_padding.last_hidden_state[:, :32], unpadded.last_hidden_state)
+        torch.testing.assert_close(with_padding.pooler_output, unpadded.pooler_output)
+        assert with_padding.last_hidden_state.shape == (1, 64, 64)
+        assert modified.register_tokens.shape == (1, 2, 64)

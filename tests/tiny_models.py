@@ -15,10 +15,11 @@ import open_clip
 import timm
 import torch
 from transformers import (CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig,
-                          Dinov2WithRegistersModel, DINOv3ViTConfig, DINOv3ViTModel, SiglipVisionConfig,
-                          SiglipVisionModel, ViTConfig, ViTModel)
+                          Dinov2WithRegistersModel, DINOv3ViTConfig, DINOv3ViTModel, Siglip2VisionConfig,
+                          Siglip2VisionModel, SiglipVisionConfig, SiglipVisionModel, ViTConfig, ViTModel)
 
-from test_time_registers.clip import ClipHookManager, ClipVisionHookManager, SiglipVisionHookManager
+from test_time_registers.clip import (ClipHookManager, ClipVisionHookManager, Siglip2VisionHookManager,
+                                      SiglipVisionHookManager)
 from test_time_registers.deit import BeitHookManager, DeitHookManager, EvaHookManager
 from test_time_registers.dinov2 import Dinov2HookManager, Dinov3HookManager, ViTHookManager
 from test_time_registers.hooks import HookManager
@@ -111,13 +112,16 @@ HF_TOWER = dict(hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layer
 
 
 def hf_tower(kind: str, seed: int = 0) -> torch.nn.Module:
-    """A tiny transformers CLIP or SigLIP image tower, or ViTModel, with dominant positions."""
+    """A tiny transformers CLIP, SigLIP or SigLIP 2 image tower, or ViTModel, with dominant positions."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         if kind == "clip":
             model = CLIPVisionModel(CLIPVisionConfig(**HF_TOWER))
         elif kind == "siglip":
             model = SiglipVisionModel(SiglipVisionConfig(**HF_TOWER))
+        elif kind == "siglip2":   # positions for an 8 x 8 grid, resized by the model to each image's grid
+            config = {key: value for key, value in HF_TOWER.items() if key != "image_size"}
+            model = Siglip2VisionModel(Siglip2VisionConfig(**config, num_patches=(IMAGE_SIZE // 8) ** 2))
         else:
             model = ViTModel(ViTConfig(**HF_TOWER), add_pooling_layer=False)
     embeddings = model.embeddings
@@ -178,6 +182,7 @@ ARCHITECTURES = [
                                                              use_shared_rel_pos_bias=True), BeitHookManager, 1, 0),
     Architecture("hf-clip", lambda: hf_tower("clip"), ClipVisionHookManager, 1, 0),
     Architecture("hf-siglip", lambda: hf_tower("siglip"), SiglipVisionHookManager, 0, 0),
+    Architecture("hf-siglip2", lambda: hf_tower("siglip2"), Siglip2VisionHookManager, 0, 0),
     Architecture("hf-vit", lambda: hf_tower("vit"), ViTHookManager, 1, 0),
     Architecture("hf-dinov3", dinov3_model, Dinov3HookManager, 1, 4),
     Architecture("hf-dinov3-gated-mlp", lambda: dinov3_model(gated=True), Dinov3HookManager, 1, 4),
