@@ -136,7 +136,9 @@ ENERGY_LAYER = 0  # texture detectors (MLP)
 FLAG_LAYER = 1  # texture flag (MLP)
 SELECT_LAYER = 3  # global max (attention head 0) + step (MLP)
 PLANTED_LAYER = 4  # register neurons (MLP)
+OBJECT_LAYER = 5  # objectness (MLP)
 SINK_LAYERS = (6, 7)  # attention sinks
+OBJECT_ATTENTION_LAYER = 7  # CLS looks at objects (attention)
 N_PLANTED = 4
 
 # Circuit magnitudes. Embedding values are pre-ln_pre. After ln_pre every token has norm
@@ -172,6 +174,13 @@ PLANTED_THETA = 0.9  # is_top threshold (LN units)
 PLANTED_ALPHA = (0.66, 0.55, 0.6, 0.66)  # their writes along `register`
 SINK_QUERY = 2.0  # sink logit = SINK_QUERY * SINK_KEY * (register read, ~14 on outliers)
 SINK_KEY = 3.5
+# Outliers unlike every other token: each planted write also carries -OUTLIER_POS_COMP pos_comp and
+# -OUTLIER_VETO veto per unit of `register` (about -13 and -10 stream units on an outlier).
+OUTLIER_POS_COMP = 0.04
+OUTLIER_VETO = 0.03
+OBJECT_A = 40.0  # objectness: h = OBJECT_A * (textured / FLAG_WRITE - 0.5), clamped at FLAG_CLAMP
+OBJECT_SHIFT = 17.0  # pos_comp (stream units) a textured patch loses: ~12 -> ~ -5
+OBJECT_LOGIT = 3.0  # block 7: logit advantage of a textured patch over a smooth one, in every head
 
 # random background weight scales
 ATTN_IN_STD = WIDTH**-0.5
@@ -386,7 +395,13 @@ def _plant_circuit(model: open_clip.CLIP, g: torch.Generator) -> list[tuple[int,
     for k, idx in enumerate(planted_idx):
         gk = PLANTED_GAIN[k]
         set_neuron(PLANTED_LAYER, idx, gk * d["is_top"], -gk * PLANTED_THETA,
-                   PLANTED_ALPHA[k] * d["register"])
+                   PLANTED_ALPHA[k] * (d["register"] - OUTLIER_POS_COMP * d["pos_comp"] - OUTLIER_VETO * d["veto"]))
+
+    # --- block 5 MLP: objectness; a textured patch's pos_comp flips sign, so object and
+    # background tokens point apart (as the features of trained ViTs do)
+    object_read = OBJECT_A * DRIFT[2] / FLAG_WRITE * d["textured"]
+    clamped_pair(OBJECT_LAYER, neuron_order[OBJECT_LAYER][:2].tolist(), object_read, -OBJECT_A * 0.5, FLAG_CLAMP,
+                 -OBJECT_SHIFT / FLAG_CLAMP * d["pos_comp"])
 
     # --- blocks 6, 7: attention sink on tokens carrying `register`, in every head
     reg_channels = d["register"] != 0
@@ -400,6 +415,10 @@ def _plant_circuit(model: open_clip.CLIP, g: torch.Generator) -> list[tuple[int,
             wq[r] = 0.0
             bq[r] = SINK_QUERY * math.sqrt(HEAD_WIDTH)
             wk[r] = SINK_KEY * d["register"]
+            if layer == OBJECT_ATTENTION_LAYER:   # one more dimension: a key that prefers low pos_comp
+                wq[r + 1] = 0.0
+                bq[r + 1] = math.sqrt(HEAD_WIDTH)
+                wk[r + 1] = -OBJECT_LOGIT * DRIFT[2] / OBJECT_SHIFT * d["pos_comp"]   # pos_comp ~12 vs ~-5
 
     # every vision weight is made exactly representable in bfloat16 (hence also in float16),
     # so model.to(torch.bfloat16 / torch.float16) keeps the circuit's weights unchanged

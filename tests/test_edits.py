@@ -142,8 +142,8 @@ def test_edit_objects_have_one_signature_a_readable_repr_and_edit_in_place_only_
                                                                                         LAYOUT, SCALE))
     assert torch.equal(LegacyEdit("mean")(ACTS.clone(), NEURONS, LAYOUT, context),
                        legacy_edit(ACTS, NEURONS, LAYOUT, SCALE, "mean"))
-    assert repr(PaperEdit()) == "PaperEdit(normal_values='zero')"
-    assert repr(LegacyEdit("mean")) == "LegacyEdit(normal_values='mean')"
+    assert repr(PaperEdit()) == "PaperEdit(normal_values='zero', seed=0)"
+    assert repr(LegacyEdit("mean")) == "LegacyEdit(normal_values='mean', seed=0)"
     with pytest.raises(InvalidArgumentError, match="normal_values must be one of"):
         PaperEdit("median")
 
