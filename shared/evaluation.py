@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .errors import ImageSourceError, InvalidArgumentError
+from .errors import ImageSourceError, InvalidArgumentError, UnsupportedModelError
 from .hooks import HookManager
 from .images import ImageFolder, UnreadableImage, read_image
 from .intervention import ModifiedModel
@@ -335,7 +335,8 @@ def evaluate_variant(name: str, runner: HookManager | ModifiedModel, dataset: Ev
     lost_inputs = {}
     try:
         lost_site = hook_manager.attention_input_site(last)
-    except Exception:   # noqa: BLE001 - an architecture without the site gets no LOST row
+    except UnsupportedModelError:   # an architecture that declares no attention input gets no LOST row
+        log.warning("%s declares no attention_input: no LOST row", type(hook_manager).__name__)
         lost_site = None
     bar = tqdm(total=len(dataset), unit="img", desc=f"evaluating: {name}", disable=not progress)
     with torch.no_grad(), hook_manager.hooks() as hooks:
