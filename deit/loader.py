@@ -58,7 +58,9 @@ def load_timm(name: str, checkpoint: str | os.PathLike | None = None, *, pretrai
     except Exception as error:  # RuntimeError, OSError, unpickling and hub errors alike
         what = f"{name} from {checkpoint}" if checkpoint is not None else f"pretrained {name}"
         raise ModelLoadError(f"could not load timm model {what}: {first_line(error)}") from error
-    config = timm.data.resolve_data_config({}, model=model)
+    # The pretrained config's input size, unless the model was built for another one (img_size=...).
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None) if "img_size" in model_kwargs else None
+    config = timm.data.resolve_data_config({"input_size": (3, *size)} if size else {}, model=model)
     preprocess = timm.data.create_transform(**config)
     model = cast_model(model, precision, device).eval()
     weights = os.fspath(checkpoint) if checkpoint is not None else (None if pretrained else RANDOM)

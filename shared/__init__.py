@@ -21,12 +21,15 @@ from .neurons import RegisterNeuron, RegisterNeurons  # noqa: E402
 from .precision import PRECISIONS, Precision  # noqa: E402
 from .registry import (Architecture, Preset, architectures, load_model, load_neurons, load_preset,  # noqa: E402
                        register_architecture)
+from .trained_registers import (LearnableRegisters, RegisteredModel, load_trained_registers,  # noqa: E402
+                                save_trained_registers)
 
 __all__ = [
     "PRECISIONS", "Architecture", "Capture", "DiscoveryStatistics", "Edit", "EditContext", "LegacyEdit", "PaperEdit", "HookManager", "HookSite", "Hooks", "ImageFolder", "ImageSourceError",
-    "IncompatibleNeuronsError", "InvalidArgumentError", "LoadedModel", "ModelLoadError", "ModifiedModel",
+    "IncompatibleNeuronsError", "InvalidArgumentError", "LearnableRegisters", "LoadedModel", "ModelLoadError", "ModifiedModel",
     "NeuronFileError", "NonFiniteActivationsError", "NoOutliersError", "Precision", "Preset", "RegisterNeuron",
-    "RegisterNeurons", "StopForward", "TestTimeRegistersError", "TokenLayout", "UnsupportedModelError",
+    "RegisterNeurons", "RegisteredModel", "StopForward", "TestTimeRegistersError", "TokenLayout", "UnsupportedModelError",
     "__version__", "architectures", "auto_threshold", "check_discovery_arguments", "find_register_neurons", "gather_statistics",
-    "legacy_edit", "load_model", "load_neurons", "load_preset", "paper_edit", "register_architecture",
+    "legacy_edit", "load_model", "load_neurons", "load_preset", "load_trained_registers", "paper_edit", "register_architecture",
+    "save_trained_registers",
 ]

@@ -222,6 +222,16 @@ class HookManager(abc.ABC):
     def layout(self) -> TokenLayout:
         """CLS and trained registers of the unmodified model (no test-time registers)."""
 
+    def layout_at(self, block: int) -> TokenLayout:
+        """The tokens that really exist at the input of block ``block`` (no test-time registers).
+
+        The same as :attr:`layout` at every block for most models. A model that gains tokens
+        part-way (learned registers or CLS inserted at a later block, see
+        :mod:`test_time_registers.trained_registers`) has fewer before that block.
+        """
+        self.check_layer(block, "block")
+        return self.layout
+
     @property
     @abc.abstractmethod
     def blocks(self) -> Sequence[nn.Module]:

@@ -1,0 +1,592 @@
+"""Learnable registers beside test-time ones, on any supported model, and their checkpoints.
+
+:class:`LearnableRegisters` holds K tokens, an ``nn.Parameter`` [1, K, hidden_size].
+:class:`RegisteredModel` runs a model with them. They use the sites test-time registers use:
+
+* they go in at the hook manager's insertion site (``insert_at=0``, after the positional
+  embedding, which they do not get) or at the input of block ``insert_at``;
+* they come out at its removal site, before pooling, so pooled outputs, heads and returned
+  tokens never see them.
+
+They sit right after the prefix, where trained registers sit (DINOv2-reg, timm ``reg_tokens``)::
+
+    [CLS][trained registers][learned registers][patches]
+
+so to everything that reads a layout they *are* trained registers: the hook manager of a
+registered model (``registered.hook_manager``) declares ``num_trained_registers`` plus K, and
+test-time registers, discovery and captures work on it unchanged.
+
+For a timm ``VisionTransformer``, CLS can also enter late (``cls_pos``, as in cls-register): it
+is taken out at the output of ``norm_pre`` and put back, unchanged, at the input of block
+``cls_pos``. It keeps what timm gave it in ``_pos_embed``: ``cls_token + pos_embed[:, 0]`` when
+the model embeds the class token (timm's default), the bare ``cls_token`` with
+``no_embed_class=True`` (DeiT-III), and ``norm_pre`` applied to it like every other token.
+
+Blocks that run before a group of tokens exists (the learned registers before ``insert_at``,
+CLS before ``cls_pos``) show it, through the registered model's hook manager, as zero
+placeholder tokens at its place in the final layout: every hook sees one layout at every block,
+whatever is written there is dropped, and the model itself never sees a placeholder.
+:meth:`RegisteredHookManager.layout_at` says which tokens really exist at each block.
+
+A checkpoint (:func:`save_trained_registers`) holds only what training changed, in
+safetensors, with JSON metadata naming the base model; :func:`load_trained_registers` (or the
+model spec ``registers:PATH``) loads the base model and puts it back on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from .errors import InvalidArgumentError, ModelLoadError, UnsupportedModelError, check_int
+from .hooks import HookManager, Hooks, HookSite, TensorFn
+from .layout import TokenLayout
+from .loading import LoadedModel, first_line
+from .neurons import _write_atomically
+from .registry import load_model, register_architecture
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+WEIGHTS_FILE = "registers.safetensors"
+METADATA_FILE = "registers.json"
+#: The safetensors metadata key holding the JSON metadata.
+METADATA_KEY = "test_time_registers"
+#: Standard deviation of the learned tokens at initialisation (distinct tokens, so they can specialise).
+INIT_STD = 0.02
+
+
+def hidden_size(hook_manager: HookManager) -> int:
+    """The width of the residual stream: the output size of block 0's MLP output projection."""
+    return hook_manager.mlp_output_projection(0).weight.shape[0]
+
+
+def pooled_output(output, layout: TokenLayout) -> torch.Tensor:
+    """The image-level output [B, F] of an image forward pass.
+
+    A tensor is returned as it is (timm's logits, open_clip's embedding); a ``ModelOutput`` gives
+    its ``pooler_output``, else the CLS token of ``last_hidden_state`` (its mean token without
+    one); a tuple gives its first element's.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        if output.get("pooler_output") is not None:
+            return output["pooler_output"]
+        tokens = output["last_hidden_state"]
+        return tokens[:, layout.cls().start] if layout.num_cls else tokens.mean(dim=1)
+    if isinstance(output, (tuple, list)):
+        return pooled_output(output[0], layout)
+    raise UnsupportedModelError(f"cannot find the pooled output in a {type(output).__name__}")
+
+
+class LearnableRegisters(nn.Module):
+    """K learned register tokens, ``tokens`` [1, K, hidden_size], and where they go in.
+
+    Args:
+        num_registers: K (0 is allowed, e.g. to move CLS alone with ``cls_pos``).
+        width: hidden size of the model.
+        insert_at: 0: at the hook manager's insertion site, like test-time registers; b > 0: at
+            the input of block b.
+        cls_pos: timm ViTs only: the block at whose input CLS enters (``None``: at the start, as usual).
+        seed: seeds the initial tokens, normal with std :data:`INIT_STD`.
+    """
+
+    def __init__(self, num_registers: int, width: int, *, insert_at: int = 0, cls_pos: int | None = None,
+                 seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        super().__init__()
+        check_int("num_registers", num_registers, minimum=0)
+        check_int("width", width)
+        check_int("insert_at", insert_at, minimum=0)
+        if cls_pos is not None:
+            check_int("cls_pos", cls_pos, minimum=0)
+        generator = torch.Generator().manual_seed(seed)
+        initial = INIT_STD * torch.randn(1, num_registers, width, generator=generator)
+        self.tokens = nn.Parameter(initial.to(device=device, dtype=dtype))
+        self.insert_at = insert_at
+        self.cls_pos = cls_pos
+
+    @classmethod
+    def for_model(cls, hook_manager: HookManager, num_registers: int, *, insert_at: int = 0,
+                  cls_pos: int | None = None, seed: int = 0) -> "LearnableRegisters":
+        """Registers as wide as the model, on its device and in its dtype."""
+        weight = hook_manager.mlp_output_projection(0).weight
+        return cls(num_registers, hidden_size(hook_manager), insert_at=insert_at, cls_pos=cls_pos, seed=seed,
+                   dtype=weight.dtype, device=weight.device)
+
+    @property
+    def num_registers(self) -> int:
+        return self.tokens.shape[1]
+
+    def extra_repr(self) -> str:
+        return f"num_registers={self.num_registers}, insert_at={self.insert_at}, cls_pos={self.cls_pos}"
+
+    def check_fits(self, hook_manager: HookManager) -> None:
+        """Raise if the model cannot take these registers (see the module docstring)."""
+        hook_manager.check_layer(self.insert_at, "insert_at")
+        if self.tokens.shape[2] != hidden_size(hook_manager):
+            raise InvalidArgumentError(f"the registers are {self.tokens.shape[2]} wide but the model's hidden size "
+                                       f"is {hidden_size(hook_manager)}")
+        describing = getattr(hook_manager, "trunk", hook_manager)   # an open_clip tower around a timm trunk
+        prepares = type(describing).prepare_for_registers is not HookManager.prepare_for_registers
+        if self.num_registers and prepares and not hook_manager.layout.registers_after_prefix:
+            raise UnsupportedModelError(
+                f"{type(describing).__name__} extends position-dependent tensors (a relative position bias or an "
+                "attention mask) for tokens appended after the patches, but learned registers sit after the prefix")
+        if self.num_registers and prepares and self.insert_at:
+            raise UnsupportedModelError(f"{type(describing).__name__} counts extra tokens in every block, so learned "
+                                        f"registers must go in before block 0 (insert_at=0), not {self.insert_at}")
+        if self.cls_pos is not None:
+            hook_manager.check_layer(self.cls_pos, "cls_pos")
+            model = hook_manager.model
+            if not (isinstance(model, VisionTransformer) and hook_manager.layout.num_cls
+                    and hook_manager.register_insertion_site().module is model.norm_pre
+                    and not hook_manager.layout.registers_after_prefix):
+                raise UnsupportedModelError(f"cls_pos needs a timm VisionTransformer with a class token, "
+                                            f"got {type(model).__name__}")
+
+
+@dataclass
+class _TokenState:
+    """Which token groups are in the sequence now, during one forward pass."""
+
+    active: int = 0                     # open registers_in contexts
+    cls_in: bool = True
+    registers_in: bool = False
+    held_cls: torch.Tensor | None = None   # CLS [B, num_cls, D] while it is out
+
+
+def _with_placeholders(tensor: torch.Tensor, gaps: Sequence[tuple[int, int]], dims: Sequence[int]) -> torch.Tensor:
+    """Zeros inserted along each of ``dims``: ``count`` of them at ``position``, for each gap (ascending)."""
+    for dim in dims:
+        for position, count in gaps:
+            shape = list(tensor.shape)
+            shape[dim] = count
+            zeros = tensor.new_zeros(shape)
+            tensor = torch.cat([tensor.narrow(dim, 0, position), zeros,
+                                tensor.narrow(dim, position, tensor.shape[dim] - position)], dim=dim)
+    return tensor
+
+
+def _without_placeholders(tensor: torch.Tensor, gaps: Sequence[tuple[int, int]], dims: Sequence[int]) -> torch.Tensor:
+    """The inverse of :func:`_with_placeholders`."""
+    for dim in dims:
+        for position, count in reversed(gaps):
+            end = position + count
+            tensor = torch.cat([tensor.narrow(dim, 0, position), tensor.narrow(dim, end, tensor.shape[dim] - end)],
+                               dim=dim)
+    return tensor
+
+
+class RegisteredModel(nn.Module):
+    """A model run with learned registers (and, for timm, CLS entering at a chosen block).
+
+    ``forward`` takes and returns what the wrapped model's forward does; ``forward_images``
+    runs preprocessed images [B, 3, H, W] as the hook manager does. After each call,
+    ``register_tokens`` [B, K, hidden_size] holds the learned registers as they left the last
+    block (detached). Attributes the wrapper lacks are the wrapped model's; its image methods
+    (``encode_image`` for CLIP) run with the registers.
+
+    Args:
+        model: the model the hook manager describes.
+        hook_manager: its hook manager.
+        registers: the learned registers.
+        classifier: an optional head on the pooled output (``classify``), e.g. a new linear layer.
+        name: the name of the registered model (recorded in neuron files found on it).
+    """
+
+    def __init__(self, model: nn.Module, hook_manager: HookManager, registers: LearnableRegisters,
+                 classifier: nn.Module | None = None, *, name: str | None = None):
+        super().__init__()
+        if not any(module is hook_manager.blocks[0] for module in model.modules()):
+            raise InvalidArgumentError("the hook manager does not describe this model: build it from the same model")
+        registers.check_fits(hook_manager)
+        self.model = model
+        self.registers = registers
+        self.classifier = classifier
+        self.base_hook_manager = hook_manager
+        self.register_tokens: torch.Tensor | None = None
+        self._state = _TokenState()
+        described = f"{registers.num_registers} learned register" + ("s" if registers.num_registers != 1 else "")
+        self.hook_manager = RegisteredHookManager(self, name or f"{hook_manager.name} with {described}")
+
+    def extra_repr(self) -> str:
+        return f"base={self.base_hook_manager.name!r}"
+
+    # ---- running ---------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        """The wrapped model's forward, with the registers, under the hook manager's autocast (if any)."""
+        with self.registers_in(), self.base_hook_manager.autocast():
+            return self.model(*args, **kwargs)
+
+    def forward_images(self, pixel_values: torch.Tensor):
+        """The hook manager's image forward [B, 3, H, W], with the registers."""
+        return self.hook_manager.forward_images(pixel_values)
+
+    def pooled(self, output) -> torch.Tensor:
+        """The image-level output [B, F] of an image forward (see :func:`pooled_output`)."""
+        return pooled_output(output, self.base_hook_manager.layout)
+
+    def classify(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Logits [B, classes]: the pooled output through ``classifier``, or the model's own (timm's head)."""
+        pooled = self.pooled(self.forward_images(pixel_values))
+        return pooled if self.classifier is None else self.classifier(pooled)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__.get("_modules", {}).get("model")
+            if model is None or name.startswith("_"):
+                raise
+        attribute = getattr(model, name)
+        if name not in self.base_hook_manager.forward_methods:
+            return attribute
+
+        def with_registers(*args, **kwargs):
+            with self.registers_in(), self.base_hook_manager.autocast():
+                return attribute(*args, **kwargs)
+
+        with_registers.__doc__ = attribute.__doc__
+        return with_registers
+
+    @contextlib.contextmanager
+    def registers_in(self) -> Iterator[None]:
+        """Every call of the wrapped model inside this context runs with the registers (re-entrant)."""
+        state = self._state
+        if state.active:
+            yield
+            return
+        base, registers = self.base_hook_manager, self.registers
+        with base.hooks() as hooks:
+            state.active += 1
+            hooks.on_exit(self._leave)
+            hooks.on(HookSite(base.patch_embedding, "input"), self._start_pass)
+            if registers.num_registers:
+                base.prepare_for_registers(registers.num_registers, hooks)
+                site = (base.register_insertion_site() if registers.insert_at == 0
+                        else HookSite(base.blocks[registers.insert_at], "input"))
+                hooks.on(site, self._insert_registers, prepend=True)
+                hooks.on(base.register_removal_site(), self._remove_registers)   # after any test-time registers leave
+            if registers.cls_pos is not None:
+                hooks.on(HookSite(base.model.norm_pre, "output"), self._take_cls, prepend=True)
+                hooks.on(HookSite(base.blocks[registers.cls_pos], "input"), self._put_cls, prepend=True)
+            yield
+
+    # ---- hooks -----------------------------------------------------------------------
+    def _leave(self) -> None:
+        self._state = _TokenState()
+
+    def _start_pass(self, _pixels: torch.Tensor) -> None:
+        """A new forward pass: CLS is in (the embedding adds it), the registers are not yet."""
+        state = self._state
+        state.cls_in, state.registers_in, state.held_cls = True, False, None
+
+    def _register_position(self) -> int:
+        layout = self.base_hook_manager.layout
+        return (layout.num_cls if self._state.cls_in else 0) + layout.num_trained_registers
+
+    def _insert_registers(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self._state.registers_in:
+            raise InvalidArgumentError("the learned registers were inserted twice in one forward pass")
+        where = self._register_position()
+        learned = self.registers.tokens.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
+        self._state.registers_in = True
+        return torch.cat([tokens[:, :where], learned, tokens[:, where:]], dim=1)
+
+    def _remove_registers(self, tokens: torch.Tensor) -> torch.Tensor:
+        where, count = self._register_position(), self.registers.num_registers
+        self.register_tokens = tokens[:, where:where + count].detach()
+        self._state.registers_in = False
+        return torch.cat([tokens[:, :where], tokens[:, where + count:]], dim=1)
+
+    def _take_cls(self, tokens: torch.Tensor) -> torch.Tensor:
+        count = self.base_hook_manager.layout.num_cls
+        self._state.held_cls = tokens[:, :count]
+        self._state.cls_in = False
+        return tokens[:, count:]
+
+    def _put_cls(self, tokens: torch.Tensor) -> torch.Tensor:
+        held, self._state.held_cls = self._state.held_cls, None
+        self._state.cls_in = True
+        return torch.cat([held.to(tokens.dtype), tokens], dim=1)
+
+    def placeholders(self) -> list[tuple[int, int]]:
+        """The token groups missing from the sequence now: ``(position in the final layout, count)``, ascending."""
+        layout, state = self.base_hook_manager.layout, self._state
+        gaps = []
+        if not state.cls_in:
+            gaps.append((0, layout.num_cls))
+        if not state.registers_in and self.registers.num_registers:
+            gaps.append((layout.num_cls + layout.num_trained_registers, self.registers.num_registers))
+        return gaps
+
+    def in_final_layout(self, fn: Callable[[torch.Tensor], Any], dims: Sequence[int] = (1,)):
+        """Wrap a hook function so that it always sees the final layout: missing token groups are zero
+        placeholders along ``dims`` while it runs, and are dropped again from what it returns."""
+        def through_final_layout(tensor: torch.Tensor):
+            if not self._state.active:
+                raise InvalidArgumentError(
+                    "this hook manager describes the model with its learned registers: run the model through its "
+                    "RegisteredModel (or hook_manager.forward_images), not the bare model")
+            gaps = self.placeholders()
+            if not gaps:
+                return fn(tensor)
+            padded = _with_placeholders(tensor, gaps, dims)
+            result = fn(padded)
+            return _without_placeholders(padded if result is None else result, gaps, dims)
+
+        return through_final_layout
+
+
+@dataclass(frozen=True)
+class _FinalLayoutSite(HookSite):
+    """A site of a registered model whose hook functions see the final layout (see :meth:`RegisteredModel.in_final_layout`)."""
+
+    owner: RegisteredModel | None = field(default=None, compare=False, repr=False)
+
+    def attach(self, fn: TensorFn, *, prepend: bool = False):
+        return super().attach(self.owner.in_final_layout(fn), prepend=prepend)
+
+
+class RegisteredHookManager(HookManager):
+    """The hook manager of a :class:`RegisteredModel`: its base model's sites, in the final layout.
+
+    ``layout`` counts the learned registers as trained registers. Every site it declares (neurons,
+    block outputs, attention inputs and probabilities, where test-time registers go in and come
+    out) shows that layout at every block, with zero placeholders where tokens do not exist yet;
+    ``layout_at(block)`` gives the tokens that really exist there. ``forward_images`` runs the
+    model with the registers; the bare model cannot be run under its hooks.
+    """
+
+    def __init__(self, registered: RegisteredModel, name: str):
+        base = registered.base_hook_manager
+        self.registered = registered
+        self.base = base
+        super().__init__(registered, name, autocast_dtype=base.autocast_dtype)
+        self.forward_methods = base.forward_methods
+        self.pixel_keyword = base.pixel_keyword
+        self.attention_input = base.attention_input
+
+    @property
+    def layout(self) -> TokenLayout:
+        base = self.base.layout
+        return replace(base, num_trained_registers=base.num_trained_registers + self.registered.registers.num_registers)
+
+    def layout_at(self, block: int) -> TokenLayout:
+        self.check_layer(block, "block")
+        registers, base = self.registered.registers, self.base.layout
+        cls_in = registers.cls_pos is None or block >= registers.cls_pos
+        learned = registers.num_registers if block >= registers.insert_at else 0
+        return replace(base, num_cls=base.num_cls if cls_in else 0,
+                       num_trained_registers=base.num_trained_registers + learned)
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        return self.base.blocks
+
+    @property
+    def patch_embedding(self) -> nn.Module:
+        return self.base.patch_embedding
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return self.base.patch_size
+
+    @property
+    def image_model(self) -> nn.Module:
+        return self.base.image_model
+
+    @property
+    def default_detect_layer(self) -> int:
+        return self.base.default_detect_layer
+
+    def mlp_output_projection(self, layer: int) -> nn.Module:
+        return self.base.mlp_output_projection(layer)
+
+    def mlp_input_projection(self, layer: int) -> nn.Module:
+        return self.base.mlp_input_projection(layer)
+
+    def mlp_input_rows(self, layer: int) -> tuple[tuple[nn.Module, int], ...]:
+        return self.base.mlp_input_rows(layer)
+
+    def model_inputs(self, pixel_values: torch.Tensor) -> tuple[tuple, dict]:
+        return self.base.model_inputs(pixel_values)
+
+    def prepare_for_registers(self, num_registers: int, hooks: Hooks) -> None:
+        self.base.prepare_for_registers(num_registers, hooks)
+
+    def _final(self, site: HookSite) -> HookSite:
+        return _FinalLayoutSite(site.module, site.where, site.keyword, owner=self.registered)
+
+    def register_insertion_site(self) -> HookSite:
+        return self._final(self.base.register_insertion_site())
+
+    def register_removal_site(self) -> HookSite:
+        return self._final(self.base.register_removal_site())
+
+    def neuron_site(self, layer: int) -> HookSite:
+        return self._final(self.base.neuron_site(layer))
+
+    def block_output_site(self, layer: int) -> HookSite:
+        return self._final(self.base.block_output_site(layer))
+
+    def attention_input_site(self, layer: int) -> HookSite:
+        return self._final(self.base.attention_input_site(layer))
+
+    def attach_attention_probe(self, layer: int, fn: Callable[[torch.Tensor], None], hooks: Hooks) -> None:
+        """``fn(probabilities [B, heads, L, L])`` in the final layout (placeholder rows and columns are zero)."""
+        self.base.attach_attention_probe(layer, self.registered.in_final_layout(fn, dims=(2, 3)), hooks)
+
+    def forward_images(self, pixel_values: torch.Tensor):
+        with self.registered.registers_in():
+            return self.base.forward_images(pixel_values)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def save_trained_registers(folder: str | os.PathLike, registered: RegisteredModel, *, base_model: str,
+                           parameters: Sequence[str], seed: int = 0, head_classes: int | None = None,
+                           from_scratch: dict | None = None, extra: dict | None = None) -> Path:
+    """Write what training changed to ``folder/registers.safetensors`` and its metadata to ``folder/registers.json``.
+
+    Args:
+        registered: the trained model.
+        base_model: the model spec its base loads from (``timm:NAME:random`` for a model trained from scratch).
+        parameters: the names, in ``registered.state_dict()``, of the tensors to save: the
+            registers, the trained blocks and norms, the head.
+        seed: the seed the base model loads with (the demo and config-only folders depend on it).
+        head_classes: a timm model whose classifier was reset to this many classes before training.
+        from_scratch: ``{"timm_model": NAME, "kwargs": {...}}`` for a model built by ``timm.create_model``.
+        extra: more JSON metadata (the training options, the loss curve).
+
+    Both files are written atomically, the weights first: a failure leaves neither half-written.
+    Returns the path of the weights.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = registered.state_dict(keep_vars=False)
+    unknown = [name for name in parameters if name not in state]
+    if unknown:
+        raise InvalidArgumentError(f"not tensors of the registered model: {', '.join(unknown[:5])}")
+    registers = registered.registers
+    classifier = registered.classifier
+    metadata = {
+        "format": CHECKPOINT_FORMAT,
+        "base_model": base_model,
+        "seed": seed,
+        "learned_registers": registers.num_registers,
+        "registers_in_layout": registered.hook_manager.layout.num_trained_registers,
+        "insert_at": registers.insert_at,
+        "cls_pos": registers.cls_pos,
+        "head_classes": head_classes,
+        "classifier": None if classifier is None else {"in_features": classifier.in_features,
+                                                       "out_features": classifier.out_features},
+        "from_scratch": from_scratch,
+        "parameters": list(parameters),
+        **(extra or {}),
+    }
+    text = json.dumps(metadata, indent=2, allow_nan=False)
+    tensors = {name: state[name].detach().cpu().contiguous() for name in parameters}
+    weights = folder / WEIGHTS_FILE
+    _write_atomically(weights, lambda temporary: save_file(tensors, temporary, metadata={METADATA_KEY: text}))
+    _write_atomically(folder / METADATA_FILE, lambda temporary: Path(temporary).write_text(text + "\n"))
+    return weights
+
+
+def read_trained_registers(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(metadata, tensors)`` of a checkpoint: its folder or its ``.safetensors`` file."""
+    path = Path(path)
+    weights = path / WEIGHTS_FILE if path.is_dir() else path
+    if not weights.is_file():
+        raise ModelLoadError(f"no trained registers at {path} (expected a folder with {WEIGHTS_FILE}, or the file)")
+    try:
+        tensors = load_file(weights)
+        with safe_open(weights, "pt") as handle:
+            text = (handle.metadata() or {}).get(METADATA_KEY)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ModelLoadError(f"{weights} is not a readable safetensors file ({first_line(error)})") from None
+    if text is None:
+        raise ModelLoadError(f"{weights} was not written by test-time-registers-train: it has no "
+                             f"{METADATA_KEY!r} metadata")
+    metadata = json.loads(text)
+    if metadata.get("format", 0) > CHECKPOINT_FORMAT:
+        raise ModelLoadError(f"{weights} has format {metadata['format']}, newer than the {CHECKPOINT_FORMAT} this "
+                             "version reads; upgrade test-time-registers")
+    return metadata, tensors
+
+
+def apply_trained_registers(path: str | os.PathLike, base: LoadedModel, *, name: str | None = None) -> LoadedModel:
+    """Put a checkpoint's registers, trained weights and head onto an already loaded base model.
+
+    Returns a :class:`LoadedModel` whose model is a :class:`RegisteredModel` in eval mode and whose
+    hook manager is its :class:`RegisteredHookManager`; the rest (preprocess, demo scenes,
+    tokenizer) is the base's.
+    """
+    metadata, tensors = read_trained_registers(path)
+    hook_manager = base.hook_manager
+    model = hook_manager.model
+    if metadata.get("head_classes"):
+        if not hasattr(model, "reset_classifier"):
+            raise ModelLoadError(f"{path}: its head was reset to {metadata['head_classes']} classes, but "
+                                 f"{type(model).__name__} has no reset_classifier")
+        model.reset_classifier(metadata["head_classes"])
+    registers = LearnableRegisters.for_model(hook_manager, metadata["learned_registers"], insert_at=metadata["insert_at"],
+                                             cls_pos=metadata["cls_pos"])
+    classifier = None
+    if metadata.get("classifier"):
+        weight = hook_manager.patch_embedding.weight
+        classifier = nn.Linear(metadata["classifier"]["in_features"], metadata["classifier"]["out_features"],
+                               device=weight.device, dtype=weight.dtype)
+    registered = RegisteredModel(model, hook_manager, registers, classifier, name=name or f"registers:{path}")
+    targets = dict(registered.named_parameters()) | dict(registered.named_buffers())
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if key not in targets:
+                raise ModelLoadError(f"{path}: the checkpoint has {key}, which {metadata['base_model']} does not")
+            if targets[key].shape != value.shape:
+                raise ModelLoadError(f"{path}: {key} is {list(value.shape)} in the checkpoint but "
+                                     f"{list(targets[key].shape)} in {metadata['base_model']}")
+            targets[key].copy_(value)
+    return LoadedModel(registered.eval(), base.preprocess, registered.hook_manager, synthetic=base.synthetic,
+                       planted=base.planted, generate_images=base.generate_images, tokenizer=base.tokenizer)
+
+
+def load_trained_registers(path: str | os.PathLike, *, device: torch.device | str = "cpu",
+                           precision: str = "fp32") -> LoadedModel:
+    """Load a checkpoint's base model (named in its metadata) and put the trained registers on it."""
+    metadata, _ = read_trained_registers(path)
+    scratch = metadata.get("from_scratch")
+    if scratch:
+        from test_time_registers.deit.loader import load_timm
+
+        base = load_timm(scratch["timm_model"], pretrained=False, device=device, precision=precision,
+                         **scratch["kwargs"])
+    else:
+        # A base with random weights (openclip:NAME:random, timm:NAME:random) comes back from the seed, drawn first
+        # as test-time-registers-train draws it.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(metadata.get("seed", 0))
+            base = load_model(metadata["base_model"], device=device, precision=precision, seed=metadata.get("seed", 0))
+    return apply_trained_registers(path, base)
+
+
+@register_architecture("registers", hook_manager=RegisteredHookManager, spec="registers:PATH",
+                       description="a model with registers trained by test-time-registers-train, on its base model",
+                       examples=("registers:runs/deit3-reg4", "registers:runs/deit3-reg4/registers.safetensors"))
+def load_registers_spec(reference: str, *, device="cpu", precision="fp32", seed: int = 0) -> LoadedModel:
+    if not reference:
+        raise ModelLoadError("registers: needs the folder or file that test-time-registers-train wrote")
+    return load_trained_registers(reference, device=device, precision=precision)
