@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-images", type=positive_int,
                         help=f"images to evaluate on (default: all; {DEMO_IMAGES} generated scenes for the demo)")
     parser.add_argument("--trained-model", help="a model with trained registers to add as a third column, e.g. "
-                        "dinov2:facebook/dinov2-with-registers-large")
+                        "dinov2:facebook/dinov2-with-registers-large, or registers:DIR for registers fine-tuned by "
+                        "test-time-registers-train on the same base model")
     parser.add_argument("--num-registers", type=non_negative_int, default=1, help="test-time registers to append")
     parser.add_argument("--edit", choices=EDITS, default="paper",
                         help="paper: move the maxima to the registers (Algorithm 2); legacy: the reference code's "
