@@ -126,7 +126,10 @@ class DeitHookManager(HookManager):
     @property
     def patch_embedding(self) -> nn.Module:
         """The first convolution of the patch embedding: its projection, or a hybrid stem's first layer."""
-        return next(module for module in self.model.patch_embed.modules() if isinstance(module, nn.Conv2d))
+        first = next((module for module in self.model.patch_embed.modules() if isinstance(module, nn.Conv2d)), None)
+        if first is None:
+            raise UnsupportedModelError(f"no convolution takes the pixels in {type(self.model.patch_embed).__name__}")
+        return first
 
     @property
     def patch_size(self) -> tuple[int, int]:
