@@ -21,7 +21,7 @@ from pathlib import Path
 
 from open_clip import zero_shot_metadata
 
-from test_time_registers import LegacyEdit, ModifiedModel, PaperEdit, find_register_neurons
+from test_time_registers import LegacyEdit, ModifiedModel, PaperEdit, find_register_neurons, load_trained_registers
 from test_time_registers.evaluation import (OUTLIER_RATIO, class_folder, compare_variants, demo_evaluation_set,
                                             voc_dataset, zero_shot_classifier)
 from test_time_registers.intervention import calibrate_attention_bias
@@ -99,7 +99,11 @@ def run(args: argparse.Namespace) -> int:
                                                                  edit=edit, seed=args.seed), preprocess)}
     zero_shot_models = {"original": loaded, next(iter(list(variants)[1:])): loaded}
     if args.trained_model:
-        trained = load_model(args.trained_model, device=device, precision=args.precision, seed=args.seed)
+        if args.trained_model.startswith("registers:"):   # registers fine-tuned by test-time-registers-train
+            trained = load_trained_registers(args.trained_model.removeprefix("registers:"), device=device,
+                                             precision=args.precision)
+        else:
+            trained = load_model(args.trained_model, device=device, precision=args.precision, seed=args.seed)
         variants["trained registers"] = (trained.hook_manager, trained.preprocess)
         zero_shot_models["trained registers"] = trained
     classifiers = _zero_shot(args, zero_shot_models, dataset, device)

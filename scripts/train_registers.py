@@ -12,7 +12,8 @@ never downloaded), or by default generated scenes labelled by the shape of their
 
 Only what changed is saved: OUT/registers.safetensors and OUT/registers.json (the base model,
 the options, the parameter names, the loss curve). Load it back with
-test_time_registers.load_trained_registers(OUT), or as the model spec registers:OUT.
+test_time_registers.load_trained_registers(OUT); compare it with test-time registers with
+test-time-registers-evaluate --model BASE --trained-model registers:OUT.
 Under torchrun, each rank trains on its shard and rank 0 saves. Bad input gives one line on
 stderr and exit code 2.
 
@@ -217,7 +218,8 @@ def train_and_save(args: argparse.Namespace, device: str, shard) -> int:
                                      from_scratch=setup.from_scratch, extra=extra)
     say(f"wrote {weights}")
     say(f"wrote {args.out / METADATA_FILE}")
-    say(f"load it with test_time_registers.load_trained_registers({str(args.out)!r}) or the spec registers:{args.out}")
+    say(f"load it with test_time_registers.load_trained_registers({str(args.out)!r}); compare it with "
+        f"test-time-registers-evaluate --model {setup.base_model} --trained-model registers:{args.out}")
     return 0
 
 

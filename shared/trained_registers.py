@@ -29,8 +29,8 @@ whatever is written there is dropped, and the model itself never sees a placehol
 :meth:`RegisteredHookManager.layout_at` says which tokens really exist at each block.
 
 A checkpoint (:func:`save_trained_registers`) holds only what training changed, in
-safetensors, with JSON metadata naming the base model; :func:`load_trained_registers` (or the
-model spec ``registers:PATH``) loads the base model and puts it back on.
+safetensors, with JSON metadata naming the base model; :func:`load_trained_registers` loads the
+base model and puts it back on (``test-time-registers-evaluate --trained-model registers:DIR``).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from .hooks import HookManager, Hooks, HookSite, TensorFn
 from .layout import TokenLayout
 from .loading import LoadedModel, first_line
 from .neurons import _write_atomically
-from .registry import load_model, register_architecture
+from .registry import load_model
 
 log = logging.getLogger(__name__)
 
@@ -581,12 +581,3 @@ def load_trained_registers(path: str | os.PathLike, *, device: torch.device | st
             torch.manual_seed(metadata.get("seed", 0))
             base = load_model(metadata["base_model"], device=device, precision=precision, seed=metadata.get("seed", 0))
     return apply_trained_registers(path, base)
-
-
-@register_architecture("registers", hook_manager=RegisteredHookManager, spec="registers:PATH",
-                       description="a model with registers trained by test-time-registers-train, on its base model",
-                       examples=("registers:runs/deit3-reg4", "registers:runs/deit3-reg4/registers.safetensors"))
-def load_registers_spec(reference: str, *, device="cpu", precision="fp32", seed: int = 0) -> LoadedModel:
-    if not reference:
-        raise ModelLoadError("registers: needs the folder or file that test-time-registers-train wrote")
-    return load_trained_registers(reference, device=device, precision=precision)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from test_time_registers import (InvalidArgumentError, LearnableRegisters, ModifiedModel, RegisteredModel,
-                                 UnsupportedModelError, find_register_neurons, load_model, load_trained_registers)
+                                 UnsupportedModelError, find_register_neurons, load_trained_registers)
 from test_time_registers.clip import ClipHookManager
 from test_time_registers.deit import DeitHookManager
 from test_time_registers.hooks import HookSite
@@ -263,7 +263,7 @@ def test_fine_tuning_a_tiny_deit3(tmp_path):
     assert metadata["base_model"] == "tiny" and metadata["learned_registers"] == 2
 
 
-def test_a_vit_with_registers_trains_from_scratch_and_loads_back_by_spec(tmp_path):
+def test_a_vit_with_registers_trains_from_scratch_and_loads_back(tmp_path):
     vit = {"image_size": 32, "patch_size": 8, "dim": 32, "depth": 3, "heads": 2, "mlp_dim": 64, "dropout": 0.1,
            "emb_dropout": 0.1}
     assert vitrgts_to_timm(vit) == {"no_embed_class": True, "img_size": 32, "patch_size": 8, "embed_dim": 32,
@@ -278,7 +278,7 @@ def test_a_vit_with_registers_trains_from_scratch_and_loads_back_by_spec(tmp_pat
     assert not torch.equal(loaded.model.reg_token, registers_before)
     save_trained_registers(tmp_path, setup.registered, base_model=setup.base_model, parameters=setup.plan.trainable,
                            from_scratch=setup.from_scratch)
-    restored = load_model(f"registers:{tmp_path}")
+    restored = load_trained_registers(tmp_path)
     images = torch.stack([data[index][0] for index in range(4)])
     with torch.no_grad():
         assert torch.equal(restored.model.classify(images), setup.registered.classify(images))
@@ -342,7 +342,7 @@ def test_the_command_line_fine_tunes_an_openclip_model_by_distillation(distilled
     metadata = json.loads((out / "registers.json").read_text())
     assert metadata["base_model"].endswith(":random") and metadata["options"]["objective"] == "distill"
     assert not any(".transformer.resblocks.0." in name for name in metadata["parameters"])
-    restored = load_model(f"registers:{out}")
+    restored = load_trained_registers(out)
     assert restored.hook_manager.layout.num_trained_registers == 4
     assert restored.hook_manager.forward_methods == ("encode_image",)
     with torch.no_grad():
