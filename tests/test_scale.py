@@ -171,7 +171,9 @@ def test_resume_after_sigkill_writes_the_neuron_file_of_an_uninterrupted_run(tmp
     resumed = subprocess.run([sys.executable, *common, *flags, "--resume"], env=_environment(),
                              capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert (tmp_path / "resumed.json").read_text() == (tmp_path / "whole.json").read_text()
+    assert (tmp_path / "resumed.json").read_text() == (tmp_path / "whole.json").read_text().replace(
+        "whole.scores.safetensors", "resumed.scores.safetensors")     # each names its own scores file
+    assert (tmp_path / "resumed.scores.safetensors").read_bytes() == (tmp_path / "whole.scores.safetensors").read_bytes()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]   # a killed save's file is cleaned up
 
     other = subprocess.run([sys.executable, *common, *flags, "--resume", "--batch-size", "4"], env=_environment(),
