@@ -570,24 +570,48 @@ def accuracy(registered: RegisteredModel, data: LabelledImages, *, batch_size: i
     return correct / total
 
 
-def patch_norm_ratios(hook_manager: HookManager, data: LabelledImages, *, batch_size: int = 64) -> dict:
-    """Per block: the mean over images of the largest / median patch norm of its output, and the largest such ratio.
+def norm_statistics(hook_manager: HookManager, data: LabelledImages, *, batch_size: int = 64) -> dict:
+    """Token norms at every block's output, relative to each image's median patch norm.
 
-    Returns ``{"mean": [layers], "max": [layers]}``; ratios far above 1 at some block mean high-norm outlier tokens.
+    Returns lists over blocks, each a mean over images unless named ``worst_``:
+
+    * ``patch_max_over_median``, ``worst_patch_max_over_median``: the largest patch norm over the
+      median one (far above 1 at some block: high-norm outlier tokens);
+    * ``register_over_median``: the largest trained-register norm over the median patch norm
+      (``None`` without trained registers);
+    * ``cls_over_median``: the CLS norm over the median patch norm (``None`` without CLS);
+    * ``cls_attention_on_registers``: the CLS token's attention on the trained registers in each
+      block, summed over them, mean over heads (``None`` without both).
     """
     layers = list(range(hook_manager.num_layers))
-    sums = torch.zeros(len(layers), dtype=torch.float64)
+    layout = hook_manager.layout
+    keys = ("patch_max_over_median", "register_over_median", "cls_over_median", "cls_attention_on_registers")
+    sums = {key: torch.zeros(len(layers), dtype=torch.float64) for key in keys}
     worst = torch.zeros(len(layers), dtype=torch.float64)
     count = 0
+    attention = layers if layout.num_cls and layout.num_trained_registers else []
     with torch.no_grad():
         for pixels, _ in DataLoader(data, batch_size=batch_size):
-            with hook_manager.capture(residual=layers) as captured:
+            with hook_manager.capture(residual=layers, attention=attention) as captured:
                 hook_manager.forward_images(pixels)
             for layer in layers:
-                tokens = captured.residual[layer].float()
-                norms = tokens[:, hook_manager.layout.patches(tokens.shape[1])].norm(dim=-1)        # [B, P]
-                ratios = (norms.amax(dim=1) / norms.median(dim=1).values).double().cpu()
-                sums[layer] += ratios.sum()
-                worst[layer] = max(worst[layer], ratios.max())
+                norms = captured.residual[layer].float().norm(dim=-1)                             # [B, L]
+                median = norms[:, layout.patches(norms.shape[1])].median(dim=1).values            # [B]
+                ratios = norms[:, layout.patches(norms.shape[1])].amax(dim=1) / median
+                sums["patch_max_over_median"][layer] += ratios.sum().item()
+                worst[layer] = max(float(worst[layer]), ratios.max().item())
+                if layout.num_trained_registers:
+                    registers = norms[:, layout.trained_registers()].amax(dim=1) / median
+                    sums["register_over_median"][layer] += registers.sum().item()
+                if layout.num_cls:
+                    sums["cls_over_median"][layer] += (norms[:, layout.cls().start] / median).sum().item()
+                if layer in captured.attention:
+                    cls_row = captured.attention[layer][:, :, layout.cls().start].float()           # [B, H, L]
+                    share = cls_row[:, :, layout.trained_registers()].sum(dim=-1).mean(dim=1)
+                    sums["cls_attention_on_registers"][layer] += share.sum().item()
             count += len(pixels)
-    return {"mean": (sums / count).tolist(), "max": worst.tolist()}
+    present = {"patch_max_over_median": True, "register_over_median": bool(layout.num_trained_registers),
+               "cls_over_median": bool(layout.num_cls), "cls_attention_on_registers": bool(attention)}
+    result = {key: (sums[key] / count).tolist() if present[key] else None for key in keys}
+    result["worst_patch_max_over_median"] = worst.tolist()
+    return result
