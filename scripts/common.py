@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from test_time_registers import TestTimeRegistersError
 from test_time_registers.precision import PRECISIONS
-from test_time_registers.registry import installed_prefixes
+from test_time_registers.neurons import RegisterNeurons
+from test_time_registers.registry import installed_prefixes, load_neurons
 
 LIBRARY_LOGGER = "test_time_registers"
 IMAGES_LOGGER = "test_time_registers.images"
@@ -119,6 +120,21 @@ def check_device(name: str) -> str:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"--device {name}: this torch cannot use it ({reason})") from None
     return name
+
+
+def checked_neurons(spec: str, hook_manager, force: bool = False) -> RegisterNeurons:
+    """The register neurons of ``--neurons SPEC`` (a file or ``preset:NAME``), checked against the model.
+
+    Neurons out of the model's range raise the library's error; neurons found on another model
+    are a :class:`UsageError` unless ``force``, and then one warning.
+    """
+    neurons = load_neurons(spec)
+    neurons.check_fits(hook_manager, warn_other_model=False)
+    mismatch = neurons.model_mismatch(hook_manager)
+    if mismatch and not force:
+        raise UsageError(f"--neurons {spec}: {mismatch}; pass --force to apply them anyway")
+    neurons.check_fits(hook_manager)   # with force: one warning
+    return neurons
 
 
 def check_output_paths(**paths: Path | None) -> None:

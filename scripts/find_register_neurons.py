@@ -26,12 +26,11 @@ from test_time_registers.distributed import device_for_rank, process_group
 from test_time_registers.figures import save_comparison
 from test_time_registers.images import take
 from test_time_registers.metrics import measure_outliers
-from test_time_registers.registry import load_model, load_neurons
+from test_time_registers.registry import load_model
 
 from test_time_registers.scripts.common import (Parser, UsageError, add_model_flags, check_device, check_output_paths,
-                                                layer_or_auto, non_negative_int, positive_int, positive_int_or_auto,
-                                                run_main,
-                                                threshold_value)
+                                                checked_neurons, layer_or_auto, non_negative_int, positive_int,
+                                                positive_int_or_auto, run_main, threshold_value)
 
 DEMO_IMAGES = 64
 DEFAULT_OUT = Path("register_neurons.json")
@@ -135,12 +134,7 @@ def discover_and_compare(args: argparse.Namespace, device: str, shard: Shard) ->
           f"{hook_manager.num_neurons(0)} MLP neurons per block, {args.precision}); {described}")
 
     if args.neurons:
-        neurons = load_neurons(args.neurons)
-        neurons.check_fits(hook_manager, warn_other_model=False)
-        mismatch = neurons.model_mismatch(hook_manager)
-        if mismatch and not args.force:
-            raise UsageError(f"--neurons {args.neurons}: {mismatch}; pass --force to apply them anyway")
-        neurons.check_fits(hook_manager)   # with --force: one warning
+        neurons = checked_neurons(args.neurons, hook_manager, args.force)
         print(f"loaded {len(neurons)} register neurons from {args.neurons}")
     else:
         highest_layer = "auto" if args.highest_layer is None else args.highest_layer

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from test_time_registers import RegisterNeurons
-from test_time_registers.scripts import benchmark, find_register_neurons
+from test_time_registers.scripts import benchmark, find_register_neurons, visualize
 from tests.tiny_models import dinov2_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -201,7 +201,8 @@ def _readme_flags(section: str) -> set[str]:
 
 
 @pytest.mark.parametrize("section, parser", [("## The command line", find_register_neurons.build_parser),
-                                             ("## Speed", benchmark.build_parser)])
+                                             ("## Speed", benchmark.build_parser),
+                                             ("## Visualize", visualize.build_parser)])
 def test_the_readme_flag_tables_list_every_flag(section, parser):
     flags = {option for action in parser()._actions for option in action.option_strings if option.startswith("--")}
     assert _readme_flags(section) == flags - {"--help"}
