@@ -23,7 +23,8 @@ from open_clip import zero_shot_metadata
 
 from test_time_registers import LegacyEdit, ModifiedModel, PaperEdit, find_register_neurons, load_trained_registers
 from test_time_registers.evaluation import (OUTLIER_RATIO, class_folder, compare_variants, demo_evaluation_set,
-                                            voc_dataset, zero_shot_classifier)
+                                            draw_object_discovery, voc_dataset, zero_shot_classifier)
+from test_time_registers.visualize import require_matplotlib
 from test_time_registers.intervention import calibrate_attention_bias
 from test_time_registers.loading import first_line
 from test_time_registers.registry import load_model, load_neurons
@@ -32,6 +33,7 @@ from test_time_registers.scripts.common import (Parser, UsageError, add_model_fl
                                                 non_negative_int, positive_int, run_main)
 
 DEMO_IMAGES = 64
+FIGURE_IMAGES = 4
 CALIBRATION_IMAGES = 32
 TEMPLATES = {"simple": zero_shot_metadata.SIMPLE_IMAGENET_TEMPLATES,
              "openai": zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES}
@@ -66,12 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="open_clip's zero-shot prompt templates")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
     parser.add_argument("--json", type=Path, help="also write the table to this JSON file")
+    parser.add_argument("--figure", type=Path, help="save a PNG of the CLS attention and LOST boxes on the first "
+                        f"{FIGURE_IMAGES} images, per column (needs the viz extra)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    check_output_paths(json=args.json)
+    check_output_paths(json=args.json, figure=args.figure)
+    if args.figure:
+        require_matplotlib()
     if args.outlier_ratio <= 1:
         raise UsageError(f"--outlier-ratio must be above 1, got {args.outlier_ratio}")
     if args.edit == "attention-bias" and args.num_registers != 1:
@@ -110,13 +116,17 @@ def run(args: argparse.Namespace) -> int:
 
     comparison = compare_variants(variants, dataset, detect_layer=detect_layer, outlier_ratio=args.outlier_ratio,
                                   zero_shot=classifiers, batch_size=args.batch_size, seed=args.seed,
-                                  progress=not args.quiet)
+                                  progress=not args.quiet, keep_maps=FIGURE_IMAGES if args.figure else 0)
     print(f"\non {comparison.images} images ({dataset.description}):")
     print(comparison.format())
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"model": hook_manager.name, **comparison.to_dict()}, indent=2) + "\n")
         print(f"wrote {args.json}")
+    if args.figure:
+        args.figure.parent.mkdir(parents=True, exist_ok=True)
+        draw_object_discovery(comparison.results).savefig(args.figure, dpi=110)
+        print(f"wrote {args.figure}")
     return 0
 
 

@@ -296,6 +296,9 @@ class VariantResult:
     embeddings: torch.Tensor | None             # [N, E] the model's image output, when it is one vector per image
     labels: torch.Tensor | None                 # [N] int64
     patches: int = 0                            # patches per image
+    cls_maps: torch.Tensor | None = None        # [K, rows, cols] CLS attention over the patches, first K images
+    shown: list[tuple[Image.Image, np.ndarray | None]] = field(default_factory=list)   # those K images as the
+    #                                            model saw them, with their boxes in its pixels
 
 
 def input_size(preprocess: Callable) -> tuple[int, int]:
@@ -321,8 +324,10 @@ def _patch_coverage(item: EvaluationItem, scale: tuple[float, float], size: tupl
 
 
 def evaluate_variant(name: str, runner: HookManager | ModifiedModel, dataset: EvaluationSet, preprocess: Callable, *,
-                     detect_layer: int | None = None, batch_size: int = 32, progress: bool = False) -> VariantResult:
-    """One pass of ``runner`` (a hook manager, or a :class:`ModifiedModel`) over ``dataset``."""
+                     detect_layer: int | None = None, batch_size: int = 32, progress: bool = False,
+                     keep_maps: int = 0) -> VariantResult:
+    """One pass of ``runner`` (a hook manager, or a :class:`ModifiedModel`) over ``dataset``; the first
+    ``keep_maps`` images' CLS attention maps are kept for :func:`draw_object_discovery`."""
     hook_manager = runner.hook_manager if isinstance(runner, ModifiedModel) else runner
     layout = runner.layout
     last = hook_manager.num_layers - 1
@@ -333,6 +338,7 @@ def evaluate_variant(name: str, runner: HookManager | ModifiedModel, dataset: Ev
     collected: dict[str, list] = {key: [] for key in ("ratios", "entropy", "objects", "boxes", "hits", "cls", "mean",
                                                       "registers", "embeddings", "labels")}
     lost_inputs = {}
+    cls_maps, shown = [], []
     try:
         lost_site = hook_manager.attention_input_site(last)
     except UnsupportedModelError:   # an architecture that declares no attention input gets no LOST row
@@ -381,6 +387,12 @@ def evaluate_variant(name: str, runner: HookManager | ModifiedModel, dataset: Ev
                 cls_row = captured.attention[last][:, :, layout.cls().start, layout.patches(seq_len)].float()
                 attention = cls_row.mean(dim=1)                                                # [B, P]
                 attention = attention / attention.sum(dim=1, keepdim=True)
+                if len(shown) < keep_maps:
+                    kept = min(keep_maps - len(shown), len(items))
+                    cls_maps.append(attention[:kept].reshape(-1, *grid).cpu())
+                    for item, scale in zip(items[:kept], scales[:kept]):
+                        boxes = None if item.boxes is None else item.boxes * np.array([scale[1], scale[0]] * 2)
+                        shown.append((item.read().resize((width, height), Image.BICUBIC), boxes))
                 collected["entropy"].append(-(attention * attention.clamp_min(1e-12).log()).sum(dim=1).cpu())
                 coverage = [_patch_coverage(item, scale, (height, width), grid) for item, scale in zip(items, scales)]
                 if all(c is not None for c in coverage):
@@ -411,7 +423,8 @@ def evaluate_variant(name: str, runner: HookManager | ModifiedModel, dataset: Ev
         lost_boxes=torch.stack(collected["boxes"]) if collected["boxes"] else None,
         corloc_hits=torch.tensor(collected["hits"]) if collected["hits"] else None,
         features={label: value for label, value in features.items() if value is not None},
-        embeddings=joined("embeddings"), labels=labels if bool((labels >= 0).all()) else None, patches=patches)
+        embeddings=joined("embeddings"), labels=labels if bool((labels >= 0).all()) else None, patches=patches,
+        cls_maps=torch.cat(cls_maps) if cls_maps else None, shown=shown)
 
 
 # ---------------------------------------------------------------------------- the table
@@ -477,6 +490,7 @@ class Comparison:
     rows: list[Row]
     images: int
     notes: list[str] = field(default_factory=list)
+    results: list[VariantResult] = field(default_factory=list, repr=False)
 
     def format(self) -> str:
         """The table as text, percentages as %, ratios with an x."""
@@ -504,14 +518,14 @@ def _cell(value: float | None, unit: str) -> str:
 def compare_variants(variants: dict[str, tuple[HookManager | ModifiedModel, Callable]], dataset: EvaluationSet, *,
                      detect_layer: int | None = None, outlier_ratio: float = OUTLIER_RATIO,
                      zero_shot: dict[str, torch.Tensor] | None = None, batch_size: int = 32, seed: int = 0,
-                     progress: bool = False) -> Comparison:
+                     progress: bool = False, keep_maps: int = 0) -> Comparison:
     """Evaluate each variant ``{column: (runner, preprocess)}`` on ``dataset`` and build the table.
 
     Rows that need what the dataset lacks (labels, boxes) or what a model lacks (CLS, a text
     tower: ``zero_shot`` maps columns to their text classifiers [E, C]) are left out, with a note.
     """
     results = [evaluate_variant(name, runner, dataset, preprocess, detect_layer=detect_layer, batch_size=batch_size,
-                                progress=progress)
+                                progress=progress, keep_maps=keep_maps)
                for name, (runner, preprocess) in variants.items()]
     first = next(iter(variants.values()))[0]
     hook_manager = first.hook_manager if isinstance(first, ModifiedModel) else first
@@ -530,4 +544,55 @@ def compare_variants(variants: dict[str, tuple[HookManager | ModifiedModel, Call
         notes.append("no class labels: no linear probe or zero-shot rows (give one sub-folder per class)")
     if dataset.skipped:
         notes.append(f"skipped {len(dataset.skipped)} unreadable image(s): {', '.join(dataset.skipped[:5])}")
-    return Comparison(list(variants), rows, len(results[0].ratios), notes)
+    return Comparison(list(variants), rows, len(results[0].ratios), notes, results)
+
+
+def draw_object_discovery(results: Sequence[VariantResult]):
+    """A figure of what the attention and LOST rows measure, for the images each result kept.
+
+    One row per image: the image with its true boxes, then per variant the CLS attention over
+    the patches (renormalised over them, head mean, last block) with LOST's box. Returns the
+    matplotlib ``Figure`` (needs the ``viz`` extra).
+    """
+    from matplotlib.patches import Rectangle
+
+    from .visualize import _new_figure
+
+    shown = [r for r in results if r.cls_maps is not None]
+    if not shown or not shown[0].shown:
+        raise InvalidArgumentError("no CLS attention maps were kept: evaluate with keep_maps > 0 on a model with CLS")
+    images = len(shown[0].shown)
+    figure = _new_figure(2.3 * (1 + len(shown)), 2.3 * images + 0.8)
+    axes = figure.subplots(images, 1 + len(shown), squeeze=False)
+    figure.suptitle("CLS attention over the patches: last block, head mean, renormalised over the patches,\n"
+                    "each map on its own scale from 0. LOST's box in red, the true boxes in green.", fontsize=9)
+
+    def boxes_on(ax, boxes, colour, scale=(1.0, 1.0)):
+        for left, top, right, bottom in boxes:
+            ax.add_patch(Rectangle((left * scale[0] - 0.5, top * scale[1] - 0.5), (right - left) * scale[0],
+                                   (bottom - top) * scale[1], fill=False, edgecolor=colour, linewidth=1.5))
+
+    for row in range(images):
+        image, truth = shown[0].shown[row]
+        ax = axes[row, 0]
+        ax.imshow(np.asarray(image))
+        if truth is not None:
+            boxes_on(ax, truth, "#2ca02c")
+        ax.set_title(f"image {row}", fontsize=8)
+        for column, result in enumerate(shown, start=1):
+            ax = axes[row, column]
+            attention = result.cls_maps[row]
+            rows, cols = attention.shape
+            ax.imshow(attention.numpy(), cmap="viridis", vmin=0, interpolation="nearest")
+            cell = (cols / image.width, rows / image.height)   # pixels -> patches
+            if truth is not None:
+                boxes_on(ax, truth, "#2ca02c", cell)
+            if result.lost_boxes is not None:
+                boxes_on(ax, [result.lost_boxes[row].tolist()], "#d62728", cell)
+            on_objects = "" if result.cls_on_objects is None else f"; {100 * float(result.cls_on_objects[row]):.0f}% on objects"
+            ax.set_title(f"{result.name}{on_objects}", fontsize=8)
+            ax.set_label(f"attention variant={result.name} image={row}")
+        for ax in axes[row]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    return figure

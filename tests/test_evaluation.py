@@ -196,3 +196,29 @@ def test_the_attention_bias_edit_runs_from_the_cli(capsys):
 def test_the_readme_flag_table_lists_every_flag():
     flags = {option for action in evaluate.build_parser()._actions for option in action.option_strings}
     assert _readme_flags("## Evaluate") == flags - {"--help", "-h"}
+
+
+def test_the_figure_shows_each_images_attention_and_boxes_per_column(tmp_path, capsys):
+    figure = tmp_path / "discovery.png"
+    assert evaluate.main(["--num-images", "6", "--quiet", "--figure", str(figure)]) == 0
+    assert f"wrote {figure}" in capsys.readouterr().out
+    assert Image.open(figure).size[0] > 400
+
+    from test_time_registers.evaluation import draw_object_discovery   # the same figure, by structure
+    from test_time_registers.registry import load_model
+
+    loaded = load_model("demo")
+    dataset = demo_evaluation_set(5, seed=1)
+    comparison = compare_variants({"original": (loaded.hook_manager, loaded.preprocess),
+                                   "register": (ModifiedModel(loaded.model, loaded.hook_manager, loaded.planted),
+                                                loaded.preprocess)}, dataset, keep_maps=3, batch_size=2)
+    drawn = draw_object_discovery(comparison.results)
+    labels = [ax.get_label() for ax in drawn.axes if ax.get_label().startswith("attention")]
+    assert len(drawn.axes) == 3 * 3 and len(labels) == 3 * 2
+    for result in comparison.results:
+        assert result.cls_maps.shape == (3, 14, 14) and torch.isfinite(result.cls_maps).all()
+        torch.testing.assert_close(result.cls_maps.sum(dim=(1, 2)), torch.ones(3))
+        assert len(result.shown) == 3 and result.shown[0][0].size == (224, 224)
+    rectangles = sum(len(ax.patches) for ax in drawn.axes)
+    true_boxes = sum(len(dataset.items[i].boxes) for i in range(3))
+    assert rectangles == 3 * true_boxes + 2 * 3          # true boxes on every panel, one LOST box per map
