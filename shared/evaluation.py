@@ -384,19 +384,19 @@ def evaluate_variant(name: str, runner: HookManager | ModifiedModel, dataset: Ev
             collected["labels"].append(torch.tensor([item.label if item.label is not None else -1 for item in items],
                                                     dtype=torch.int64))
             if has_cls:
-                cls_row = captured.attention[last][:, :, layout.cls().start, layout.patches(seq_len)].float()
-                attention = cls_row.mean(dim=1)                                                # [B, P]
+                cls_row = captured.attention[last][:, :, layout.cls().start, layout.patches(seq_len)].double()
+                attention = cls_row.mean(dim=1)       # [B, P], in float64: what is left for the patches may be subnormal
                 attention = attention / attention.sum(dim=1, keepdim=True)
                 if len(shown) < keep_maps:
                     kept = min(keep_maps - len(shown), len(items))
-                    cls_maps.append(attention[:kept].reshape(-1, *grid).cpu())
+                    cls_maps.append(attention[:kept].float().reshape(-1, *grid).cpu())
                     for item, scale in zip(items[:kept], scales[:kept]):
                         boxes = None if item.boxes is None else item.boxes * np.array([scale[1], scale[0]] * 2)
                         shown.append((item.read().resize((width, height), Image.BICUBIC), boxes))
-                collected["entropy"].append(-(attention * attention.clamp_min(1e-12).log()).sum(dim=1).cpu())
+                collected["entropy"].append(-(attention * attention.clamp_min(1e-300).log()).sum(dim=1).float().cpu())
                 coverage = [_patch_coverage(item, scale, (height, width), grid) for item, scale in zip(items, scales)]
                 if all(c is not None for c in coverage):
-                    collected["objects"].append((attention.cpu() * torch.stack(coverage)).sum(dim=1))
+                    collected["objects"].append((attention.cpu() * torch.stack(coverage)).sum(dim=1).float())
             if "tokens" in lost_inputs:
                 tokens = lost_inputs.pop("tokens")[:, layout.patches(seq_len)]
                 patch_h, patch_w = height / grid[0], width / grid[1]

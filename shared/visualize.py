@@ -582,17 +582,25 @@ def draw_token_attention(views: Views, image: int, token: int) -> Page:
     if not 0 <= token < len(views.tokens):
         raise InvalidArgumentError(f"token must be in 0..{len(views.tokens) - 1}, got {token!r}")
     item = views.tokens[token]
-    figure = _new_figure(7.0, 5.4)
-    grid = figure.add_gridspec(2, 3, width_ratios=[1, 1, 0.06], height_ratios=[1, 0.32])
+    figure = _new_figure(9.6, 5.4)
+    grid = figure.add_gridspec(2, 5, width_ratios=[1, 1, 0.06, 1, 0.06], height_ratios=[1, 0.32])
     _image_panel(figure.add_subplot(grid[0, 0]), views, image, "image")
     values = item.maps[image]
-    ax = figure.add_subplot(grid[0, 1])
-    artist = _map_panel(ax, values, 0.0, _attention_top(values, views),
-                        f"token {item.slug} layer={views.token_layer} image={image}")
-    ax.set_title(f"its attention to each patch", fontsize=9)
-    bar = figure.colorbar(artist, cax=figure.add_subplot(grid[0, 2]))
-    bar.ax.tick_params(labelsize=7)
-    bar.set_label("attention (mean over heads)", fontsize=8)
+    # Left: the attention itself; right: renormalised over the patches, the map people compare with
+    # models without registers (where it does not fall on patches, the left map is near zero).
+    total = values.double().sum()   # in float64: the few percent left for the patches may be subnormal floats
+    spread = (values.double() / total).float() if total > 0 else torch.zeros_like(values)
+    for column, shown, title, label, suffix in (
+            (1, values, "its attention to each patch", "attention (mean over heads)", ""),
+            (3, spread, f"the same, renormalised over the patches\n({float(item.on_patches[image]):.1%} of it "
+                        "falls on patches)", "share of its patch attention", " renormalised")):
+        ax = figure.add_subplot(grid[0, column])
+        artist = _map_panel(ax, shown, 0.0, _attention_top(shown, views),
+                            f"token {item.slug} layer={views.token_layer} image={image}{suffix}")
+        ax.set_title(title, fontsize=9)
+        bar = figure.colorbar(artist, cax=figure.add_subplot(grid[0, column + 1]))
+        bar.ax.tick_params(labelsize=7)
+        bar.set_label(label, fontsize=8)
     _draw_shares(figure.add_subplot(grid[1, :]), views, item, image)
     _suptitle(figure, f"{item.name}, layer {views.token_layer}, {views.image_title(image)}\n"
                       f"{views.model} with {_registers_phrase(views.num_registers)}", fontsize=11)

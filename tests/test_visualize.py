@@ -154,9 +154,12 @@ def test_each_token_of_a_model_with_trained_registers_gets_its_own_page(register
     for page, (image, name) in zip(tokens, [(i, n) for i in range(SHOWN) for n in names]):
         title = page.figure.get_suptitle()
         assert title.startswith(f"{name}, layer 3, image {image}") and "with 1 test-time register" in title
-        (ax,) = panels(page, "token").values()
+        token_panels = panels(page, "token")
+        (ax,) = [ax for label, ax in token_panels.items() if not label.endswith("renormalised")]
+        (renormalised,) = [ax for label, ax in token_panels.items() if label.endswith("renormalised")]
         values = array(ax)
         assert values.shape == (8, 8) and torch.isfinite(values).all() and values.min() >= 0
+        torch.testing.assert_close(array(renormalised), values / values.sum(), atol=1e-6, rtol=1e-4)
         (bars,) = panels(page, "shares").values()
         shares = [patch.get_width() for patch in bars.patches]
         assert len(shares) == len(names) + 1 and math.isclose(sum(shares), 1, abs_tol=1e-4)
