@@ -27,10 +27,10 @@ from test_time_registers.evaluation import (OUTLIER_RATIO, class_folder, compare
 from test_time_registers.visualize import require_matplotlib
 from test_time_registers.intervention import calibrate_attention_bias
 from test_time_registers.loading import first_line
-from test_time_registers.registry import load_model, load_neurons
+from test_time_registers.registry import load_model
 
 from test_time_registers.scripts.common import (Parser, UsageError, add_model_flags, check_device, check_output_paths,
-                                                non_negative_int, positive_int, run_main)
+                                                checked_neurons, non_negative_int, positive_int, run_main)
 
 DEMO_IMAGES = 64
 FIGURE_IMAGES = 4
@@ -147,11 +147,7 @@ def _dataset(args, loaded):
 def _neurons(args, loaded):
     hook_manager = loaded.hook_manager
     if args.neurons:
-        neurons = load_neurons(args.neurons)
-        neurons.check_fits(hook_manager, warn_other_model=False)
-        mismatch = neurons.model_mismatch(hook_manager)
-        if mismatch and not args.force:
-            raise UsageError(f"--neurons {args.neurons}: {mismatch}; pass --force to apply them anyway")
+        neurons = checked_neurons(args.neurons, hook_manager, args.force)
         print(f"register neurons: {len(neurons)} from {args.neurons}")
         return neurons
     if loaded.generate_images is None:

@@ -222,3 +222,14 @@ def test_the_figure_shows_each_images_attention_and_boxes_per_column(tmp_path, c
     rectangles = sum(len(ax.patches) for ax in drawn.axes)
     true_boxes = sum(len(dataset.items[i].boxes) for i in range(3))
     assert rectangles == 3 * true_boxes + 2 * 3          # true boxes on every panel, one LOST box per map
+
+
+def test_neurons_of_another_model_are_refused_without_force(tmp_path, capsys):
+    from test_time_registers import RegisterNeurons
+
+    foreign = RegisterNeurons.coerce([(4, 10)])
+    foreign.model = "openclip:ViT-B-16:laion2b_s34b_b88k"
+    path = foreign.save(tmp_path / "foreign.json")
+    assert evaluate.main(["--neurons", str(path), "--num-images", "4", "--quiet"]) == 2
+    assert "--force" in error_line(capsys)
+    assert evaluate.main(["--neurons", str(path), "--num-images", "4", "--quiet", "--force"]) == 0
