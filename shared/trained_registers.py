@@ -77,14 +77,15 @@ def pooled_output(output, layout: TokenLayout) -> torch.Tensor:
     """The image-level output [B, F] of an image forward pass.
 
     A tensor is returned as it is (timm's logits, open_clip's embedding); a ``ModelOutput`` gives
-    its ``pooler_output``, else the CLS token of ``last_hidden_state`` (its mean token without
-    one); a tuple gives its first element's.
+    its ``pooler_output``, else its ``logits`` (a ``...ForImageClassification``), else the CLS token
+    of ``last_hidden_state`` (its mean token without one); a tuple gives its first element's.
     """
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, dict):
-        if output.get("pooler_output") is not None:
-            return output["pooler_output"]
+        for key in ("pooler_output", "logits"):
+            if output.get(key) is not None:
+                return output[key]
         tokens = output["last_hidden_state"]
         return tokens[:, layout.cls().start] if layout.num_cls else tokens.mean(dim=1)
     if isinstance(output, (tuple, list)):

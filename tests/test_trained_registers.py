@@ -25,7 +25,7 @@ from test_time_registers.scripts import train_registers
 from test_time_registers.trained_registers import apply_trained_registers, save_trained_registers
 from test_time_registers.training import (TrainingOptions, fine_tuning_setup, from_scratch_setup, parameter_digest,
                                           scene_images, train, vitrgts_to_timm)
-from tests.tiny_models import IMAGE_SIZE, LAYERS, clip_model, hook_count, timm_model
+from tests.tiny_models import ARCHITECTURES, IMAGE_SIZE, LAYERS, clip_model, hook_count, timm_model
 
 TINY_VIT = "image_size=32,patch_size=8,dim=32,depth=2,heads=2,mlp_dim=64"
 
@@ -213,6 +213,36 @@ def test_a_failing_hook_leaves_nothing_behind_and_the_next_pass_is_clean(pixels)
             registered.forward_images(pixels)
         assert hook_count(model) == 0
         assert torch.equal(registered.forward_images(pixels), expected)
+
+
+REFUSED = {"openclip-relpos-trunk", "timm-beit", "timm-beit-shared-bias", "hf-siglip2"}   # biases or masks for appended tokens
+ONLY_BEFORE_BLOCK_0 = {"openclip-eva-trunk", "timm-eva02"}                                   # a prefix count in every block
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=lambda arch: arch.name)
+def test_every_architecture_takes_learned_registers_or_says_why_not(arch, pixels):
+    model = arch.build()
+    hook_manager = arch.hook_manager(model)
+    for insert_at in (0, 1):
+        registers = LearnableRegisters.for_model(hook_manager, 2, insert_at=insert_at)
+        if arch.name in REFUSED or (insert_at and arch.name in ONLY_BEFORE_BLOCK_0):
+            with pytest.raises(UnsupportedModelError):
+                RegisteredModel(model, hook_manager, registers)
+            continue
+        registered = RegisteredModel(model, hook_manager, registers)
+        view = registered.hook_manager
+        with torch.no_grad():
+            with view.capture(residual=[0, LAYERS - 1], neurons=[0]) as captured:
+                registered.forward_images(pixels)
+            modified = ModifiedModel(registered, view, [(0, 1), (2, 3)], num_registers=1)
+            with modified.capture(residual=[0, LAYERS - 1]) as edited:
+                modified.forward_images(pixels)
+        length = captured.residual[LAYERS - 1].shape[1]
+        assert view.layout.num_trained_registers == arch.num_trained_registers + 2
+        assert captured.residual[0].shape[1] == captured.neurons[0].shape[1] == length
+        assert edited.residual[0].shape[1] == edited.residual[LAYERS - 1].shape[1] == length + 1
+        assert registered.register_tokens.shape[:2] == (3, 2) and modified.register_tokens.shape[:2] == (3, 1)
+        assert hook_count(model) == 0
 
 
 def test_models_whose_biases_assume_appended_tokens_are_refused():
