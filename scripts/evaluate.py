@@ -15,6 +15,7 @@ Installed as the console script ``test-time-registers-evaluate``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ from test_time_registers import LegacyEdit, ModifiedModel, PaperEdit, find_regis
 from test_time_registers.evaluation import (OUTLIER_RATIO, class_folder, compare_variants, demo_evaluation_set,
                                             draw_object_discovery, voc_dataset, zero_shot_classifier)
 from test_time_registers.visualize import require_matplotlib
-from test_time_registers.intervention import calibrate_attention_bias
+from test_time_registers.intervention import NORMAL_VALUES, calibrate_attention_bias
 from test_time_registers.loading import first_line
 from test_time_registers.registry import load_model
 
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--edit", choices=EDITS, default="paper",
                         help="paper: move the maxima to the registers (Algorithm 2); legacy: the reference code's "
                              "edit; attention-bias: zero the neurons and attend to the register's mean key and value")
+    parser.add_argument("--replace", choices=NORMAL_VALUES, default="zero",
+                        help="what the register neurons become away from the registers (the replacement ablations)")
     parser.add_argument("--detect-layer", type=non_negative_int,
                         help="block whose patch norms give the outlier rows (default: the neuron file's)")
     parser.add_argument("--outlier-ratio", type=float, default=OUTLIER_RATIO,
@@ -95,11 +98,14 @@ def run(args: argparse.Namespace) -> int:
     if args.edit == "attention-bias":
         calibration = [item.read() for item in dataset.items[:CALIBRATION_IMAGES]]
         edit = calibrate_attention_bias(hook_manager, neurons, calibration, preprocess, batch_size=args.batch_size)
+        edit = dataclasses.replace(edit, normal_values=args.replace, seed=args.seed)
     else:
-        edit = LegacyEdit() if args.edit == "legacy" else PaperEdit()
+        edit = (LegacyEdit if args.edit == "legacy" else PaperEdit)(args.replace, seed=args.seed)
     registers = f"{args.num_registers} test-time register" + ("s" if args.num_registers != 1 else "")
-    if args.edit != "paper":
-        registers += f" ({args.edit})"
+    settings = [name for name in (args.edit if args.edit != "paper" else "",
+                                  f"{args.replace} elsewhere" if args.replace != "zero" else "") if name]
+    if settings:
+        registers += f" ({', '.join(settings)})"
     variants = {"original": (hook_manager, preprocess),
                 f"with {registers}": (ModifiedModel(model, hook_manager, neurons, args.num_registers,
                                                                  edit=edit, seed=args.seed), preprocess)}

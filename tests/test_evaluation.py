@@ -188,9 +188,14 @@ def test_bad_input_is_one_line(flags, message, capsys):
     assert message in error_line(capsys)
 
 
-def test_the_attention_bias_edit_runs_from_the_cli(capsys):
+def test_the_attention_bias_edit_and_the_ablations_run_from_the_cli(capsys):
     assert evaluate.main(["--edit", "attention-bias", "--num-images", "8", "--quiet"]) == 0
     assert "with 1 test-time register (attention-bias)" in capsys.readouterr().out
+    assert evaluate.main(["--replace", "shuffled", "--num-registers", "0", "--num-images", "8", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "with 0 test-time registers (shuffled elsewhere)" in printed
+    outliers = next(line for line in printed.splitlines() if line.startswith("images with outliers"))
+    assert outliers.split()[-2:] == ["100.0%", "100.0%"]     # shuffling moves the outliers, it does not remove them
 
 
 def test_the_readme_flag_table_lists_every_flag():
