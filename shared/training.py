@@ -46,6 +46,8 @@ from .trained_registers import LearnableRegisters, RegisteredModel, pooled_outpu
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("classify", "distill")
+NEEDS_CLASSES = ("classification needs images of at least 2 classes, every one labelled (a folder with one "
+                 "sub-folder per class and no images beside them); without labels, distill")
 
 #: VitRGTS's hyper-parameters -> timm ``VisionTransformer`` arguments (``mlp_dim`` becomes ``mlp_ratio = mlp_dim / dim``;
 #: ``dropout`` is both timm's projection and attention dropout).
@@ -331,7 +333,7 @@ def fine_tuning_setup(loaded: LoadedModel, probe: torch.Tensor, *, num_registers
                                                  seed=seed)
         if objective == "classify":
             if num_classes < 2:
-                raise InvalidArgumentError("classification needs images of at least 2 classes")
+                raise InvalidArgumentError(NEEDS_CLASSES)
             if hasattr(model, "reset_classifier") and hasattr(model, "num_classes"):
                 if model.num_classes != num_classes:
                     model.reset_classifier(num_classes)
@@ -358,7 +360,7 @@ def from_scratch_setup(timm_name: str, vit: dict, *, num_registers: int, num_cla
     from test_time_registers.deit.loader import load_timm
 
     if num_classes < 2:
-        raise InvalidArgumentError("training from scratch classifies: it needs images of at least 2 classes")
+        raise InvalidArgumentError(f"training from scratch classifies: {NEEDS_CLASSES}")
     if vit.get("num_classes", num_classes) != num_classes:
         raise InvalidArgumentError(f"num_classes={vit['num_classes']} but the images have {num_classes} classes")
     kwargs = {**vitrgts_to_timm(vit), "num_classes": num_classes, "reg_tokens": num_registers if insert_at == 0 else 0}
@@ -481,8 +483,7 @@ def train(setup: Setup, data: LabelledImages, options: TrainingOptions, *,
     if options.objective == "distill" and setup.teacher is None:
         raise InvalidArgumentError("the distill objective needs a teacher (fine_tuning_setup(objective='distill'))")
     if options.objective == "classify" and data.num_classes < 2:
-        raise InvalidArgumentError(f"classification needs labelled images of at least 2 classes; {data.description} "
-                                   "has none (use a folder with one sub-folder per class, or objective='distill')")
+        raise InvalidArgumentError(f"{NEEDS_CLASSES} ({data.description})")
     parameters = dict(registered.named_parameters())
     requires_grad = {name: parameter.requires_grad for name, parameter in parameters.items()}
     plan.apply(registered)

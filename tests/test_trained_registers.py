@@ -406,8 +406,18 @@ def empty_folder(tmp_path):
     return folder
 
 
+@pytest.fixture
+def flat_folder(tmp_path):
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    for index, image in enumerate(scene_images(2, size=32).read.images):
+        image.save(folder / f"{index}.png")
+    return folder
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--images", "{empty}"], "image folder is empty"),
+    (["--images", "{flat}", "--from-scratch", "--vit", TINY_VIT], "needs images of at least 2 classes"),
     (["--cifar10", "{tmp}/nowhere"], "no CIFAR-10 in .*cifar-10-batches-py"),
     (["--from-scratch", "--model", "demo"], "--from-scratch builds a timm VisionTransformer"),
     (["--from-scratch", "--freeze-layers", "2"], "--freeze-layers would mean nothing"),
@@ -417,8 +427,8 @@ def empty_folder(tmp_path):
     (["--precision", "bf16"], "training keeps float32 weights"),
     (["--from-scratch", "--vit", TINY_VIT, "--num-images", "8", "--insert-at", "5"], "--insert-at must be an int in 0..1"),
 ])
-def test_bad_input_is_one_line_and_exit_code_2(tmp_path, empty_folder, capsys, flags, message):
-    flags = [flag.format(empty=empty_folder, tmp=tmp_path) for flag in flags]
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, empty_folder, flat_folder, capsys, flags, message):
+    flags = [flag.format(empty=empty_folder, flat=flat_folder, tmp=tmp_path) for flag in flags]
     assert train_registers.main([*flags, "--out", str(tmp_path / "out"), "--quiet"]) == 2
     assert re.search(message, error_line(capsys))
     assert not (tmp_path / "out" / "registers.safetensors").exists()
