@@ -35,7 +35,7 @@ from test_time_registers.scripts.common import Parser, check_device, non_negativ
 from test_time_registers.scripts.train_registers import positive_float, vit_config
 
 TIMM_NAME = "vit_small_patch16_224"
-DEFAULT_VIT = "image_size=64,patch_size=8,dim=192,depth=6,heads=3,mlp_dim=768"
+DEFAULT_VIT = "image_size=64,patch_size=8,dim=128,depth=6,heads=4,mlp_dim=512"
 TIMED_STEPS = 3
 
 
@@ -45,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the register counts to compare, one run each")
     parser.add_argument("--vit", type=vit_config, default=vit_config(DEFAULT_VIT),
                         help=f"VitRGTS hyper-parameters KEY=VALUE,... (default: {DEFAULT_VIT})")
-    parser.add_argument("--train-images", type=positive_int, default=4000, help="generated training scenes")
+    parser.add_argument("--train-images", type=positive_int, default=8000, help="generated training scenes")
     parser.add_argument("--test-images", type=positive_int, default=500, help="held-out scenes (another seed)")
-    parser.add_argument("--minutes", type=positive_float, default=14.0,
+    parser.add_argument("--minutes", type=positive_float, default=13.0,
                         help="training time per run, from which the epochs are set by timing a few steps")
     parser.add_argument("--epochs", type=positive_int, help="epochs per run (instead of --minutes)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per step")
