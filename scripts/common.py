@@ -91,15 +91,15 @@ def layer_or_auto(text: str):
     return "auto" if text == "auto" else non_negative_int(text)
 
 
-def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--device``, ``--precision`` and ``--seed``."""
+def add_model_flags(parser: argparse.ArgumentParser, precisions: tuple[str, ...] = tuple(PRECISIONS)) -> None:
+    """``--model``, ``--device``, ``--precision`` (one of ``precisions``) and ``--seed``."""
     parser.add_argument("--model", default="demo",
                         help=f"model spec PREFIX:REFERENCE; installed prefixes: {', '.join(installed_prefixes())}. "
                              "E.g. openclip:ViT-B-16:laion2b_s34b_b88k, dinov2:facebook/dinov2-large, "
                              "timm:deit3_base_patch16_224.fb_in22k_ft_in1k; 'demo' is synthetic and offline")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
-    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
-                        help="; ".join(f"{p.name}: {p.description}" for p in PRECISIONS.values()))
+    parser.add_argument("--precision", choices=precisions, default="fp32",
+                        help="; ".join(f"{PRECISIONS[p].name}: {PRECISIONS[p].description}" for p in precisions))
     parser.add_argument("--seed", type=int, default=0, help="seed of the demo model, image sampling and register choice")
 
 

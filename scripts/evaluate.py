@@ -22,7 +22,8 @@ from pathlib import Path
 
 from open_clip import zero_shot_metadata
 
-from test_time_registers import LegacyEdit, ModifiedModel, PaperEdit, find_register_neurons, load_trained_registers
+from test_time_registers import (InvalidArgumentError, LegacyEdit, ModifiedModel, PaperEdit, find_register_neurons,
+                                 load_trained_registers)
 from test_time_registers.evaluation import (OUTLIER_RATIO, class_folder, compare_variants, demo_evaluation_set,
                                             draw_object_discovery, voc_dataset, zero_shot_classifier)
 from test_time_registers.visualize import require_matplotlib
@@ -179,8 +180,12 @@ def _zero_shot(args, models: dict, dataset, device) -> dict:
             except Exception as error:   # noqa: BLE001 - e.g. a tokenizer that would need the hub
                 print(f"no zero-shot row for {column}: its tokenizer could not be made ({first_line(error)})")
                 continue
-            built[id(loaded)] = zero_shot_classifier(loaded.model, tokenizer, dataset.class_names,
-                                                     TEMPLATES[args.templates], device)
+            try:
+                built[id(loaded)] = zero_shot_classifier(loaded.model, tokenizer, dataset.class_names,
+                                                         TEMPLATES[args.templates], device)
+            except InvalidArgumentError as error:
+                print(f"no zero-shot row for {column}: {error}")
+                continue
         classifiers[column] = built[id(loaded)]
     return classifiers
 

@@ -43,7 +43,7 @@ DEFAULT_SCENES = 256
 DEFAULT_OUT = Path("trained_registers")
 SCRATCH_MODEL = "timm:vit_small_patch16_224"
 #: Precisions training runs in: float32 weights, optionally under bfloat16 autocast.
-TRAINING_PRECISIONS = ("fp32", "amp_bf16")
+TRAINING_PRECISIONS = ("fp32", "amp_bf16")   # training keeps float32 weights
 
 
 def non_negative_float(text: str) -> float:
@@ -80,7 +80,7 @@ def vit_config(text: str) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(description=__doc__)
-    add_model_flags(parser)
+    add_model_flags(parser, TRAINING_PRECISIONS)
     parser.set_defaults(model=None)
     data = parser.add_mutually_exclusive_group()
     data.add_argument("--images", type=Path, help="folder of images with one sub-folder per class (default: generated "
@@ -124,9 +124,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_flags(args: argparse.Namespace) -> None:
-    if args.precision not in TRAINING_PRECISIONS:
-        raise UsageError(f"--precision {args.precision}: training keeps float32 weights; use one of "
-                         f"{', '.join(TRAINING_PRECISIONS)}")
     if args.from_scratch:
         given = [flag for flag, value in (("--freeze-layers", args.freeze_layers), ("--l2-weight", args.l2_weight))
                  if value]

@@ -262,9 +262,30 @@ def linear_probe(features: torch.Tensor, labels: torch.Tensor, *, seed: int = 0,
 
 # ---------------------------------------------------------------------------- zero-shot
 
+def _text_vocabulary(model) -> int | None:
+    """How many token ids an open_clip text tower embeds, where it says."""
+    for module in (model, getattr(model, "text", None)):
+        embedding = getattr(module, "token_embedding", None)
+        if isinstance(embedding, torch.nn.Embedding):
+            return embedding.num_embeddings
+    return None
+
+
 def zero_shot_classifier(model, tokenizer, class_names: Sequence[str], templates: Sequence, device) -> torch.Tensor:
-    """open_clip's own zero-shot classifier: [embed_dim, classes], one normalised text embedding per class."""
+    """open_clip's own zero-shot classifier: [embed_dim, classes], one normalised text embedding per class.
+
+    Raises:
+        InvalidArgumentError: the tokenizer makes token ids the text tower has no embedding for.
+    """
     from open_clip import build_zero_shot_classifier
+
+    vocabulary = _text_vocabulary(model)
+    if vocabulary is not None:
+        first = templates[0]
+        tokens = tokenizer([first(name) if callable(first) else first.format(name) for name in class_names])
+        if int(tokens.max()) >= vocabulary:
+            raise InvalidArgumentError(f"the tokenizer makes token ids up to {int(tokens.max())}, but the text tower "
+                                       f"embeds only {vocabulary}: they do not belong together")
 
     with torch.no_grad():
         return build_zero_shot_classifier(model, tokenizer, list(class_names), list(templates),

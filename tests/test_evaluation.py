@@ -238,3 +238,16 @@ def test_neurons_of_another_model_are_refused_without_force(tmp_path, capsys):
     assert evaluate.main(["--neurons", str(path), "--num-images", "4", "--quiet"]) == 2
     assert "--force" in error_line(capsys)
     assert evaluate.main(["--neurons", str(path), "--num-images", "4", "--quiet", "--force"]) == 0
+
+
+def test_a_tokenizer_that_does_not_fit_the_text_tower_skips_zero_shot_in_one_line(tmp_path, classes, registered_config,
+                                                                                   capsys):
+    from test_time_registers import RegisterNeurons
+
+    neurons = RegisterNeurons.coerce([(1, 5), (1, 9)]).save(tmp_path / "hand.json")
+    assert evaluate.main(["--model", f"openclip:{registered_config}:random", "--images", str(classes),
+                          "--neurons", str(neurons), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "no zero-shot row for original: the tokenizer makes token ids up to" in printed
+    assert "embeds only 100" in printed and "zero-shot accuracy" not in printed
+    assert "linear probe on CLS features" in printed
