@@ -424,7 +424,7 @@ def flat_folder(tmp_path):
     (["--vit", "dim=32"], "--vit sets the architecture .* add --from-scratch"),
     (["--from-scratch", "--vit", "depth=two"], "depth needs a number"),
     (["--from-scratch", "--vit", "width=3"], "KEY one of image_size"),
-    (["--precision", "bf16"], "invalid choice: 'bf16' (choose from 'fp32', 'amp_bf16')"),
+    (["--precision", "bf16"], r"invalid choice: 'bf16' \(choose from 'fp32', 'amp_bf16'\)"),
     (["--from-scratch", "--vit", TINY_VIT, "--num-images", "8", "--insert-at", "5"], "--insert-at must be an int in 0..1"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, empty_folder, flat_folder, capsys, flags, message):
