@@ -13,7 +13,15 @@ signature, ``edit(activations [B, L, N], neurons [K], layout, context) -> activa
 * :class:`LegacyEdit` reproduces the reference implementation: one signed maximum per layer (the
   value of largest magnitude over all tokens and all of that layer's register neurons) is written
   to every register, and only patch tokens get normal values; CLS is left alone.
+* :class:`MoveToPatchesEdit` moves the maxima to chosen patches (a corner, a mask, typographic
+  patches; see :func:`patch_mask`) instead of an appended token.
+* :class:`AttentionBiasEdit` zeroes the register neurons and lets every query see the register's
+  mean key and value (measured by :func:`calibrate_attention_bias`), through one appended token
+  whose attention input is pinned at every block.
 * Any callable with the same signature, for quick experiments.
+
+``normal_values`` (what the neurons become away from the registers) are the replacement
+ablations: zero, mean, only_outliers, same, noise and shuffled.
 
 Every image of a batch is edited from its own activations only. The built-in edits write into
 the activation tensor in place when autograd does not need it (the tensor is the input of the
@@ -23,6 +31,7 @@ MLP's output projection, which nothing else reads), and into a copy otherwise.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -30,8 +39,10 @@ from typing import Literal, Protocol
 import torch
 from torch import nn
 
-from .errors import InvalidArgumentError, check_int
+from .data import batches
+from .errors import ImageSourceError, InvalidArgumentError, check_int
 from .hooks import Capture, HookManager
+from .images import image_source, no_images_message
 from .layout import TokenLayout
 from .neurons import RegisterNeurons
 
@@ -248,7 +259,8 @@ def patch_mask(grid: tuple[int, int], *, corner: str | None = None, size: int = 
     for left, top, right, bottom in boxes:
         if not (0 <= left < right <= width and 0 <= top < bottom <= height):
             raise InvalidArgumentError(f"box {(left, top, right, bottom)} is not inside an image of {image_size}")
-        mask[top * rows // height:-(-bottom * rows // height), left * cols // width:-(-right * cols // width)] = True
+        mask[math.floor(top * rows / height):math.ceil(bottom * rows / height),
+             math.floor(left * cols / width):math.ceil(right * cols / width)] = True
     return mask
 
 
@@ -504,10 +516,6 @@ def calibrate_attention_bias(hook_manager: HookManager, neurons, images, preproc
     Returns:
         ``AttentionBiasEdit(attention_inputs [layers, hidden_size])``.
     """
-    from .data import batches
-    from .images import image_source, no_images_message
-    from .errors import ImageSourceError
-
     images = image_source(images)
     modified = ModifiedModel(hook_manager.model, hook_manager, neurons, num_registers=1, edit=edit)
     sums: dict[int, torch.Tensor] = {}
