@@ -89,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
     device = check_device(args.device)
     loaded = load_model(args.model, device=device, precision=args.precision, seed=args.seed)
     model, preprocess, hook_manager = loaded
+    if args.figure and hook_manager.layout.num_cls == 0:
+        raise UsageError(f"--figure draws CLS attention, and {hook_manager.name} has no CLS token")
     dataset = _dataset(args, loaded)
     print(f"model: {hook_manager.name}; {dataset.description}")
     neurons = _neurons(args, loaded)
