@@ -203,7 +203,8 @@ def train_and_save(args: argparse.Namespace, device: str, shard) -> int:
 
     history = train(setup, data, options, on_epoch=report)
     if shard.world > 1:   # every rank says what it ended with: they must agree
-        print(f"rank {shard.rank}: trained parameters sha256 {parameter_digest(registered, plan.trainable)}")
+        print(f"rank {shard.rank}: trained parameters sha256 {parameter_digest(registered, plan.trainable)}",
+              flush=True)   # now: the ranks share one stdout, and a rank's exit must not lose its line
     if shard.rank != 0:
         return 0
     options_json = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}

@@ -449,8 +449,8 @@ def test_torchrun_two_ranks_agree_and_rank_0_saves(tmp_path):
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
                          cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    digests = [line.split()[-1] for line in run.stdout.splitlines() if "trained parameters sha256" in line]
-    assert len(digests) == 2 and digests[0] == digests[1]
+    digests = re.findall(r"rank \d: trained parameters sha256 ([0-9a-f]{64})", run.stdout)   # lines may interleave
+    assert len(digests) == 2 and digests[0] == digests[1], run.stdout + run.stderr
     assert run.stdout.count("wrote ") == 2   # the weights and the metadata, once
     metadata = json.loads((tmp_path / "out" / "registers.json").read_text())
     assert metadata["world_size"] == 2 and len(metadata["history"]["epoch_losses"]) == 2
