@@ -516,8 +516,8 @@ def _shape_mask(rng: np.random.Generator, size: int) -> tuple[np.ndarray, tuple[
     return m, (slice(y0, y1), slice(x0, x1)), int(kind)
 
 
-def _texture(rng: np.random.Generator, px: np.ndarray, py: np.ndarray) -> np.ndarray:
-    """Textured fill [h, w, 3] (stripes, checkers, colour noise, blobs or dots).
+def _texture(rng: np.random.Generator, px: np.ndarray, py: np.ndarray) -> tuple[np.ndarray, int]:
+    """Textured fill [h, w, 3] (stripes, checkers, colour noise, blobs or dots) and its kind (see TEXTURES).
 
     px: [1, w], py: [h, 1], pixel coordinates (in 224-px units).
     """
@@ -534,7 +534,7 @@ def _texture(rng: np.random.Generator, px: np.ndarray, py: np.ndarray) -> np.nda
         m = (np.floor(u / period) + np.floor(w / period)) % 2 == 0
     elif kind == 2:  # colour noise around a base colour
         n = rng.normal(0, 0.18, u.shape + (3,)).astype(np.float32)
-        return np.clip(a + n, 0, 1)
+        return np.clip(a + n, 0, 1), int(kind)
     elif kind == 3:  # blobs: thresholded sum of high-frequency waves
         f = np.zeros(u.shape, np.float32)
         for _ in range(4):
@@ -546,9 +546,11 @@ def _texture(rng: np.random.Generator, px: np.ndarray, py: np.ndarray) -> np.nda
         gu = (u / period) % 1 - 0.5
         gw = (w / period) % 1 - 0.5
         m = gu**2 + gw**2 < rng.uniform(0.06, 0.16)
-    return np.where(m[..., None], a, b)
+    return np.where(m[..., None], a, b), int(kind)
 
 
+#: The kinds of :func:`_texture`, in its order.
+TEXTURES = ("stripes", "checkers", "colour noise", "blobs", "dots")
 #: The object classes of the demo scenes: the kinds of :func:`_shape_mask`, in its order.
 SHAPES = ("ellipse", "box", "triangle", "blob")
 
@@ -559,19 +561,28 @@ class DemoScene:
 
     ``boxes`` is [K, 4] (left, top, right, bottom in pixels, right/bottom exclusive) of the K
     objects still visible, ``labels`` [K] their classes (indices into :data:`SHAPES`), and
-    ``object_mask`` [H, W] bool the pixels any object covers. ``label`` is the class of the
-    largest visible object, a one-label-per-image target for linear probes.
+    ``object_mask`` [H, W] bool the pixels any object covers, and ``textures`` [K] their fills
+    (indices into :data:`TEXTURES`). ``label`` is the class of the largest visible object, a
+    one-label-per-image target for linear probes; ``texture_label`` is that object's fill.
     """
 
     image: Image.Image
     boxes: np.ndarray
     labels: np.ndarray
     object_mask: np.ndarray
+    textures: np.ndarray
+
+    def _largest(self) -> int:
+        areas = (self.boxes[:, 2] - self.boxes[:, 0]) * (self.boxes[:, 3] - self.boxes[:, 1])
+        return int(np.argmax(areas))
 
     @property
     def label(self) -> int:
-        areas = (self.boxes[:, 2] - self.boxes[:, 0]) * (self.boxes[:, 3] - self.boxes[:, 1])
-        return int(self.labels[int(np.argmax(areas))])
+        return int(self.labels[self._largest()])
+
+    @property
+    def texture_label(self) -> int:
+        return int(self.textures[self._largest()])
 
 
 def _scene(rng: np.random.Generator, size: int) -> DemoScene:
@@ -579,23 +590,26 @@ def _scene(rng: np.random.Generator, size: int) -> DemoScene:
     coords = np.arange(size, dtype=np.float32)
     img = _background(rng, coords[None, :] / size, coords[:, None] / size)
     owner = np.full((size, size), -1, dtype=np.int64)        # which object each pixel shows
-    kinds = []
+    kinds, fills = [], []
     for index in range(int(rng.integers(1, 5))):
         m, (rows, cols), kind = _shape_mask(rng, size)
         px = coords[None, cols] * (224 / size)
         py = coords[rows, None] * (224 / size)
-        img[rows, cols] = np.where(m[..., None], _texture(rng, px, py), img[rows, cols])
+        fill, texture = _texture(rng, px, py)
+        img[rows, cols] = np.where(m[..., None], fill, img[rows, cols])
         owner[rows, cols] = np.where(m, index, owner[rows, cols])
         kinds.append(kind)
-    boxes, labels = [], []
-    for index, kind in enumerate(kinds):
+        fills.append(texture)
+    boxes, labels, textures = [], [], []
+    for index, (kind, texture) in enumerate(zip(kinds, fills)):
         ys, xs = np.nonzero(owner == index)
         if len(ys):   # an object entirely covered by later ones is not in the scene
             boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
             labels.append(kind)
+            textures.append(texture)
     image = Image.fromarray(np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8), "RGB")
     return DemoScene(image, np.array(boxes, dtype=np.int64).reshape(-1, 4), np.array(labels, dtype=np.int64),
-                     owner >= 0)
+                     owner >= 0, np.array(textures, dtype=np.int64))
 
 
 def iter_demo_images(n: int, seed: int = 0, size: int = 224):

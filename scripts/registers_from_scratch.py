@@ -29,7 +29,7 @@ from test_time_registers.errors import NoOutliersError
 from test_time_registers.discovery import find_register_neurons
 from test_time_registers.trained_registers import save_trained_registers
 from test_time_registers.training import (TrainingOptions, accuracy, from_scratch_setup, norm_statistics,
-                                          scene_images, train)
+                                          SCENE_TASKS, scene_images, train)
 
 from test_time_registers.scripts.common import Parser, check_device, non_negative_int, positive_int, run_main
 from test_time_registers.scripts.train_registers import positive_float, vit_config
@@ -57,13 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, the scenes and their order")
     parser.add_argument("--out", type=Path, default=Path("registers_from_scratch"), help="folder for the results")
+    parser.add_argument("--task", choices=SCENE_TASKS, default="shape",
+                        help="what the model learns: the largest object's texture (5 classes) or shape (4 classes)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
 def timed_epochs(args, train_images, size: int) -> int:
     """The epochs that fit --minutes, from the time of a few steps of the largest model."""
-    loaded, setup = from_scratch_setup(TIMM_NAME, args.vit, num_registers=max(args.registers), num_classes=4,
+    loaded, setup = from_scratch_setup(TIMM_NAME, args.vit, num_registers=max(args.registers),
+                                       num_classes=train_images.num_classes,
                                        device=args.device, seed=args.seed)
     pixels = torch.stack([train_images.with_preprocess(loaded.preprocess)[index][0]
                           for index in range(args.batch_size)])
@@ -91,15 +94,16 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     size = args.vit.get("image_size", 224)
-    train_images = scene_images(args.train_images, seed=args.seed, size=size)
-    test_images = scene_images(args.test_images, seed=args.seed + 1000, size=size)
+    train_images = scene_images(args.train_images, seed=args.seed, size=size, task=args.task)
+    test_images = scene_images(args.test_images, seed=args.seed + 1000, size=size, task=args.task)
     epochs = args.epochs or timed_epochs(args, train_images, size)
-    results = {"vit": args.vit, "timm_model": TIMM_NAME, "train_images": args.train_images,
+    results = {"task": args.task, "vit": args.vit, "timm_model": TIMM_NAME, "train_images": args.train_images,
                "test_images": args.test_images, "epochs": epochs, "batch_size": args.batch_size, "lr": args.lr,
                "weight_decay": args.weight_decay, "seed": args.seed, "runs": {}}
     for registers in args.registers:
         print(f"\n== {registers} register(s) ==")
-        loaded, setup = from_scratch_setup(TIMM_NAME, args.vit, num_registers=registers, num_classes=4,
+        loaded, setup = from_scratch_setup(TIMM_NAME, args.vit, num_registers=registers,
+                                           num_classes=train_images.num_classes,
                                            device=device, seed=args.seed)
         training = train_images.with_preprocess(loaded.preprocess)
         held_out = test_images.with_preprocess(loaded.preprocess)

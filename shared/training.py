@@ -202,14 +202,22 @@ def cifar_images(root, classes: int = 10, *, train: bool = True, limit: int | No
                           f"{count} CIFAR-{classes} {split} images from {root}")
 
 
-def scene_images(count: int, *, seed: int = 0, size: int = 224) -> LabelledImages:
-    """Generated demo scenes labelled by the shape of their largest object (4 classes)."""
-    from test_time_registers.clip.demo import SHAPES, demo_scenes
+def scene_images(count: int, *, seed: int = 0, size: int = 224, task: str = "shape") -> LabelledImages:
+    """Generated demo scenes labelled by the shape (4 classes) or the texture (5 classes) of their largest object."""
+    from test_time_registers.clip.demo import SHAPES, TEXTURES, demo_scenes
 
     check_int("count", count)
+    if task not in SCENE_TASKS:
+        raise InvalidArgumentError(f"task must be one of {SCENE_TASKS}, got {task!r}")
     scenes = demo_scenes(count, seed, size)
-    return LabelledImages(_ReadList([scene.image for scene in scenes]), [scene.label for scene in scenes],
-                          list(SHAPES), f"{count} generated scenes ({size} px, labelled by their largest shape)")
+    labels = [scene.label if task == "shape" else scene.texture_label for scene in scenes]
+    return LabelledImages(_ReadList([scene.image for scene in scenes]), labels,
+                          list(SHAPES if task == "shape" else TEXTURES),
+                          f"{count} generated scenes ({size} px, labelled by their largest object's {task})")
+
+
+#: What a generated scene's label can be: its largest object's shape or texture.
+SCENE_TASKS = ("shape", "texture")
 
 
 # ---------------------------------------------------------------------------- what trains

@@ -30,6 +30,8 @@ def test_demo_scenes_know_each_objects_box_class_and_pixels():
             assert scene.object_mask[top:bottom, left:right].any()
         assert not (scene.object_mask & ~inside).any()          # every object pixel lies in a box
         assert scene.label in scene.labels.tolist()
+        assert scene.textures.shape == scene.labels.shape and ((0 <= scene.textures) & (scene.textures < 5)).all()
+        assert scene.texture_label in scene.textures.tolist()
 
 
 def _write_voc(root, entries):

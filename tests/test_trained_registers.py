@@ -472,3 +472,14 @@ def test_the_from_scratch_experiment_reports_accuracy_and_norms_by_block(tmp_pat
     assert all(value >= 1 for value in with_registers["norms"]["worst_patch_max_over_median"])
     assert "no_outliers" in without["discovery"] or without["discovery"]["neurons"]
     assert load_trained_registers(tmp_path / "registers-4").hook_manager.layout.num_trained_registers == 4
+
+
+def test_generated_scenes_are_labelled_by_shape_or_texture():
+    from test_time_registers.clip.demo import SHAPES, TEXTURES, demo_scenes
+
+    shapes, textures = scene_images(12, size=32), scene_images(12, size=32, task="texture")
+    scenes = demo_scenes(12, size=32)
+    assert shapes.labels == [scene.label for scene in scenes] and shapes.class_names == list(SHAPES)
+    assert textures.labels == [scene.texture_label for scene in scenes] and textures.class_names == list(TEXTURES)
+    with pytest.raises(InvalidArgumentError, match="task must be one of"):
+        scene_images(4, task="colour")
