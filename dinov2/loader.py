@@ -7,9 +7,8 @@ import os
 import torch
 
 from test_time_registers.errors import ModelLoadError
-from test_time_registers.hf import auto_model, is_local_folder, register_transformers_model
-from test_time_registers.hub import load_pretrained
-from test_time_registers.loading import LoadedModel, first_line
+from test_time_registers.hf import read_model, register_transformers_model
+from test_time_registers.loading import LoadedModel
 from test_time_registers.precision import Precision, cast_model, get_precision
 from test_time_registers.registry import Preset, register_architecture
 
@@ -47,23 +46,7 @@ def load_dinov2(id_or_dir: str | os.PathLike, *, device: torch.device | str = "c
     """
     precision = get_precision(precision)
     source = os.fspath(id_or_dir)
-    looks_local = is_local_folder(source)
-
-    def load():
-        return auto_model(source, local=looks_local, seed=seed)
-
-    try:
-        if looks_local:
-            model, preprocess = load()
-        else:
-            model, preprocess = load_pretrained(
-                load, f"DINOv2 model {source}",
-                f"Download it where the hub can be reached (hf download {source} --local-dir DIR), "
-                "then pass dinov2:DIR.")
-    except ModelLoadError:
-        raise
-    except Exception as error:  # OSError (missing, offline), ValueError, safetensors errors
-        raise ModelLoadError(f"could not load DINOv2 model {source!r}: {first_line(error)}") from error
+    model, preprocess = read_model(source, seed=seed, what="DINOv2 model", prefix="dinov2")
     if type(model).__name__ not in DINOV2_CLASSES:
         raise ModelLoadError(f"{source!r} is a {type(model).__name__}, not a DINOv2 model")
     model = cast_model(model, precision, device).eval()

@@ -105,6 +105,29 @@ def auto_model(source: str, *, local: bool, seed: int = 0) -> tuple[nn.Module, C
     return AutoModel.from_pretrained(source), image_processor(source)
 
 
+def read_model(source: str, *, seed: int, what: str, prefix: str):
+    """``(model, preprocess)`` from a Hugging Face id or a local folder, through :func:`auto_model`.
+
+    A hub id goes through :func:`~test_time_registers.hub.load_pretrained` (the cache only, when
+    offline); every failure is a :class:`ModelLoadError` naming ``what`` (``"DINOv2 model"``) and,
+    for an id that cannot be fetched, the ``prefix:DIR`` spec to pass instead.
+    """
+    local = is_local_folder(source)
+
+    def load():
+        return auto_model(source, local=local, seed=seed)
+
+    try:
+        if local:
+            return load()
+        return load_pretrained(load, f"{what} {source}", f"Download it where the hub can be reached "
+                               f"(hf download {source} --local-dir DIR), then pass {prefix}:DIR.")
+    except ModelLoadError:
+        raise
+    except Exception as error:  # OSError (missing, offline), ValueError, safetensors errors
+        raise ModelLoadError(f"could not load {what} {source!r}: {first_line(error)}") from error
+
+
 def load_transformers(id_or_dir: str | os.PathLike, *, device: torch.device | str = "cpu",
                       precision: str | Precision = "fp32", seed: int = 0) -> LoadedModel:
     """Load any supported transformers vision model with ``AutoModel``; the hook manager follows its class.
@@ -120,19 +143,7 @@ def load_transformers(id_or_dir: str | os.PathLike, *, device: torch.device | st
     """
     precision = get_precision(precision)
     source = os.fspath(id_or_dir)
-    local = is_local_folder(source)
-
-    def load():
-        return auto_model(source, local=local, seed=seed)
-
-    try:
-        model, preprocess = load() if local else load_pretrained(
-            load, f"transformers model {source}",
-            f"Download it where the hub can be reached (hf download {source} --local-dir DIR), then pass hf:DIR.")
-    except ModelLoadError:
-        raise
-    except Exception as error:  # OSError (missing, offline), ValueError, safetensors errors
-        raise ModelLoadError(f"could not load transformers model {source!r}: {first_line(error)}") from error
+    model, preprocess = read_model(source, seed=seed, what="transformers model", prefix="hf")
     manager = hook_manager_class(model)
     model = cast_model(model, precision, device).eval()
     return LoadedModel(model, preprocess, manager(model, name=f"hf:{source}", autocast_dtype=precision.autocast))
