@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     variants = {"original": (hook_manager, preprocess),
                 f"with {registers}": (ModifiedModel(model, hook_manager, neurons, args.num_registers,
                                                                  edit=edit, seed=args.seed), preprocess)}
-    zero_shot_models = {"original": loaded, next(iter(list(variants)[1:])): loaded}
+    zero_shot_models = dict.fromkeys(variants, loaded)
     if args.trained_model:
         if args.trained_model.startswith("registers:"):   # registers fine-tuned by test-time-registers-train
             trained = load_trained_registers(args.trained_model.removeprefix("registers:"), device=device,

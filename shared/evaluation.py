@@ -327,17 +327,18 @@ def input_size(preprocess: Callable) -> tuple[int, int]:
     return tuple(preprocess(Image.new("RGB", (64, 48))).shape[-2:])
 
 
-def _patch_coverage(item: EvaluationItem, scale: tuple[float, float], size: tuple[int, int],
+def _patch_coverage(item: EvaluationItem, boxes: np.ndarray | None, size: tuple[int, int],
                     grid: tuple[int, int]) -> torch.Tensor | None:
-    """The fraction of each patch covered by objects [rows * cols], from the mask or else the boxes."""
+    """The fraction of each patch covered by objects [rows * cols], from the item's mask or else
+    ``boxes`` [K, 4] (in the pixels of the model's input, ``size``)."""
     height, width = size
     if item.object_mask is not None:
         mask = Image.fromarray(item.object_mask.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)
         pixels = torch.from_numpy(np.asarray(mask) > 127).float()
-    elif item.boxes is not None and len(item.boxes):
+    elif boxes is not None and len(boxes):
         pixels = torch.zeros(height, width)
-        for left, top, right, bottom in item.boxes:
-            pixels[int(top * scale[0]):math.ceil(bottom * scale[0]), int(left * scale[1]):math.ceil(right * scale[1])] = 1
+        for left, top, right, bottom in boxes:
+            pixels[int(top):math.ceil(bottom), int(left):math.ceil(right)] = 1
     else:
         return None
     rows, cols = grid
@@ -370,21 +371,22 @@ def evaluate_variant(name: str, runner: HookManager | ModifiedModel, dataset: Ev
         if lost_site is not None and dataset.has_boxes:
             hooks.on(lost_site, lambda tokens: lost_inputs.__setitem__("tokens", tokens.detach()))
         for start in range(0, len(dataset), batch_size):
-            items, images, scales = [], [], []
-            for item in dataset.items[start:start + batch_size]:
+            items, resized, truths = [], [], []   # per readable image: its item, itself as the model sees it,
+            for item in dataset.items[start:start + batch_size]:   # and its boxes in those pixels
                 try:
                     image = item.read()
                 except UnreadableImage as error:
                     dataset.skipped.append(item.name)
                     log.warning("skipped %s: %s", item.name, error)
                     continue
-                scales.append((height / image.height, width / image.width))
-                images.append(preprocess(image.resize((width, height), Image.BICUBIC)))
+                scale = np.array([width / image.width, height / image.height] * 2)
+                truths.append(None if item.boxes is None else item.boxes * scale)
+                resized.append(image.resize((width, height), Image.BICUBIC))
                 items.append(item)
             bar.update(min(batch_size, len(dataset) - start))
             if not items:
                 continue
-            pixels = torch.stack(images)
+            pixels = torch.stack([preprocess(image) for image in resized])
             grid = hook_manager.grid_shape(pixels)
             sites = {"residual": sorted({detect_layer, last}), "attention": [last] if has_cls else []}
             with runner.capture(**sites) as captured:
@@ -411,20 +413,17 @@ def evaluate_variant(name: str, runner: HookManager | ModifiedModel, dataset: Ev
                 if len(shown) < keep_maps:
                     kept = min(keep_maps - len(shown), len(items))
                     cls_maps.append(attention[:kept].float().reshape(-1, *grid).cpu())
-                    for item, scale in zip(items[:kept], scales[:kept]):
-                        boxes = None if item.boxes is None else item.boxes * np.array([scale[1], scale[0]] * 2)
-                        shown.append((item.read().resize((width, height), Image.BICUBIC), boxes))
+                    shown.extend(zip(resized[:kept], truths[:kept]))
                 collected["entropy"].append(-(attention * attention.clamp_min(1e-300).log()).sum(dim=1).float().cpu())
-                coverage = [_patch_coverage(item, scale, (height, width), grid) for item, scale in zip(items, scales)]
+                coverage = [_patch_coverage(item, truth, (height, width), grid) for item, truth in zip(items, truths)]
                 if all(c is not None for c in coverage):
                     collected["objects"].append((attention.cpu() * torch.stack(coverage)).sum(dim=1).float())
             if "tokens" in lost_inputs:
                 tokens = lost_inputs.pop("tokens")[:, layout.patches(seq_len)]
                 patch_h, patch_w = height / grid[0], width / grid[1]
-                for item, scale, features in zip(items, scales, tokens):
+                for truth, features in zip(truths, tokens):
                     left, top, right, bottom = lost_box(features, grid)
                     box = (left * patch_w, top * patch_h, right * patch_w, bottom * patch_h)
-                    truth = item.boxes * np.array([scale[1], scale[0], scale[1], scale[0]])
                     collected["boxes"].append(torch.tensor(box))
                     collected["hits"].append(bool(box_iou(box, truth).max() >= CORLOC_IOU))
     bar.close()

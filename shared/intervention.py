@@ -99,6 +99,24 @@ def _write(acts: torch.Tensor, neurons: torch.Tensor, new_values: torch.Tensor, 
     return edited
 
 
+def _moved_away(acts: torch.Tensor, neurons: torch.Tensor, layout: TokenLayout, normal_values: NormalValues,
+                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the edits that move register neurons away share.
+
+    Returns ``(new_values [B, L, K], peak [B, K])``: the neurons' activations with the normal
+    values on CLS, the patches and the test-time registers (statistics over CLS and the patches;
+    trained registers keep theirs), and each neuron's maximum over CLS and the patches.
+    """
+    seq_len = acts.shape[1]
+    moved_from = layout.mask(seq_len, cls=True, patches=True, device=acts.device)              # [L]
+    edited = moved_from | layout.mask(seq_len, test_time_registers=True, device=acts.device)
+    values = acts[:, :, neurons]                                       # [B, L, K], a copy
+    peak = values[:, moved_from].amax(dim=1)                           # [B, K]
+    new_values = torch.where(edited[None, :, None], normal_values_for(values, moved_from, normal_values, generator),
+                             values)
+    return new_values, peak
+
+
 def paper_edit(acts: torch.Tensor, neurons: torch.Tensor, register_of_neuron: torch.Tensor,
                layout: TokenLayout, scale: torch.Tensor, normal_values: NormalValues = "zero", *,
                inplace: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -119,12 +137,7 @@ def paper_edit(acts: torch.Tensor, neurons: torch.Tensor, register_of_neuron: to
         Activations [B, L, N]: ``acts`` itself when ``inplace``. Trained registers are untouched.
     """
     seq_len = acts.shape[1]
-    moved_from = layout.mask(seq_len, cls=True, patches=True, device=acts.device)              # [L]
-    edited = moved_from | layout.mask(seq_len, test_time_registers=True, device=acts.device)
-    values = acts[:, :, neurons]                                       # [B, L, K], a copy
-    peak = values[:, moved_from].amax(dim=1)                           # [B, K]
-    new_values = torch.where(edited[None, :, None], normal_values_for(values, moved_from, normal_values, generator),
-                             values)
+    new_values, peak = _moved_away(acts, neurons, layout, normal_values, generator)
     if layout.num_test_time_registers:
         positions = layout.test_time_registers(seq_len).start + register_of_neuron          # [K]
         columns = torch.arange(len(neurons), device=acts.device)
@@ -305,13 +318,8 @@ class MoveToPatchesEdit(_MovingEdit):
 
     def __call__(self, activations, neurons, layout, context: EditContext) -> torch.Tensor:
         batch, seq_len, _ = activations.shape
-        moved_from = layout.mask(seq_len, cls=True, patches=True, device=activations.device)
-        edited = moved_from | layout.mask(seq_len, test_time_registers=True, device=activations.device)
-        values = activations[:, :, neurons]                                   # [B, L, K]
-        peak = values[:, moved_from].amax(dim=1)                              # [B, K]
-        normal = normal_values_for(values, moved_from, self.normal_values,
-                                   self._generator(activations, context.layer))
-        new_values = torch.where(edited[None, :, None], normal, values)
+        new_values, peak = _moved_away(activations, neurons, layout, self.normal_values,
+                                       self._generator(activations, context.layer))
         chosen = torch.zeros(batch, seq_len, dtype=torch.bool, device=activations.device)
         chosen[:, layout.patches(seq_len)] = self.targets(batch, layout.num_patches(seq_len), activations.device)
         new_values = torch.where(chosen[:, :, None], (peak * self.scale)[:, None, :], new_values)
@@ -351,12 +359,8 @@ class AttentionBiasEdit(_MovingEdit):
         return f"AttentionBiasEdit(attention_inputs=[{layers}, {width}], normal_values={self.normal_values!r})"
 
     def __call__(self, activations, neurons, layout, context: EditContext) -> torch.Tensor:
-        seq_len = activations.shape[1]
-        values = activations[:, :, neurons]
-        everywhere = layout.mask(seq_len, cls=True, patches=True, test_time_registers=True, device=activations.device)
-        moved_from = layout.mask(seq_len, cls=True, patches=True, device=activations.device)
-        normal = normal_values_for(values, moved_from, self.normal_values, self._generator(activations, context.layer))
-        new_values = torch.where(everywhere[None, :, None], normal, values)
+        new_values, _ = _moved_away(activations, neurons, layout, self.normal_values,
+                                    self._generator(activations, context.layer))
         return _write(activations, neurons, new_values, _can_edit_in_place(activations))
 
     def edit_attention_input(self, tokens: torch.Tensor, layout: TokenLayout, layer: int) -> torch.Tensor:
