@@ -1,7 +1,9 @@
-"""OpenCLIP support, through the unmodified open_clip package (specs ``openclip:`` and ``demo``)."""
+"""OpenCLIP support, through the unmodified open_clip package (specs ``openclip:`` and ``demo``), and the
+CLIP, SigLIP and SigLIP 2 towers of transformers (``hf:``)."""
 
 from .hf_towers import ClipVisionHookManager, Siglip2VisionHookManager, SiglipVisionHookManager
-from .hook_manager import ClipHookManager, ClipTimmHookManager
+from .hook_manager import ClipHookManager
 from .loader import load_openclip, set_precision
 
-__all__ = ["ClipHookManager", "ClipTimmHookManager", "ClipVisionHookManager", "Siglip2VisionHookManager", "SiglipVisionHookManager", "load_openclip", "set_precision"]
+__all__ = ["ClipHookManager", "ClipVisionHookManager", "Siglip2VisionHookManager", "SiglipVisionHookManager",
+           "load_openclip", "set_precision"]

@@ -4,57 +4,29 @@ No model code is copied."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
-from torch import nn
 
-from test_time_registers.errors import UnsupportedModelError
-from test_time_registers.hf import probe_eager_attention, register_transformers_model
-from test_time_registers.hooks import HookManager, Hooks, HookSite
+from test_time_registers.hooks import HookManager, Hooks
 from test_time_registers.layout import TokenLayout, extend_pairwise
+from test_time_registers.registry import register_model
+from test_time_registers.sites import At, EagerAttention, Sites
 
 
-class _TransformersTower(HookManager):
-    """What the transformers CLIP and SigLIP towers share: encoder layers with ``self_attn`` and ``mlp.fc1/fc2``."""
-
-    pixel_keyword = "pixel_values"
-    attention_input = "layer_norm1"
-
-    def __init__(self, model: nn.Module, name: str | None = None, **options):
-        self.tower = getattr(model, "vision_model", model)   # the full CLIPModel/SiglipModel hold the tower here
-        if not all(hasattr(self.tower, part) for part in ("embeddings", "encoder", "post_layernorm")):
-            raise UnsupportedModelError(f"{type(self).__name__} needs a transformers vision tower, "
-                                        f"got {type(model).__name__}")
-        super().__init__(model, name, **options)
-        self.forward_methods = ("get_image_features",) if hasattr(model, "get_image_features") else ()
-
-    def default_name(self) -> str:
-        return f"hf:{getattr(self.model.config, '_name_or_path', '') or type(self.model).__name__}"
-
-    @property
-    def image_model(self) -> nn.Module:
-        return self.tower
-
-    @property
-    def blocks(self) -> Sequence[nn.Module]:
-        return self.tower.encoder.layers
-
-    @property
-    def patch_embedding(self) -> nn.Module:
-        return self.tower.embeddings.patch_embedding
-
-    def mlp_output_projection(self, layer: int) -> nn.Module:
-        return self.blocks[layer].mlp.fc2
-
-    def mlp_input_projection(self, layer: int) -> nn.Module:
-        return self.blocks[layer].mlp.fc1
-
-    def attach_attention_probe(self, layer, fn, hooks) -> None:
-        probe_eager_attention(self.model, self.blocks[layer].self_attn, fn, hooks)
+_TOWER = Sites(
+    blocks="encoder.layers",
+    neurons="mlp.fc2",
+    mlp_inputs=(("mlp.fc1", 0),),
+    patch_embedding="embeddings.patch_embedding",
+    insert=At("embeddings", "output"),
+    remove=At("post_layernorm", "input"),
+    attention=EagerAttention("self_attn"),
+    attention_input="layer_norm1",
+)
 
 
-class ClipVisionHookManager(_TransformersTower):
+class ClipVisionHookManager(HookManager):
     """transformers' CLIP image tower: [CLS][patches]; ``pre_layrnorm``, the encoder, then the pooled CLS's
     ``post_layernorm``.
 
@@ -62,16 +34,15 @@ class ClipVisionHookManager(_TransformersTower):
     and come out at the encoder's output, so ``last_hidden_state`` and the pooled CLS never see them.
     """
 
-    layout = TokenLayout(num_cls=1)
+    sites = replace(_TOWER, insert=At("pre_layrnorm", "input"), remove=At("encoder", "output"),
+                    layout=TokenLayout(num_cls=1))
+    pixel_keyword = "pixel_values"
 
-    def register_insertion_site(self) -> HookSite:
-        return HookSite(self.tower.pre_layrnorm, "input")
-
-    def register_removal_site(self) -> HookSite:
-        return HookSite(self.tower.encoder, "output")
+    def default_name(self) -> str:
+        return f"hf:{getattr(self.model.config, '_name_or_path', '') or type(self.model).__name__}"
 
 
-class SiglipVisionHookManager(_TransformersTower):
+class SiglipVisionHookManager(ClipVisionHookManager):
     """transformers' SigLIP image tower: patches only (no CLS), then ``post_layernorm`` and attention pooling.
 
     Test-time registers go in at the embeddings' output (after the positional embedding) and come
@@ -79,13 +50,7 @@ class SiglipVisionHookManager(_TransformersTower):
     sees them.
     """
 
-    layout = TokenLayout(num_cls=0)
-
-    def register_insertion_site(self) -> HookSite:
-        return HookSite(self.tower.embeddings, "output")
-
-    def register_removal_site(self) -> HookSite:
-        return HookSite(self.tower.post_layernorm, "input")
+    sites = replace(_TOWER, layout=TokenLayout(num_cls=0))
 
 
 class Siglip2VisionHookManager(SiglipVisionHookManager):
@@ -117,13 +82,12 @@ class Siglip2VisionHookManager(SiglipVisionHookManager):
                     "pixel_attention_mask": torch.ones(batch, rows * cols, dtype=torch.long, device=pixels.device),
                     "spatial_shapes": torch.tensor([[rows, cols]] * batch, device=pixels.device)}
 
+    sites = replace(_TOWER, insert=At("encoder", "input", keyword="inputs_embeds"), layout=TokenLayout(num_cls=0))
+
     @property
     def patch_size(self) -> tuple[int, int]:
-        size = self.tower.config.patch_size
+        size = self.root.config.patch_size
         return size, size
-
-    def register_insertion_site(self) -> HookSite:
-        return HookSite(self.tower.encoder, "input", keyword="inputs_embeds")
 
     def prepare_for_registers(self, num_registers: int, hooks: Hooks) -> None:
         def extend_mask(module, args, kwargs):
@@ -136,10 +100,15 @@ class Siglip2VisionHookManager(SiglipVisionHookManager):
                 mask = extend_pairwise(mask, num_registers)   # patch 0 is always real
             return args, {**kwargs, "attention_mask": mask}
 
-        hooks.keep(self.tower.encoder.register_forward_pre_hook(extend_mask, with_kwargs=True))
+        hooks.keep(self.root.encoder.register_forward_pre_hook(extend_mask, with_kwargs=True))
 
 
-register_transformers_model("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel",
-                            hook_manager=ClipVisionHookManager)
-register_transformers_model("SiglipVisionModel", "SiglipModel", hook_manager=SiglipVisionHookManager)
-register_transformers_model("Siglip2VisionModel", "Siglip2Model", hook_manager=Siglip2VisionHookManager)
+register_model("CLIPVisionModel", "CLIPVisionTransformer", hook_manager=ClipVisionHookManager)
+register_model("SiglipVisionModel", "SiglipVisionTransformer", hook_manager=SiglipVisionHookManager)
+register_model("Siglip2VisionModel", "Siglip2VisionTransformer", hook_manager=Siglip2VisionHookManager)
+# Two-tower models run their image tower (and name the method that projects its features);
+# classifiers run whole, so that forward_images gives their logits.
+register_model("CLIPModel", "CLIPVisionModelWithProjection", "SiglipModel", "Siglip2Model", inside="vision_model",
+               run_inside=True, forward_methods=("get_image_features",))
+register_model("CLIPForImageClassification", "SiglipForImageClassification", "Siglip2ForImageClassification",
+               inside="vision_model")

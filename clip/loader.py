@@ -11,11 +11,11 @@ from torch import nn
 
 from test_time_registers.errors import ModelLoadError
 from test_time_registers.hub import load_pretrained
-from test_time_registers.loading import LoadedModel, first_line
+from test_time_registers.errors import first_line
+from test_time_registers.loading import LoadedModel
 from test_time_registers.precision import Precision, get_precision
-from test_time_registers.registry import register_architecture
+from test_time_registers.registry import hook_manager_for, register_architecture
 
-from .hook_manager import ClipHookManager
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def load_openclip(name: str, pretrained: str | os.PathLike | None = None, *, dev
         raise ModelLoadError(f"could not load {what}: {first_line(error)}") from error
     model.eval()
     spec = f"openclip:{name}" + (f":{pretrained}" if pretrained else "")
-    hook_manager = ClipHookManager(model, name=spec, autocast_dtype=precision.autocast)
+    hook_manager = hook_manager_for(model, name=spec, autocast_dtype=precision.autocast)
     tokenizer = (lambda: open_clip.get_tokenizer(name)) if hasattr(model, "encode_text") else None
     return LoadedModel(model, preprocess, hook_manager, tokenizer=tokenizer)
 
@@ -106,7 +106,7 @@ def set_precision(model: nn.Module, precision: str | Precision, device: torch.de
     return model
 
 
-@register_architecture("openclip", hook_manager=ClipHookManager, spec="openclip:NAME:TAG|CHECKPOINT|random",
+@register_architecture("openclip", spec="openclip:NAME:TAG|CHECKPOINT|random",
                        description="an open_clip ViT, through open_clip.create_model_and_transforms",
                        examples=("openclip:ViT-B-16:laion2b_s34b_b88k", "openclip:ViT-B-16:/ckpt/model.safetensors",
                                  "openclip:ViT-B-16:random", "openclip:hf-hub:ORG/REPO"))
@@ -122,7 +122,7 @@ def load_openclip_spec(reference: str, *, device="cpu", precision="fp32", seed: 
     return load_openclip(scheme + name, pretrained or None, device=device, precision=precision)
 
 
-@register_architecture("demo", hook_manager=ClipHookManager, spec="demo",
+@register_architecture("demo", spec="demo",
                        description="SYNTHETIC: a small random open_clip ViT with planted register neurons, offline")
 def load_demo_spec(reference: str, *, device="cpu", precision="fp32", seed: int = 0) -> LoadedModel:
     from .demo import build_demo_model, iter_demo_images
@@ -132,7 +132,7 @@ def load_demo_spec(reference: str, *, device="cpu", precision="fp32", seed: int 
     precision = get_precision(precision)
     model, preprocess, planted = build_demo_model(seed=seed)
     model = set_precision(model, precision, device)
-    hook_manager = ClipHookManager(model, name="demo", autocast_dtype=precision.autocast)
+    hook_manager = hook_manager_for(model, name="demo", autocast_dtype=precision.autocast)
     return LoadedModel(model, preprocess, hook_manager, synthetic=True, planted=planted,
                        generate_images=lambda count, image_seed: iter_demo_images(count, seed=image_seed),
                        tokenizer=open_clip.tokenizer.SimpleTokenizer)   # its text tower reads CLIP's own tokens

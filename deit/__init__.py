@@ -1,6 +1,6 @@
 """DeiT-III and other timm Vision Transformers, through the unmodified timm package (specs ``timm:``, ``deit:``)."""
 
-from .hook_manager import BeitHookManager, DeitHookManager, EvaHookManager, RelPosHookManager, timm_hook_manager
+from .hook_manager import BeitHookManager, DeitHookManager, EvaHookManager, RelPosHookManager
 from .loader import load_timm
 
-__all__ = ["BeitHookManager", "DeitHookManager", "EvaHookManager", "RelPosHookManager", "load_timm", "timm_hook_manager"]
+__all__ = ["BeitHookManager", "DeitHookManager", "EvaHookManager", "RelPosHookManager", "load_timm"]

@@ -1,9 +1,10 @@
-"""timm Vision Transformers (the ``deit3_*`` family and any other timm ViT), described for the core."""
+"""timm Vision Transformers (the ``deit3_*`` family and any other timm ViT, Eva, BEiT, the
+relative-position ViT), declared for the core."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 from timm.layers import to_2tuple
@@ -14,8 +15,10 @@ from timm.models.vision_transformer_relpos import VisionTransformerRelPos
 from torch import nn
 
 from test_time_registers.errors import UnsupportedModelError
-from test_time_registers.hooks import HookManager, Hooks, HookSite
+from test_time_registers.hooks import HookManager, Hooks
 from test_time_registers.layout import TokenLayout, extend_pairwise
+from test_time_registers.registry import register_model
+from test_time_registers.sites import At, MlpInputs, Sites, Unfused
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class MlpSites:
     """
 
     output: str
-    inputs: tuple[tuple[str, int], ...]
+    inputs: MlpInputs
 
 
 #: timm's MLP classes (and their subclasses) -> their sites.
@@ -40,9 +43,22 @@ TIMM_MLPS = {
 }
 
 
-def mlp_sites(mlp: nn.Module | None) -> MlpSites | None:
-    """The sites of a timm MLP, looked up by its class or a base class; None for an unknown one."""
-    return next((TIMM_MLPS[cls.__name__] for cls in type(mlp).__mro__ if cls.__name__ in TIMM_MLPS), None)
+def mlp_sites(mlp: nn.Module | None) -> MlpSites:
+    """The sites of a timm MLP, looked up by its class or a base class."""
+    found = next((TIMM_MLPS[cls.__name__] for cls in type(mlp).__mro__ if cls.__name__ in TIMM_MLPS), None)
+    if found is None:
+        raise UnsupportedModelError(f"unknown timm MLP {type(mlp).__name__} (known: {', '.join(TIMM_MLPS)})")
+    return found
+
+
+def _mlp_inputs(block: nn.Module) -> MlpInputs:
+    return tuple((f"mlp.{path}", half) for path, half in mlp_sites(block.mlp).inputs)
+
+
+def _prefix_layout(model: nn.Module) -> TokenLayout:
+    """[class token, distillation token][reg_tokens]: timm's prefix tokens, the registers counted as trained."""
+    registers = getattr(model, "num_reg_tokens", 0)
+    return TokenLayout(num_cls=model.num_prefix_tokens - registers, num_trained_registers=registers)
 
 
 def _extend_bias(module: nn.Module, method: str, pad: Callable[[torch.Tensor], torch.Tensor], hooks: Hooks) -> None:
@@ -72,80 +88,29 @@ class DeitHookManager(HookManager):
     the stem's whole stride.
     """
 
-    #: The timm model class this hook manager describes.
-    model_class: type = VisionTransformer
-    attention_input = "norm1"
-
-    def __init__(self, model: nn.Module, name: str | None = None, **options):
-        if not isinstance(model, self.model_class):
-            raise UnsupportedModelError(f"{type(self).__name__} needs a timm {self.model_class.__name__}, "
-                                        f"got {type(model).__name__}")
-        for block in model.blocks:
-            attention = getattr(block, "attn", None)
-            if mlp_sites(getattr(block, "mlp", None)) is None or not (
-                    hasattr(attention, "attn_drop") and hasattr(attention, "fused_attn")):
-                raise UnsupportedModelError(
-                    f"{type(self).__name__} does not support the block type {type(block).__name__} with "
-                    f"{type(getattr(block, 'mlp', None)).__name__} (known MLPs: {', '.join(TIMM_MLPS)})")
-        super().__init__(model, name, **options)
+    sites = Sites(
+        blocks="blocks",
+        neurons=("mlp.fc2", "mlp.w2"),
+        mlp_inputs=_mlp_inputs,
+        patch_embedding="patch_embed",          # its first convolution takes the pixels (a hybrid stem's too)
+        insert=At("norm_pre", "input"),
+        remove=At("norm", "input"),
+        attention=Unfused("attn", probabilities="attn_drop", switch="fused_attn"),
+        attention_input="norm1",
+        layout=_prefix_layout,
+    )
+    forward_methods = ("forward_features",)
+    intermediate_methods = {"forward_intermediates": ("x", "image"), "get_intermediate_layers": ("x",)}
 
     def default_name(self) -> str:
-        config = getattr(self.model, "pretrained_cfg", None) or {}
-        architecture = config.get("architecture") or type(self.model).__name__
+        config = getattr(self.root, "pretrained_cfg", None) or {}
+        architecture = config.get("architecture") or type(self.root).__name__
         return f"timm:{architecture}" + (f".{config['tag']}" if config.get("tag") else "")
-
-    @property
-    def layout(self) -> TokenLayout:
-        registers = self.model.num_reg_tokens
-        return TokenLayout(num_cls=self.model.num_prefix_tokens - registers, num_trained_registers=registers)
-
-    @property
-    def blocks(self) -> Sequence[nn.Module]:
-        return self.model.blocks
-
-    def mlp_output_projection(self, layer: int) -> nn.Module:
-        mlp = self.blocks[layer].mlp
-        return getattr(mlp, mlp_sites(mlp).output)
-
-    def mlp_input_projection(self, layer: int) -> nn.Module:
-        rows = self.mlp_input_rows(layer)
-        if len(rows) > 1:
-            raise NotImplementedError("a gated MLP has no single input projection per neuron")
-        return rows[0][0]
-
-    def mlp_input_rows(self, layer: int) -> tuple[tuple[nn.Module, int], ...]:
-        mlp, width = self.blocks[layer].mlp, self.num_neurons(layer)
-        return tuple((getattr(mlp, name), half * width) for name, half in mlp_sites(mlp).inputs)
-
-    def register_insertion_site(self) -> HookSite:
-        return HookSite(self.model.norm_pre, "input")
-
-    def register_removal_site(self) -> HookSite:
-        return HookSite(self.model.norm, "input")
-
-    @property
-    def patch_embedding(self) -> nn.Module:
-        """The first convolution of the patch embedding: its projection, or a hybrid stem's first layer."""
-        first = next((module for module in self.model.patch_embed.modules() if isinstance(module, nn.Conv2d)), None)
-        if first is None:
-            raise UnsupportedModelError(f"no convolution takes the pixels in {type(self.model.patch_embed).__name__}")
-        return first
 
     @property
     def patch_size(self) -> tuple[int, int]:
         """Pixels per patch: the patch embedding's total stride (a hybrid stem's included)."""
-        return tuple(to_2tuple(self.model.patch_embed.feat_ratio(as_scalar=False)))
-
-    def attach_attention_probe(self, layer: int, fn: Callable[[torch.Tensor], None], hooks: Hooks) -> None:
-        attention = self.blocks[layer].attn
-        if attention.fused_attn:
-            attention.fused_attn = False   # the fused kernel returns no probabilities
-            hooks.on_exit(lambda: setattr(attention, "fused_attn", True))
-
-        def read_probabilities(module, args, output):
-            fn(output)  # [B, heads, L, L]
-
-        hooks.keep(attention.attn_drop.register_forward_hook(read_probabilities))
+        return tuple(to_2tuple(self.root.patch_embed.feat_ratio(as_scalar=False)))
 
 
 class EvaHookManager(DeitHookManager):
@@ -155,16 +120,12 @@ class EvaHookManager(DeitHookManager):
     Test-time registers therefore go right after the prefix and before the patches
     (``registers_after_prefix``), and while they are in, each block's attention counts them as
     prefix tokens: they get no rotary position, and every patch keeps its own. The other sites
-    are those of a timm ViT (``norm_pre``, ``norm``, ``mlp.fc2``, ``attn.attn_drop``).
+    are those of a timm ViT.
     """
 
-    model_class = Eva
-
-    @property
-    def layout(self) -> TokenLayout:
-        registers = self.model.reg_token.shape[1] if getattr(self.model, "reg_token", None) is not None else 0
-        return TokenLayout(num_cls=self.model.num_prefix_tokens - registers, num_trained_registers=registers,
-                           registers_after_prefix=True)
+    sites = replace(DeitHookManager.sites, layout=lambda model: replace(
+        TokenLayout(num_cls=model.num_prefix_tokens - _eva_registers(model), num_trained_registers=_eva_registers(model)),
+        registers_after_prefix=True))
 
     def prepare_for_registers(self, num_registers: int, hooks: Hooks) -> None:
         for block in self.blocks:
@@ -172,6 +133,10 @@ class EvaHookManager(DeitHookManager):
             attention.num_prefix_tokens += num_registers
             hooks.on_exit(lambda attention=attention: setattr(attention, "num_prefix_tokens",
                                                               attention.num_prefix_tokens - num_registers))
+
+
+def _eva_registers(model: nn.Module) -> int:
+    return model.reg_token.shape[1] if getattr(model, "reg_token", None) is not None else 0
 
 
 class BeitHookManager(DeitHookManager):
@@ -184,25 +149,18 @@ class BeitHookManager(DeitHookManager):
     out at the input of ``norm``, before pooling.
     """
 
-    model_class = Beit
-
-    @property
-    def layout(self) -> TokenLayout:
-        return TokenLayout(num_cls=1)
-
-    def register_insertion_site(self) -> HookSite:
-        return HookSite(self.blocks[0], "input")
+    sites = replace(DeitHookManager.sites, insert=At("blocks.0", "input"), layout=TokenLayout(num_cls=1))
 
     def prepare_for_registers(self, num_registers: int, hooks: Hooks) -> None:
         pad = lambda bias: extend_pairwise(bias, num_registers)  # noqa: E731
         for block in self.blocks:
             if getattr(block.attn, "relative_position_bias_table", None) is not None:
                 _extend_bias(block.attn, "_get_rel_pos_bias", pad, hooks)
-        if self.model.rel_pos_bias is not None:      # one bias shared by every block
-            hooks.keep(self.model.rel_pos_bias.register_forward_hook(lambda module, args, output: pad(output)))
+        if self.root.rel_pos_bias is not None:      # one bias shared by every block
+            hooks.keep(self.root.rel_pos_bias.register_forward_hook(lambda module, args, output: pad(output)))
 
 
-class RelPosHookManager(BeitHookManager):
+class RelPosHookManager(DeitHookManager):
     """Sites of an unmodified timm ``VisionTransformerRelPos``: a relative position bias, no absolute positions.
 
     The bias (an MLP over log-spaced relative coordinates, or a table; per block as
@@ -213,30 +171,25 @@ class RelPosHookManager(BeitHookManager):
     gives prefix tokens none; CLS's learned entries for the table); without one, zero.
     """
 
-    model_class = VisionTransformerRelPos
-
-    @property
-    def layout(self) -> TokenLayout:
-        return TokenLayout(num_cls=self.model.num_prefix_tokens)
+    sites = replace(DeitHookManager.sites, insert=At("blocks.0", "input"),
+                    layout=lambda model: TokenLayout(num_cls=model.num_prefix_tokens))
 
     def prepare_for_registers(self, num_registers: int, hooks: Hooks) -> None:
-        if self.model.num_prefix_tokens:
+        if self.root.num_prefix_tokens:
             pad = lambda bias: extend_pairwise(bias, num_registers)  # noqa: E731
         else:
             pad = lambda bias: torch.nn.functional.pad(bias, (0, num_registers, 0, num_registers))  # noqa: E731
-        for relative_position in (self.model.shared_rel_pos, *(block.attn.rel_pos for block in self.blocks)):
+        for relative_position in (self.root.shared_rel_pos, *(block.attn.rel_pos for block in self.blocks)):
             if relative_position is not None:
                 _extend_bias(relative_position, "get_bias", pad, hooks)
 
 
-#: timm model classes whose hook manager is not :class:`DeitHookManager`.
-TIMM_HOOK_MANAGERS: dict[type, type[DeitHookManager]] = {
-    Eva: EvaHookManager, Beit: BeitHookManager, VisionTransformerRelPos: RelPosHookManager}
-
-
-def timm_hook_manager(model: nn.Module, name: str | None = None, **options) -> DeitHookManager:
-    """The hook manager of a timm model: the one :data:`TIMM_HOOK_MANAGERS` names for its class, else
-    :class:`DeitHookManager`."""
-    manager = next((manager for cls, manager in TIMM_HOOK_MANAGERS.items() if isinstance(model, cls)),
-                   DeitHookManager)
-    return manager(model, name, **options)
+register_model(VisionTransformer, hook_manager=DeitHookManager)
+register_model(Eva, hook_manager=EvaHookManager)
+register_model(Beit, hook_manager=BeitHookManager)
+register_model(VisionTransformerRelPos, hook_manager=RelPosHookManager)
+register_model("ConvNeXt", unsupported="a convolutional network has no token sequence to append a register to")
+register_model("FastVit", unsupported="FastViT mixes tokens by convolution over the patch grid, which has no slot "
+                                      "for an extra token")
+register_model("SwinTransformer", unsupported="Swin attends within windows of the patch grid, which have no slot for "
+                                              "an extra token")

@@ -9,11 +9,12 @@ import torch
 
 from test_time_registers.errors import ModelLoadError
 from test_time_registers.hub import load_pretrained
-from test_time_registers.loading import LoadedModel, first_line
+from test_time_registers.errors import first_line
+from test_time_registers.loading import LoadedModel
 from test_time_registers.precision import Precision, cast_model, get_precision
-from test_time_registers.registry import register_architecture
+from test_time_registers.registry import hook_manager_for, register_architecture
 
-from .hook_manager import DeitHookManager, timm_hook_manager
+from . import hook_manager  # noqa: F401 - registers the timm classes
 
 RANDOM = "random"
 
@@ -65,18 +66,19 @@ def load_timm(name: str, checkpoint: str | os.PathLike | None = None, *, pretrai
     model = cast_model(model, precision, device).eval()
     weights = os.fspath(checkpoint) if checkpoint is not None else (None if pretrained else RANDOM)
     spec = f"timm:{name}" + (f":{weights}" if weights else "")
-    return LoadedModel(model, preprocess, timm_hook_manager(model, name=spec, autocast_dtype=precision.autocast))
+    return LoadedModel(model, preprocess, hook_manager_for(model, name=spec, autocast_dtype=precision.autocast))
 
 
-@register_architecture("timm", hook_manager=DeitHookManager, spec="timm:NAME[:CHECKPOINT|:random]",
+@register_architecture("timm", spec="timm:NAME[:CHECKPOINT|:random]",
                        description="DeiT-III or any timm VisionTransformer, through timm.create_model",
                        examples=("timm:deit3_base_patch16_224.fb_in22k_ft_in1k", "timm:vit_base_patch16_224:/ckpt/model.safetensors",
                                  "timm:deit3_small_patch16_224:random"),
                        aliases=("deit",))
-def load_timm_spec(reference: str, *, device="cpu", precision="fp32", seed: int = 0) -> LoadedModel:
+def load_timm_spec(reference: str, *, device="cpu", precision="fp32", seed: int = 0, **model_kwargs) -> LoadedModel:
+    """``model_kwargs`` go to ``timm.create_model`` (e.g. ``reg_tokens=4`` for a model built from scratch)."""
     name, _, weights = reference.partition(":")
     if not name:
         raise ModelLoadError("timm: needs a model name, e.g. timm:deit3_base_patch16_224.fb_in22k_ft_in1k")
     if weights == RANDOM:
-        return load_timm(name, pretrained=False, device=device, precision=precision)
-    return load_timm(name, weights or None, device=device, precision=precision)
+        return load_timm(name, pretrained=False, device=device, precision=precision, **model_kwargs)
+    return load_timm(name, weights or None, device=device, precision=precision, **model_kwargs)

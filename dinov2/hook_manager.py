@@ -1,21 +1,13 @@
-"""DINOv2 from transformers (``Dinov2Model``, ``Dinov2WithRegistersModel``), described for the core."""
+"""DINOv2 from transformers (``Dinov2Model``, ``Dinov2WithRegistersModel`` and their classifiers), declared for the core."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
-import torch
 from torch import nn
 
-from test_time_registers.errors import UnsupportedModelError
-from test_time_registers.hf import probe_eager_attention
-from test_time_registers.hooks import HookManager, Hooks, HookSite
+from test_time_registers.hooks import HookManager
 from test_time_registers.layout import TokenLayout
-
-
-#: The MLP output projection: fc2 (plain MLP), down_proj (SwiGLU, transformers 5) or weights_out
-#: (SwiGLU, earlier transformers). Its input is the neuron activations in every case.
-_OUTPUT_PROJECTIONS = ("fc2", "down_proj", "weights_out")
+from test_time_registers.registry import register_model
+from test_time_registers.sites import At, EagerAttention, Sites
 
 
 class Dinov2HookManager(HookManager):
@@ -28,60 +20,34 @@ class Dinov2HookManager(HookManager):
     ``layernorm``, so ``last_hidden_state`` and ``pooler_output`` never contain them.
     Attention probabilities are read from the eager attention path, which is switched on only
     while a capture is open; otherwise the model keeps its fast attention.
+
+    The MLP output projection is ``fc2`` (plain MLP), ``down_proj`` (SwiGLU, transformers 5) or
+    ``weights_out`` (SwiGLU, earlier transformers); its input is the neuron activations in every case.
     """
 
+    sites = Sites(
+        blocks="encoder.layer",
+        neurons=("mlp.fc2", "mlp.down_proj", "mlp.weights_out"),
+        mlp_inputs=(("mlp.fc1", 0),),
+        patch_embedding="embeddings.patch_embeddings.projection",
+        insert=At("embeddings", "output"),
+        remove=At("layernorm", "input"),
+        attention=EagerAttention("attention"),
+        attention_input="norm1",
+        layout=lambda model: TokenLayout(num_cls=1,
+                                         num_trained_registers=getattr(model.config, "num_register_tokens", 0)),
+    )
     pixel_keyword = "pixel_values"
-    attention_input = "norm1"
-
-    def __init__(self, model: nn.Module, name: str | None = None, **options):
-        self.backbone = _backbone(model)
-        super().__init__(model, name, **options)
-        mlp = self.backbone.encoder.layer[0].mlp
-        if not any(hasattr(mlp, name) for name in _OUTPUT_PROJECTIONS):
-            raise UnsupportedModelError(f"unknown DINOv2 MLP {type(mlp).__name__}")
 
     def default_name(self) -> str:
-        return f"dinov2:{getattr(self.model.config, '_name_or_path', '') or type(self.model).__name__}"
-
-    @property
-    def layout(self) -> TokenLayout:
-        return TokenLayout(num_cls=1, num_trained_registers=getattr(self.backbone.config, "num_register_tokens", 0))
-
-    @property
-    def blocks(self) -> Sequence[nn.Module]:
-        return self.backbone.encoder.layer
-
-    def mlp_output_projection(self, layer: int) -> nn.Module:
-        mlp = self.blocks[layer].mlp
-        return next(getattr(mlp, name) for name in _OUTPUT_PROJECTIONS if hasattr(mlp, name))
-
-    def mlp_input_projection(self, layer: int) -> nn.Module:
-        mlp = self.blocks[layer].mlp
-        if not hasattr(mlp, "fc1"):
-            raise NotImplementedError("a SwiGLU MLP has no single input projection per neuron")
-        return mlp.fc1
-
-    def register_insertion_site(self) -> HookSite:
-        return HookSite(self.backbone.embeddings, "output")
-
-    def register_removal_site(self) -> HookSite:
-        return HookSite(self.backbone.layernorm, "input")
-
-    @property
-    def patch_embedding(self) -> nn.Module:
-        return self.backbone.embeddings.patch_embeddings.projection
-
-    def attach_attention_probe(self, layer: int, fn: Callable[[torch.Tensor], None], hooks: Hooks) -> None:
-        probe_eager_attention(self.backbone, self.blocks[layer].attention, fn, hooks)
+        return f"dinov2:{getattr(self.root.config, '_name_or_path', '') or type(self.model).__name__}"
 
 
-def _backbone(model: nn.Module) -> nn.Module:
-    candidate = getattr(model, "dinov2", model)
-    for name in ("embeddings", "encoder", "layernorm"):
-        if not hasattr(candidate, name):
-            raise UnsupportedModelError(
-                f"Dinov2HookManager needs a transformers Dinov2Model or Dinov2WithRegistersModel, "
-                f"got {type(model).__name__}")
-    if not type(candidate).__name__.startswith("Dinov2"):
-        raise UnsupportedModelError(f"Dinov2HookManager does not support {type(candidate).__name__}")
-    return candidate
+def _gated_or_plain(block: nn.Module) -> tuple[tuple[str, int], ...]:
+    """A gated MLP, act(gate) * up, feeds its neurons from two rows; a plain one from ``up_proj``."""
+    return (("mlp.gate_proj", 0), ("mlp.up_proj", 0)) if hasattr(block.mlp, "gate_proj") else (("mlp.up_proj", 0),)
+
+
+register_model("Dinov2Model", "Dinov2WithRegistersModel", hook_manager=Dinov2HookManager)
+register_model("Dinov2ForImageClassification", inside="dinov2")
+register_model("Dinov2WithRegistersForImageClassification", inside="dinov2_with_registers")

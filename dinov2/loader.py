@@ -7,7 +7,7 @@ import os
 import torch
 
 from test_time_registers.errors import ModelLoadError
-from test_time_registers.hf import read_model, register_transformers_model
+from test_time_registers.hf import read_model
 from test_time_registers.loading import LoadedModel
 from test_time_registers.precision import Precision, cast_model, get_precision
 from test_time_registers.registry import Preset, register_architecture
@@ -54,7 +54,7 @@ def load_dinov2(id_or_dir: str | os.PathLike, *, device: torch.device | str = "c
     return LoadedModel(model, preprocess, hook_manager)
 
 
-@register_architecture("dinov2", hook_manager=Dinov2HookManager, spec="dinov2:HF_ID_OR_DIR",
+@register_architecture("dinov2", spec="dinov2:HF_ID_OR_DIR",
                        description="DINOv2 with or without registers, through transformers' AutoModel.from_pretrained",
                        examples=("dinov2:facebook/dinov2-large", "dinov2:/models/dinov2-large"),
                        presets=(DINOV2_VITL14,))
@@ -65,7 +65,3 @@ def load_dinov2_spec(reference: str, *, device="cpu", precision="fp32", seed: in
 
     transformers_logging.disable_progress_bar()   # stderr stays for our progress bars and errors
     return load_dinov2(reference, device=device, precision=precision, seed=seed)
-
-
-register_transformers_model("Dinov2Model", "Dinov2WithRegistersModel", "Dinov2ForImageClassification",
-                            "Dinov2WithRegistersForImageClassification", hook_manager=Dinov2HookManager)

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from torch import nn
-
-from test_time_registers.errors import UnsupportedModelError
-from test_time_registers.hf import probe_eager_attention, register_transformers_model
-from test_time_registers.hooks import HookManager, HookSite
+from test_time_registers.hooks import HookManager
 from test_time_registers.layout import TokenLayout
+from test_time_registers.registry import register_model
+from test_time_registers.sites import At, EagerAttention, Sites
 
 
 class ViTHookManager(HookManager):
@@ -20,42 +16,22 @@ class ViTHookManager(HookManager):
     path, switched on only while a capture is open.
     """
 
+    sites = Sites(
+        blocks="layers",
+        neurons="mlp.fc2",
+        mlp_inputs=(("mlp.fc1", 0),),
+        patch_embedding="embeddings.patch_embeddings.projection",
+        insert=At("embeddings", "output"),
+        remove=At("layernorm", "input"),
+        attention=EagerAttention("attention"),
+        attention_input="layernorm_before",
+        layout=TokenLayout(num_cls=1),
+    )
     pixel_keyword = "pixel_values"
-    attention_input = "layernorm_before"
-
-    def __init__(self, model: nn.Module, name: str | None = None, **options):
-        self.vit = getattr(model, "vit", model)   # ViTForImageClassification wraps a ViTModel
-        if not all(hasattr(self.vit, part) for part in ("embeddings", "layers", "layernorm")):
-            raise UnsupportedModelError(f"ViTHookManager needs a transformers ViTModel, got {type(model).__name__}")
-        super().__init__(model, name, **options)
 
     def default_name(self) -> str:
-        return f"hf:{getattr(self.vit.config, '_name_or_path', '') or type(self.model).__name__}"
-
-    layout = TokenLayout(num_cls=1)
-
-    @property
-    def blocks(self) -> Sequence[nn.Module]:
-        return self.vit.layers
-
-    @property
-    def patch_embedding(self) -> nn.Module:
-        return self.vit.embeddings.patch_embeddings.projection
-
-    def mlp_output_projection(self, layer: int) -> nn.Module:
-        return self.blocks[layer].mlp.fc2
-
-    def mlp_input_projection(self, layer: int) -> nn.Module:
-        return self.blocks[layer].mlp.fc1
-
-    def register_insertion_site(self) -> HookSite:
-        return HookSite(self.vit.embeddings, "output")
-
-    def register_removal_site(self) -> HookSite:
-        return HookSite(self.vit.layernorm, "input")
-
-    def attach_attention_probe(self, layer, fn, hooks) -> None:
-        probe_eager_attention(self.vit, self.blocks[layer].attention, fn, hooks)
+        return f"hf:{getattr(self.root.config, '_name_or_path', '') or type(self.model).__name__}"
 
 
-register_transformers_model("ViTModel", "ViTForImageClassification", hook_manager=ViTHookManager)
+register_model("ViTModel", hook_manager=ViTHookManager)
+register_model("ViTForImageClassification", inside="vit")

@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 
 from test_time_registers import ModifiedModel, RegisterNeurons, find_register_neurons
-from test_time_registers.data import batches
-from test_time_registers.images import ImageFolder, take
+from test_time_registers.data.batching import batches
+from test_time_registers.data.sources import ImageFolder, take
 from test_time_registers.registry import load_model, load_neurons
 from test_time_registers.scripts.common import (Parser, UsageError, add_model_flags, check_device,
                                                 non_negative_int, positive_int, run_main, threshold_value)

@@ -22,7 +22,7 @@ from test_time_registers.neurons import RegisterNeurons
 from test_time_registers.registry import installed_prefixes, load_neurons
 
 LIBRARY_LOGGER = "test_time_registers"
-IMAGES_LOGGER = "test_time_registers.images"
+IMAGES_LOGGER = "test_time_registers.data.sources"
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 
 

@@ -24,11 +24,11 @@ from open_clip import zero_shot_metadata
 
 from test_time_registers import (InvalidArgumentError, LegacyEdit, ModifiedModel, PaperEdit, find_register_neurons,
                                  load_trained_registers)
-from test_time_registers.evaluation import (OUTLIER_RATIO, class_folder, compare_variants, demo_evaluation_set,
+from test_time_registers.analysis.evaluation import (OUTLIER_RATIO, class_folder, compare_variants, demo_evaluation_set,
                                             draw_object_discovery, voc_dataset, zero_shot_classifier)
-from test_time_registers.visualize import require_matplotlib
+from test_time_registers.analysis.visualize import require_matplotlib
 from test_time_registers.intervention import NORMAL_VALUES, calibrate_attention_bias
-from test_time_registers.loading import first_line
+from test_time_registers.errors import first_line
 from test_time_registers.registry import load_model
 
 from test_time_registers.scripts.common import (Parser, UsageError, add_model_flags, check_device, check_output_paths,

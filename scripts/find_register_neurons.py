@@ -19,13 +19,13 @@ from pathlib import Path
 
 from test_time_registers import (ImageFolder, LegacyEdit, ModifiedModel, PaperEdit, RegisterNeurons,
                                  check_discovery_arguments, find_register_neurons)
-from test_time_registers.activation_log import log_activations
+from test_time_registers.analysis.activation_log import log_activations
 from test_time_registers.discovery import AUTO_TARGET_RATIO
-from test_time_registers.data import Shard
+from test_time_registers.data.batching import Shard
 from test_time_registers.distributed import device_for_rank, process_group
-from test_time_registers.figures import save_comparison
-from test_time_registers.images import take
-from test_time_registers.metrics import measure_outliers
+from test_time_registers.analysis.figures import save_comparison
+from test_time_registers.data.sources import take
+from test_time_registers.analysis.metrics import measure_outliers
 from test_time_registers.registry import load_model
 
 from test_time_registers.scripts.common import (Parser, UsageError, add_model_flags, check_device, check_output_paths,

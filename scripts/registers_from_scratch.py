@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader
 
 from test_time_registers.errors import NoOutliersError
 from test_time_registers.discovery import find_register_neurons
-from test_time_registers.trained_registers import save_trained_registers
-from test_time_registers.training import (TrainingOptions, accuracy, from_scratch_setup, norm_statistics,
+from test_time_registers.training.registers import save_trained_registers
+from test_time_registers.training.train import (TrainingOptions, accuracy, from_scratch_setup, norm_statistics,
                                           SCENE_TASKS, scene_images, train)
 
 from test_time_registers.scripts.common import Parser, check_device, non_negative_int, positive_int, run_main

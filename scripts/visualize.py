@@ -20,7 +20,7 @@ from pathlib import Path
 
 from test_time_registers import ImageFolder, NoOutliersError, find_register_neurons
 from test_time_registers.registry import load_model
-from test_time_registers.visualize import collect_views, draw_pages, require_matplotlib, save_pages
+from test_time_registers.analysis.visualize import collect_views, draw_pages, require_matplotlib, save_pages
 
 from test_time_registers.scripts.common import (Parser, UsageError, add_model_flags, check_device, checked_neurons,
                                                 non_negative_int, positive_int, run_main)

@@ -1,30 +1,38 @@
 """test-time-registers: remove the high-norm outlier tokens of pretrained ViTs at inference time.
 
-This package is the architecture-agnostic core; ``test_time_registers.clip``,
-``test_time_registers.dinov2`` and ``test_time_registers.deit`` describe OpenCLIP, DINOv2 and
-timm ViTs and register their model specs.
+This package is the architecture-agnostic core, read in this order: the vocabulary (errors,
+layout, sites, hooks), the registry and loading, Algorithm 1 (discovery), Algorithm 2 (edits,
+intervention). The wings build on it: ``data`` (image sources, batching, labelled sets, scenes),
+``analysis`` (measures, evaluation, figures, the activation log) and ``training`` (learned
+registers). ``test_time_registers.clip``, ``.dinov2`` and ``.deit`` declare OpenCLIP, DINOv2,
+transformers and timm ViTs and register their model classes and specs. Importing this package
+imports none of open_clip, timm or transformers.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from .discovery import (DiscoveryStatistics, auto_threshold, check_discovery_arguments, find_register_neurons,  # noqa: E402
                         gather_statistics)
+from .edits import Edit, EditContext, LegacyEdit, PaperEdit, legacy_edit, paper_edit  # noqa: E402
 from .errors import (ImageSourceError, IncompatibleNeuronsError, InvalidArgumentError, ModelLoadError,  # noqa: E402
-                     NeuronFileError, NonFiniteActivationsError, NoOutliersError, TestTimeRegistersError,
-                     UnsupportedModelError)
-from .hooks import Capture, HookManager, Hooks, HookSite, StopForward  # noqa: E402
-from .images import ImageFolder  # noqa: E402
-from .intervention import Edit, EditContext, LegacyEdit, ModifiedModel, PaperEdit, legacy_edit, paper_edit  # noqa: E402
+                     NeuronFileError, NonFiniteActivationsError, NoOutliersError, RegisterLeakError,
+                     TestTimeRegistersError, UnsupportedModelError)
+from .hooks import Capture, Extension, HookManager, Hooks, HookSite, StopForward  # noqa: E402
+from .data.sources import ImageFolder  # noqa: E402
+from .intervention import ModifiedModel  # noqa: E402
 from .layout import TokenLayout  # noqa: E402
 from .loading import LoadedModel  # noqa: E402
 from .neurons import RegisterNeuron, RegisterNeurons  # noqa: E402
 from .precision import PRECISIONS, Precision  # noqa: E402
-from .registry import (Architecture, Preset, architectures, load_model, load_neurons, load_preset,  # noqa: E402
-                       register_architecture)
-from .trained_registers import (LearnableRegisters, RegisteredModel, load_trained_registers,  # noqa: E402
+from .registry import (Architecture, Preset, architectures, hook_manager_for, load_model, load_neurons,  # noqa: E402
+                       load_preset, register_architecture, register_model, supported_models)
+from .sites import At, EagerAttention, NeedWeights, Sites, Unfused  # noqa: E402
+from .training.registers import (LearnableRegisters, RegisteredModel, load_trained_registers,  # noqa: E402
                                 save_trained_registers)
 
 __all__ = [
+    "At", "EagerAttention", "Extension", "NeedWeights", "RegisterLeakError", "Sites", "Unfused", "hook_manager_for",
+    "register_model", "supported_models",
     "PRECISIONS", "Architecture", "Capture", "DiscoveryStatistics", "Edit", "EditContext", "LegacyEdit", "PaperEdit", "HookManager", "HookSite", "Hooks", "ImageFolder", "ImageSourceError",
     "IncompatibleNeuronsError", "InvalidArgumentError", "LearnableRegisters", "LoadedModel", "ModelLoadError", "ModifiedModel",
     "NeuronFileError", "NonFiniteActivationsError", "NoOutliersError", "Precision", "Preset", "RegisterNeuron",

@@ -26,11 +26,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .data import Shard, batches, ordered_source
+from .data.batching import Shard, batches, ordered_source
 from .errors import (ImageSourceError, InvalidArgumentError, NonFiniteActivationsError, NoOutliersError, check_int,
                      TestTimeRegistersError)
 from .hooks import HookManager, StopForward
-from .images import ImageFolder, calibration_first, count_hint, image_source, no_images_message
+from .data.sources import ImageFolder, calibration_first, count_hint, image_source, no_images_message
 from .layout import TokenLayout
 from .neurons import UNKNOWN_MODEL, RegisterNeuron, RegisterNeurons
 
@@ -505,7 +505,7 @@ def choose_top_k(hook_manager: HookManager, ranked: RegisterNeurons, held_out, p
         ``ranked.top(k)``, with ``extra["top_k_auto"]``: the target, each k tried and its ratio,
         and whether the target was met.
     """
-    from .metrics import measure_outliers
+    from .analysis.metrics import measure_outliers
     from .intervention import ModifiedModel
 
     target_ratio = _check_target_ratio(target_ratio)

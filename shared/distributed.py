@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from .data import Shard
+from .data.batching import Shard
 
 log = logging.getLogger(__name__)
 

@@ -49,3 +49,14 @@ class ModelLoadError(TestTimeRegistersError):
 
 class UnsupportedModelError(TestTimeRegistersError, TypeError):
     """A hook manager was given a model it does not describe."""
+
+
+class RegisterLeakError(TestTimeRegistersError, RuntimeError):
+    """Tokens the library added would reach what the model returns: the token count at the removal
+    point is not the unmodified model's, or a method would read block outputs that carry them."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, for one-line errors."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

@@ -12,13 +12,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .errors import ModelLoadError, UnsupportedModelError
-from .hooks import HookManager, Hooks
+from .errors import ModelLoadError
+from .hooks import Hooks
 from .hub import load_pretrained
-from .images import default_transform
-from .loading import LoadedModel, first_line
+from .data.sources import default_transform
+from .errors import first_line
+from .loading import LoadedModel
 from .precision import Precision, cast_model, get_precision
-from .registry import register_architecture
+from .registry import hook_manager_for, register_architecture
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def probe_eager_attention(model: nn.Module, attention: nn.Module, fn: Callable[[
 
     Only the eager path computes the weights, so the model is switched to it with transformers'
     public ``set_attn_implementation("eager")`` while ``hooks`` is open, and switched back when
-    it closes. Serves any transformers ViT built like DINOv2 (``ViTModel`` included).
+    it closes. :class:`~test_time_registers.sites.EagerAttention` declares it for any transformers ViT.
 
     The switch is model-wide: while a capture is open, other threads running the same model
     also run eager attention (same results, slower). Captures are not thread-safe: do not open
@@ -48,27 +49,6 @@ def probe_eager_attention(model: nn.Module, attention: nn.Module, fn: Callable[[
         fn(output[1])  # [B, heads, L, L]
 
     hooks.keep(attention.register_forward_hook(read_weights))
-
-
-# ---- models named by their transformers class --------------------------------------------
-#: transformers class name -> the hook manager that describes it, registered by architecture packages.
-_HOOK_MANAGERS: dict[str, type[HookManager]] = {}
-def register_transformers_model(*class_names: str, hook_manager: type[HookManager]) -> None:
-    """Declare that ``hook_manager`` describes models of these transformers classes (for ``hf:`` specs)."""
-    for name in class_names:
-        _HOOK_MANAGERS[name] = hook_manager
-
-
-def hook_manager_class(model: nn.Module) -> type[HookManager]:
-    """The hook manager registered for ``model``'s class (or a base class of it)."""
-    from .registry import architectures
-
-    architectures()   # every installed package registers its classes on import
-    for cls in type(model).__mro__:
-        if cls.__name__ in _HOOK_MANAGERS:
-            return _HOOK_MANAGERS[cls.__name__]
-    known = ", ".join(sorted(_HOOK_MANAGERS))
-    raise UnsupportedModelError(f"no hook manager describes transformers' {type(model).__name__}; supported: {known}")
 
 
 def _has_weights(folder: Path) -> bool:
@@ -144,9 +124,8 @@ def load_transformers(id_or_dir: str | os.PathLike, *, device: torch.device | st
     precision = get_precision(precision)
     source = os.fspath(id_or_dir)
     model, preprocess = read_model(source, seed=seed, what="transformers model", prefix="hf")
-    manager = hook_manager_class(model)
     model = cast_model(model, precision, device).eval()
-    return LoadedModel(model, preprocess, manager(model, name=f"hf:{source}", autocast_dtype=precision.autocast))
+    return LoadedModel(model, preprocess, hook_manager_for(model, name=f"hf:{source}", autocast_dtype=precision.autocast))
 
 
 class ProcessorTransform:
@@ -189,7 +168,7 @@ def image_processor(source: str):
     return ProcessorTransform(processor)
 
 
-@register_architecture("hf", hook_manager=HookManager, spec="hf:HF_ID_OR_DIR",
+@register_architecture("hf", spec="hf:HF_ID_OR_DIR",
                        description="a transformers vision model, through AutoModel; the hook manager follows its class",
                        examples=("hf:openai/clip-vit-base-patch16", "hf:google/siglip-base-patch16-224",
                                  "hf:/models/vit-config-only"))

@@ -1,18 +1,19 @@
-"""Scoped hooks and the abstract :class:`HookManager`.
+"""Scoped hooks, captures and :class:`HookManager`.
 
-A hook manager declares where things live in one unmodified model: the MLP neurons, the
+A hook manager describes where things live in one unmodified model (the MLP neurons, the
 block outputs, the attention probabilities, where test-time registers go in and come out,
-and the token layout. It never copies model code. Every hook it places lives inside a
-:class:`Hooks` context, which removes exactly the handles it added, also on exceptions.
+and the token layout) from a declaration, :class:`~test_time_registers.sites.Sites`. It never
+copies model code. Every hook it places lives inside a :class:`Hooks` context, which removes
+exactly the handles it added, also on exceptions.
 """
 
 from __future__ import annotations
 
-import abc
 import contextlib
-from collections.abc import Callable, Iterable, Sequence
+import copy
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .errors import InvalidArgumentError, UnsupportedModelError
 from .layout import TokenLayout
+from .sites import Sites, resolve
 
 TensorFn = Callable[[torch.Tensor], "torch.Tensor | None"]
 
@@ -60,9 +62,13 @@ class HookSite:
     module: nn.Module
     where: Literal["input", "output"]
     keyword: str = "hidden_states"
+    #: Wraps every function attached here (a hook manager view's layout adapter), or None.
+    adapt: Callable[[TensorFn], TensorFn] | None = field(default=None, compare=False, repr=False)
 
     def attach(self, fn: TensorFn, *, prepend: bool = False) -> RemovableHandle:
         """Call ``fn(tensor)`` each time the tensor flows; a returned tensor replaces it."""
+        if self.adapt is not None:
+            fn = self.adapt(fn)
         if self.where == "input":
             def pre_hook(module, args, kwargs):
                 if args:
@@ -185,114 +191,234 @@ class Capture:
         return tensor[:, self.layout.patches(tensor.shape[1])]
 
 
-class HookManager(abc.ABC):
-    """Declares the sites of one ViT architecture on an unmodified model.
+class Extension:
+    """What a wrapper (test-time registers, learned registers) adds to the model it wraps.
 
-    A subclass names the blocks, each block's MLP output projection (its input is the
-    neuron activations), how attention probabilities are read, where test-time registers
-    are inserted and removed, the token layout, and how to run images through the model.
-    Everything else (discovery, the intervention, captures, logging) is shared.
+    A hook manager :meth:`~HookManager.view` applies it: the view's layout is extended, its sites
+    adapted, and its ``forward_images`` runs inside :meth:`running`. The defaults change nothing.
     """
 
-    #: Methods of the wrapped model that :class:`~test_time_registers.ModifiedModel` runs under the intervention.
-    forward_methods: tuple[str, ...] = ()
+    #: The wrapper, which the view calls its ``model``.
+    model: nn.Module
+
+    def extend_layout(self, layout: TokenLayout) -> TokenLayout:
+        return layout
+
+    def extend_layout_at(self, block: int, layout: TokenLayout) -> TokenLayout:
+        return layout
+
+    def adapt(self, fn: TensorFn, dims: Sequence[int] = (1,)) -> TensorFn:
+        """Wrap a hook function so that it sees this wrapper's layout along ``dims``."""
+        return fn
+
+    def running(self) -> contextlib.AbstractContextManager:
+        """The context every call of the wrapped model runs in."""
+        return contextlib.nullcontext()
+
+    def view_name(self, name: str) -> str:
+        return name
+
+
+class HookManager:
+    """Describes one ViT architecture on an unmodified model, from a declaration.
+
+    A subclass declares :attr:`sites` (a :class:`~test_time_registers.sites.Sites`) and, where
+    it needs them, :attr:`pixel_keyword`, :attr:`forward_methods` and :attr:`intermediate_methods`.
+    The constructor resolves every declared path once, against the module the declaration
+    describes, which the registry finds inside wrappers (``model.visual`` of an open_clip
+    ``CLIP``, ``model.dinov2`` of a ``Dinov2ForImageClassification``, ...). A missing path raises
+    :class:`UnsupportedModelError` naming it. Code is left only where behaviour really differs:
+    :meth:`prepare_for_registers` (position tensors or masks that grow for extra tokens),
+    :meth:`model_inputs` (a model that patchifies its own pixels) and :attr:`patch_size`.
+    Everything else (discovery, the intervention, captures, logging) is shared.
+
+    A :meth:`view` shares the resolved sites and knows the tokens a wrapper adds: the hook
+    manager of a :class:`~test_time_registers.ModifiedModel` or a
+    :class:`~test_time_registers.RegisteredModel` is one.
+    """
+
+    #: The declaration; every subclass sets it.
+    sites: ClassVar[Sites]
     #: ``forward_images`` passes the pixels under this keyword (e.g. ``"pixel_values"``), or positionally.
-    pixel_keyword: str | None = None
+    pixel_keyword: ClassVar[str | None] = None
+    #: Methods of the model that :class:`~test_time_registers.ModifiedModel` runs under the intervention,
+    #: besides those a wrapper's registration names (``encode_image``); the ones the model lacks are dropped.
+    forward_methods: tuple[str, ...] = ()
+    #: Methods that return intermediate block outputs, with the names their pixel argument may have;
+    #: ``ModifiedModel`` runs them so that no test-time register reaches what they return.
+    intermediate_methods: ClassVar[Mapping[str, tuple[str, ...]]] = {}
 
     def __init__(self, model: nn.Module, name: str | None = None, *, autocast_dtype: torch.dtype | None = None):
         """
         Args:
-            model: the unmodified model.
+            model: the unmodified model, or a wrapper of it that the registry knows.
             name: the model's spec (e.g. ``"openclip:ViT-B-16:laion2b_s34b_b88k"``), recorded in
                 neuron files so they can be checked against the model they are applied to.
             autocast_dtype: run ``forward_images`` under ``torch.autocast`` in this dtype
                 (``torch.bfloat16`` for the ``amp_bf16`` precision), with fp32 weights.
+
+        Raises:
+            UnsupportedModelError: a declared path is missing, or the registry says another hook
+                manager describes this model.
         """
+        sites = getattr(type(self), "sites", None)
+        if not isinstance(sites, Sites):
+            raise UnsupportedModelError(f"{type(self).__name__} declares no sites: set `sites = Sites(...)` on the class")
         self.model = model
-        self.name = name or self.default_name()
         self.autocast_dtype = autocast_dtype
+        self.base: HookManager | None = None
+        self._extensions: tuple[Extension, ...] = ()
+        self._resolve(model, sites)
+        self.name = name or self.default_name()
+
+    def _resolve(self, model: nn.Module, sites: Sites) -> None:
+        from .registry import check_described_by, placement
+
+        place = placement(model)
+        root = model.get_submodule(place.root) if place.root else model
+        check_described_by(root, type(self))
+        owner = f"{type(self).__name__} ({type(model).__name__})"
+        blocks = resolve(root, sites.blocks, what="blocks", owner=owner)
+        if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or len(blocks) == 0:
+            raise UnsupportedModelError(f"{owner}: {sites.blocks!r} is not a non-empty list of blocks")
+        self.root = root
+        self.blocks: Sequence[nn.Module] = blocks
+        self._neurons = [resolve(block, sites.neurons, what="MLP output projection", owner=owner) for block in blocks]
+        self._attention = [resolve(block, sites.attention.path, what="attention", owner=owner) for block in blocks]
+        self._attention_inputs = None if sites.attention_input is None else [
+            resolve(block, sites.attention_input, what="attention input", owner=owner) for block in blocks]
+        self.patch_embedding: nn.Module = _first_weighted(
+            resolve(root, sites.patch_embedding, what="patch embedding", owner=owner), owner)
+        self._insert = resolve(root, sites.insert.path, what="register insertion site", owner=owner)
+        self._remove = resolve(root, sites.remove.path, what="register removal site", owner=owner)
+        #: The module ``forward_images`` calls: the whole model, its image tower, or the described module.
+        self.image_model: nn.Module = model.get_submodule(place.image_model) if place.image_model else model
+        parts = place.root.split(".") if place.root else []
+        #: The modules from the model down to the described one; each may return what the caller reads.
+        self.outer_modules: tuple[nn.Module, ...] = tuple(
+            model.get_submodule(".".join(parts[:depth])) if depth else model for depth in range(len(parts) + 1))
+        self._layout = sites.layout(root) if callable(sites.layout) else sites.layout
+        self.forward_methods = tuple(dict.fromkeys(
+            method for method in (*place.forward_methods, *type(self).forward_methods) if hasattr(model, method)))
 
     def default_name(self) -> str:
         """A name for a model built by hand, from its architecture when nothing better is known."""
-        return type(self.model).__name__
+        return type(self.root).__name__
 
-    # ---- what a subclass declares ----------------------------------------------------
+    # ---- views -----------------------------------------------------------------------
+    def view(self, extension: Extension) -> "HookManager":
+        """This hook manager with ``extension`` applied: the same resolved sites, ``extension.model`` as
+        its model, its layout extended and its forward run inside ``extension.running()``."""
+        view = copy.copy(self)
+        view.base = self
+        view._extensions = (*self._extensions, extension)
+        view.model = extension.model
+        view.name = extension.view_name(self.name)
+        return view
+
     @property
-    @abc.abstractmethod
+    def unmodified(self) -> "HookManager":
+        """The hook manager this one is a view of, all the way down (itself if it is no view)."""
+        return self if self.base is None else self.base.unmodified
+
+    def running(self) -> contextlib.AbstractContextManager:
+        """The contexts of every extension, the newest entered first (nothing for a plain hook manager)."""
+        stack = contextlib.ExitStack()
+        for extension in reversed(self._extensions):
+            stack.enter_context(extension.running())
+        return stack
+
+    def _adapt(self, fn: TensorFn, dims: Sequence[int] = (1,)) -> TensorFn:
+        for extension in reversed(self._extensions):
+            fn = extension.adapt(fn, dims)
+        return fn
+
+    def site(self, module: nn.Module, where: Literal["input", "output"], keyword: str = "hidden_states") -> HookSite:
+        """A site of this model; a view's hook functions see the view's layout there."""
+        adapt = (lambda fn: self._adapt(fn)) if self._extensions else None
+        return HookSite(module, where, keyword, adapt=adapt)
+
+    # ---- the token layout ------------------------------------------------------------
+    @property
     def layout(self) -> TokenLayout:
-        """CLS and trained registers of the unmodified model (no test-time registers)."""
+        """CLS and trained registers (and, for a view, what its wrappers add)."""
+        layout = self._layout
+        for extension in self._extensions:
+            layout = extension.extend_layout(layout)
+        return layout
 
     def layout_at(self, block: int) -> TokenLayout:
-        """The tokens that really exist at the input of block ``block`` (no test-time registers).
+        """The tokens that really exist at the input of block ``block``.
 
         The same as :attr:`layout` at every block for most models. A model that gains tokens
         part-way (learned registers or CLS inserted at a later block, see
-        :mod:`test_time_registers.trained_registers`) has fewer before that block.
+        :mod:`test_time_registers.training.registers`) has fewer before that block.
         """
         self.check_layer(block, "block")
-        return self.layout
+        layout = self._layout
+        for extension in self._extensions:
+            layout = extension.extend_layout_at(block, layout)
+        return layout
 
-    @property
-    @abc.abstractmethod
-    def blocks(self) -> Sequence[nn.Module]:
-        """The transformer blocks, in order."""
-
-    @abc.abstractmethod
+    # ---- sites -----------------------------------------------------------------------
     def mlp_output_projection(self, layer: int) -> nn.Module:
         """The MLP's output projection in block ``layer``; its input is the neuron activations."""
-
-    def mlp_input_projection(self, layer: int) -> nn.Module:
-        """The MLP's input projection in block ``layer`` (its output is the pre-activations).
-
-        Optional: only :mod:`test_time_registers.planting` needs it.
-        """
-        raise NotImplementedError(f"{type(self).__name__} does not declare mlp_input_projection")
+        return self._neurons[layer]
 
     def mlp_input_rows(self, layer: int) -> tuple[tuple[nn.Module, int], ...]:
         """Every input projection that feeds the neurons of block ``layer``, with the row of neuron 0.
 
         A plain MLP has one, ``((fc1, 0),)``; a gated one (SwiGLU, GeGLU) two, its value and
         gate rows, e.g. ``((fc1_g, 0), (fc1_x, 0))`` or ``((fc1, 0), (fc1, N))`` when one layer
-        holds both halves. Optional: only :mod:`test_time_registers.planting` needs it.
+        holds both halves. Only :mod:`test_time_registers.planting` needs it.
         """
-        return ((self.mlp_input_projection(layer), 0),)
+        block = self.blocks[self.check_layer(layer)]
+        declared = self.sites.mlp_inputs(block) if callable(self.sites.mlp_inputs) else self.sites.mlp_inputs
+        if not declared:
+            raise UnsupportedModelError(f"{type(self).__name__} declares no mlp_inputs (the rows that feed the neurons)")
+        width = self.num_neurons(layer)
+        return tuple((resolve(block, path, what="MLP input projection", owner=type(self).__name__), half * width)
+                     for path, half in declared)
+
+    def neuron_site(self, layer: int) -> HookSite:
+        return self.site(self._neurons[layer], "input")
+
+    def block_output_site(self, layer: int) -> HookSite:
+        return self.site(self.blocks[layer], "output")
+
+    def register_insertion_site(self) -> HookSite:
+        """Where test-time registers are put into the token sequence."""
+        at = self.sites.insert
+        return self.site(self._insert, at.where, at.keyword)
+
+    def register_removal_site(self) -> HookSite:
+        """Where they are taken out again, before any pooling or final output."""
+        at = self.sites.remove
+        return self.site(self._remove, at.where, at.keyword)
+
+    def attention_input_site(self, layer: int) -> HookSite:
+        """The input of block ``layer``'s attention [B, L, hidden_size]: what its queries, keys and values are
+        projected from."""
+        if self._attention_inputs is None:
+            raise UnsupportedModelError(f"{type(self).__name__} does not declare attention_input (the module whose "
+                                        "output is the attention's input), which the attention-bias edit writes")
+        return self.site(self._attention_inputs[layer], "output")
+
+    def attach_attention_probe(self, layer: int, fn: Callable[[torch.Tensor], None], hooks: Hooks) -> None:
+        """Arrange for ``fn(probabilities [B, heads, L, L])`` in block ``layer``, as :attr:`sites` declares.
+
+        Every handle made goes to ``hooks.keep`` and every setting changed is restored through
+        ``hooks.on_exit``, so that nothing is left behind.
+        """
+        self.sites.attention.attach(self._attention[layer], self._adapt(fn, dims=(2, 3)), hooks,
+                                    [*self.outer_modules, self.blocks[layer]])
 
     def prepare_for_registers(self, num_registers: int, hooks: Hooks) -> None:
         """Change what the model needs changed to carry ``num_registers`` more tokens, while ``hooks``
         is open (e.g. a prefix count that positions the tokens after it); restore it through
         ``hooks.on_exit``. Most models need nothing."""
 
-    @abc.abstractmethod
-    def register_insertion_site(self) -> HookSite:
-        """Where test-time registers are appended to the token sequence."""
-
-    @abc.abstractmethod
-    def register_removal_site(self) -> HookSite:
-        """Where they are taken off again, before any pooling or final output."""
-
-    @abc.abstractmethod
-    def attach_attention_probe(self, layer: int, fn: Callable[[torch.Tensor], None],
-                               hooks: Hooks) -> None:
-        """Arrange for ``fn(probabilities [B, heads, L, L])`` in block ``layer``.
-
-        Every handle made must be passed to ``hooks.keep``, and every setting changed must be
-        restored through ``hooks.on_exit``, so that nothing is left behind.
-        """
-
-    @property
-    @abc.abstractmethod
-    def patch_embedding(self) -> nn.Module:
-        """The module that takes the pixels (a patch-embedding convolution).
-
-        Its weight declares where and in what dtype the pixels go: OpenCLIP's ``bf16``
-        precision, for example, keeps the positional embedding in float32 but not this.
-        """
-
-    @property
-    def image_model(self) -> nn.Module:
-        """The module ``forward_images`` calls: the whole model, or its image tower."""
-        return self.model
-
+    # ---- running ---------------------------------------------------------------------
     @property
     def patch_size(self) -> tuple[int, int]:
         """Patch height and width in pixels: the patch embedding's kernel."""
@@ -312,11 +438,11 @@ class HookManager(abc.ABC):
     def forward_images(self, pixel_values: torch.Tensor):
         """Run preprocessed images [B, 3, H, W] through the image model at its declared precision.
 
-        The inputs come from :meth:`model_inputs`, and the call runs under autocast when
-        :attr:`autocast_dtype` is set.
+        The inputs come from :meth:`model_inputs`; the call runs under autocast when
+        :attr:`autocast_dtype` is set, and, for a view, with what its wrappers add.
         """
         args, kwargs = self.model_inputs(pixel_values)
-        with self.autocast():
+        with self.running(), self.autocast():
             return self.image_model(*args, **kwargs)
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -325,31 +451,18 @@ class HookManager(abc.ABC):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def block_output_site(self, layer: int) -> HookSite:
-        return HookSite(self.blocks[layer], "output")
-
-    #: The module of each block whose output is its attention's input (the pre-attention norm), as a
-    #: dotted path inside the block; the site the attention-bias edit writes. ``None``: not declared.
-    attention_input: str | None = None
-
-    def attention_input_site(self, layer: int) -> HookSite:
-        """The input of block ``layer``'s attention [B, L, hidden_size]: what its queries, keys and values are
-        projected from."""
-        if self.attention_input is None:
-            raise UnsupportedModelError(f"{type(self).__name__} does not declare attention_input (the module whose "
-                                        "output is the attention's input), which the attention-bias edit writes")
-        return HookSite(self.blocks[layer].get_submodule(self.attention_input), "output")
-
     # ---- derived ---------------------------------------------------------------------
-    def neuron_site(self, layer: int) -> HookSite:
-        return HookSite(self.mlp_output_projection(layer), "input")
-
     @property
     def num_layers(self) -> int:
         return len(self.blocks)
 
     def num_neurons(self, layer: int) -> int:
-        return self.mlp_output_projection(layer).weight.shape[1]
+        return self._neurons[layer].weight.shape[1]
+
+    @property
+    def hidden_size(self) -> int:
+        """The width of the residual stream: the output size of block 0's MLP output projection."""
+        return self._neurons[0].weight.shape[0]
 
     @property
     def default_detect_layer(self) -> int:
@@ -401,6 +514,20 @@ class HookManager(abc.ABC):
         with self.capture(**sites) as captured:
             output = self.forward_images(pixel_values)
         return output, captured
+
+    def __repr__(self) -> str:
+        extra = "".join(f" + {type(extension).__name__}" for extension in self._extensions)
+        return f"{type(self).__name__}({type(self.root).__name__}{extra}, name={self.name!r})"
+
+
+def _first_weighted(module: nn.Module, owner: str) -> nn.Module:
+    """The module itself if it has a weight, else its first convolution (a patch embedding with a stem)."""
+    if isinstance(getattr(module, "weight", None), torch.Tensor):
+        return module
+    first = next((child for child in module.modules() if isinstance(child, nn.Conv2d)), None)
+    if first is None:
+        raise UnsupportedModelError(f"{owner}: no convolution takes the pixels in {type(module).__name__}")
+    return first
 
 
 class _CaptureContext:

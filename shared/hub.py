@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 from huggingface_hub import constants
 
 from .errors import ModelLoadError
-from .loading import first_line
+from .errors import first_line
 
 log = logging.getLogger(__name__)
 

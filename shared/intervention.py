@@ -1,384 +1,81 @@
-"""Test-time registers (Algorithm 2 of Jiang et al., 2025), edits as typed objects, and the wrapper that applies them.
+"""Test-time registers (Algorithm 2 of Jiang et al., 2025): :class:`ModifiedModel` runs a model with them.
 
-``num_registers`` zero tokens are appended after the patches. In every layer with register
-neurons, ModifiedModel calls its *edit* on that layer's MLP activations. Every edit has one
-signature, ``edit(activations [B, L, N], neurons [K], layout, context) -> activations``:
-
-* :class:`PaperEdit` (the default, the paper's Algorithm 2): each register neuron's maximum over
-  the tokens it is moved from, CLS and patches, goes to its register, and those tokens, and the
-  other test-time registers, get the "normal value" (zero by default). Trained registers keep
-  their own activations, and are not part of the maximum either: taking it over them would copy
-  their value, not move it. With several registers, each neuron goes to one register chosen at
-  random (seeded).
-* :class:`LegacyEdit` reproduces the reference implementation: one signed maximum per layer (the
-  value of largest magnitude over all tokens and all of that layer's register neurons) is written
-  to every register, and only patch tokens get normal values; CLS is left alone.
-* :class:`MoveToPatchesEdit` moves the maxima to chosen patches (a corner, a mask, typographic
-  patches; see :func:`patch_mask`) instead of an appended token.
-* :class:`AttentionBiasEdit` zeroes the register neurons and lets every query see the register's
-  mean key and value (measured by :func:`calibrate_attention_bias`), through one appended token
-  whose attention input is pinned at every block.
-* Any callable with the same signature, for quick experiments.
-
-``normal_values`` (what the neurons become away from the registers) are the replacement
-ablations: zero, mean, only_outliers, same, noise and shuffled.
-
-Every image of a batch is edited from its own activations only. The built-in edits write into
-the activation tensor in place when autograd does not need it (the tensor is the input of the
-MLP's output projection, which nothing else reads), and into a copy otherwise.
+``num_registers`` zero tokens go in at the hook manager's insertion site. In every layer with
+register neurons, ModifiedModel calls its *edit* (:mod:`test_time_registers.edits`) on that
+layer's MLP activations. The registers come out at the removal site, before any pooling, and
+nothing the wrapped model returns carries them: the removal point checks the token count, the
+hidden states and attentions a model returns are stripped too, and methods that return
+intermediate block outputs (timm's and open_clip's ``forward_intermediates``) are run so that
+they read the block outputs without the registers.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Literal, Protocol
+import inspect
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .data import batches
-from .errors import ImageSourceError, InvalidArgumentError, check_int
-from .hooks import Capture, HookManager
-from .images import image_source, no_images_message
+from .data.batching import batches
+from .data.sources import image_source, no_images_message
+from .edits import NORMAL_VALUES, AttentionBiasEdit, Edit, EditContext, PaperEdit  # noqa: F401 - NORMAL_VALUES for the CLI
+from .errors import ImageSourceError, InvalidArgumentError, RegisterLeakError, check_int
+from .hooks import Capture, Extension, HookManager
 from .layout import TokenLayout
 from .neurons import RegisterNeurons
 
-NormalValues = Literal["zero", "mean", "only_outliers", "same", "noise", "shuffled"]
-NORMAL_VALUES = ("zero", "mean", "only_outliers", "same", "noise", "shuffled")
+
+#: The intervention open on each model now, by its first block: two different ones would nest.
+_OPEN: "weakref.WeakKeyDictionary[nn.Module, ModifiedModel]" = weakref.WeakKeyDictionary()
 
 
-def normal_values_for(values: torch.Tensor, stats_mask: torch.Tensor, mode: NormalValues,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """What register-neuron activations become away from the registers (the replacement ablations).
+@dataclass
+class _PassState:
+    """What one open intervention knows about the forward pass in flight."""
 
-    Args:
-        values: activations [B, L, K] of the K register neurons of one layer.
-        stats_mask: bool [L], the tokens whose per-image statistics define "normal".
-        mode: ``zero``: 0; ``mean``: the per-image mean over ``stats_mask``; ``only_outliers``:
-            values above mean + 1 std (the unbiased std, as ``torch.std`` and the reference code
-            compute it) are replaced by the mean, others kept; ``same``: unchanged; ``noise``:
-            Gaussian noise with each neuron's per-image mean and std over ``stats_mask``;
-            ``shuffled``: each image's values over ``stats_mask`` permuted among those tokens
-            (one random permutation per image, shared by the K neurons), so the same values
-            stay in the image but move to other tokens.
-        generator: the random source of ``noise`` and ``shuffled``, on ``values``' device.
-
-    Returns:
-        [B, L, K], to be written wherever the caller edits.
-    """
-    if mode == "zero":
-        return torch.zeros_like(values)
-    if mode == "same":
-        return values
-    reference = values[:, stats_mask].float()                          # [B, T, K]
-    if mode == "shuffled":
-        batch, tokens, _ = reference.shape
-        order = torch.rand(batch, tokens, generator=generator, device=values.device).argsort(dim=1)   # [B, T]
-        shuffled = values.clone()
-        shuffled[:, stats_mask] = values[:, stats_mask].gather(1, order[:, :, None].expand_as(reference))
-        return shuffled
-    mean = reference.mean(dim=1, keepdim=True)                         # [B, 1, K]
-    if mode == "mean":
-        return mean.to(values.dtype).expand_as(values)
-    std = reference.std(dim=1, keepdim=True, unbiased=True)           # [B, 1, K]
-    if mode == "only_outliers":
-        too_high = values.float() > mean + std
-        return torch.where(too_high, mean.to(values.dtype), values)
-    if mode == "noise":
-        noise = torch.randn(values.shape, generator=generator, device=values.device)
-        return (mean + std * noise).to(values.dtype)
-    raise InvalidArgumentError(f"normal_values must be one of {NORMAL_VALUES}, got {mode!r}")
+    depth: int = 0                          # open intervention() contexts of this ModifiedModel
+    unmodified_length: int | None = None    # tokens at the insertion point, i.e. without the registers
 
 
-def _write(acts: torch.Tensor, neurons: torch.Tensor, new_values: torch.Tensor, inplace: bool) -> torch.Tensor:
-    edited = acts if inplace else acts.clone()
-    edited[:, :, neurons] = new_values
-    return edited
+class _TestTimeRegisters(Extension):
+    """What a :class:`ModifiedModel` adds, for its hook manager view."""
 
+    def __init__(self, modified: "ModifiedModel"):
+        self._modified = weakref.ref(modified)
 
-def _moved_away(acts: torch.Tensor, neurons: torch.Tensor, layout: TokenLayout, normal_values: NormalValues,
-                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the edits that move register neurons away share.
+    @property
+    def model(self) -> nn.Module:
+        return self._modified()
 
-    Returns ``(new_values [B, L, K], peak [B, K])``: the neurons' activations with the normal
-    values on CLS, the patches and the test-time registers (statistics over CLS and the patches;
-    trained registers keep theirs), and each neuron's maximum over CLS and the patches.
-    """
-    seq_len = acts.shape[1]
-    moved_from = layout.mask(seq_len, cls=True, patches=True, device=acts.device)              # [L]
-    edited = moved_from | layout.mask(seq_len, test_time_registers=True, device=acts.device)
-    values = acts[:, :, neurons]                                       # [B, L, K], a copy
-    peak = values[:, moved_from].amax(dim=1)                           # [B, K]
-    new_values = torch.where(edited[None, :, None], normal_values_for(values, moved_from, normal_values, generator),
-                             values)
-    return new_values, peak
+    def extend_layout(self, layout: TokenLayout) -> TokenLayout:
+        return layout.with_test_time_registers(self._modified().num_registers)
 
+    def extend_layout_at(self, block: int, layout: TokenLayout) -> TokenLayout:
+        return self.extend_layout(layout)
 
-def paper_edit(acts: torch.Tensor, neurons: torch.Tensor, register_of_neuron: torch.Tensor,
-               layout: TokenLayout, scale: torch.Tensor, normal_values: NormalValues = "zero", *,
-               inplace: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Algorithm 2: move each register neuron's maximum over CLS and the patches onto its register.
-
-    Args:
-        acts: MLP activations [B, L, N] of one layer, test-time registers included.
-        neurons: long [K], the layer's register neurons.
-        register_of_neuron: long [K], which test-time register (0..R-1) each neuron goes to.
-        layout: the token layout, with ``num_test_time_registers = R``.
-        scale: [R], multiplies the value written to each register.
-        normal_values: what the neurons become on CLS, the patches and the other registers (see
-            :func:`normal_values_for`; statistics over CLS and the patches).
-        inplace: write into ``acts`` instead of a copy.
-        generator: the random source of the ``noise`` and ``shuffled`` normal values.
-
-    Returns:
-        Activations [B, L, N]: ``acts`` itself when ``inplace``. Trained registers are untouched.
-    """
-    seq_len = acts.shape[1]
-    new_values, peak = _moved_away(acts, neurons, layout, normal_values, generator)
-    if layout.num_test_time_registers:
-        positions = layout.test_time_registers(seq_len).start + register_of_neuron          # [K]
-        columns = torch.arange(len(neurons), device=acts.device)
-        new_values[:, positions, columns] = peak * scale[register_of_neuron].to(peak.dtype)
-    return _write(acts, neurons, new_values, inplace)
-
-
-def legacy_edit(acts: torch.Tensor, neurons: torch.Tensor, layout: TokenLayout, scale: torch.Tensor,
-                normal_values: NormalValues = "zero", *, inplace: bool = False,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """The reference implementation's edit, per image.
-
-    One signed maximum per layer, the activation of largest magnitude over all tokens and all
-    of the layer's register neurons, goes to every register (times its scale) for every
-    register neuron. Only patch tokens get normal values; CLS and trained registers are left
-    as they are.
-
-    Shapes as in :func:`paper_edit`.
-    """
-    batch, seq_len, _ = acts.shape
-    values = acts[:, :, neurons]                                       # [B, L, K]
-    flat = values.reshape(batch, -1)
-    signed_peak = flat.gather(1, flat.abs().argmax(dim=1, keepdim=True))  # [B, 1]
-    patch_mask = layout.mask(seq_len, patches=True, device=acts.device)
-    new_values = torch.where(patch_mask[None, :, None],
-                             normal_values_for(values, patch_mask, normal_values, generator), values)
-    registers = layout.test_time_registers(seq_len)
-    if layout.num_test_time_registers:
-        per_register = signed_peak * scale.to(values.dtype)[None, :]   # [B, R]
-        new_values[:, registers, :] = per_register[:, :, None].expand(-1, -1, len(neurons))
-    return _write(acts, neurons, new_values, inplace)
-
-
-@dataclass(frozen=True)
-class EditContext:
-    """What ModifiedModel tells an edit besides the activations, for one call of one layer.
-
-    ``register_of_neuron`` is long [K], the test-time register each of the layer's neurons goes
-    to; ``scale`` is [R], one factor per register.
-    """
-
-    layer: int
-    register_of_neuron: torch.Tensor
-    scale: torch.Tensor
-
-
-class Edit(Protocol):
-    """``edit(activations [B, L, N], neurons [K], layout, context) -> activations [B, L, N]``."""
-
-    def __call__(self, activations: torch.Tensor, neurons: torch.Tensor, layout: TokenLayout,
-                 context: EditContext) -> torch.Tensor: ...
-
-
-def _can_edit_in_place(acts: torch.Tensor) -> bool:
-    """True unless autograd may need the unedited activations."""
-    return not (torch.is_grad_enabled() and acts.requires_grad)
-
-
-@dataclass(frozen=True)
-class _MovingEdit:
-    """What the built-in edits share: the value register neurons get away from the registers.
-
-    ``seed`` seeds the ``noise`` and ``shuffled`` normal values; each layer's call draws from a
-    generator seeded with (seed, layer), so the same batch gets the same draw every time.
-    """
-
-    normal_values: NormalValues = "zero"
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.normal_values not in NORMAL_VALUES:
-            raise InvalidArgumentError(f"normal_values must be one of {NORMAL_VALUES}, got {self.normal_values!r}")
-        check_int("seed", self.seed, minimum=0)
-
-    def _generator(self, activations: torch.Tensor, layer: int) -> torch.Generator | None:
-        if self.normal_values not in ("noise", "shuffled"):
-            return None
-        return torch.Generator(device=activations.device).manual_seed(self.seed * 1_000_003 + layer)
-
-
-@dataclass(frozen=True)
-class PaperEdit(_MovingEdit):
-    """The paper's test-time register: move each neuron's maximum over CLS and patches to its register."""
-
-    def __call__(self, activations, neurons, layout, context: EditContext) -> torch.Tensor:
-        return paper_edit(activations, neurons, context.register_of_neuron, layout, context.scale, self.normal_values,
-                          inplace=_can_edit_in_place(activations),
-                          generator=self._generator(activations, context.layer))
-
-
-@dataclass(frozen=True)
-class LegacyEdit(_MovingEdit):
-    """The reference implementation's edit: one signed maximum per layer to every register; CLS untouched."""
-
-    def __call__(self, activations, neurons, layout, context: EditContext) -> torch.Tensor:
-        return legacy_edit(activations, neurons, layout, context.scale, self.normal_values,
-                           inplace=_can_edit_in_place(activations),
-                           generator=self._generator(activations, context.layer))
-
-
-def patch_mask(grid: tuple[int, int], *, corner: str | None = None, size: int = 1,
-               boxes=None, image_size: tuple[int, int] | None = None) -> torch.Tensor:
-    """A bool mask [rows, cols] of patches, for :class:`MoveToPatchesEdit`.
-
-    Args:
-        grid: the patch grid (rows, cols), e.g. ``hook_manager.grid_shape(pixels)``.
-        corner: ``"top-left"``, ``"top-right"``, ``"bottom-left"`` or ``"bottom-right"``: a
-            ``size`` x ``size`` block of patches there.
-        boxes: pixel boxes [(left, top, right, bottom), ...] in an image of ``image_size``
-            (height, width), e.g. where a typographic attack pasted text; every patch a box
-            overlaps is chosen.
-    """
-    rows, cols = grid
-    mask = torch.zeros(rows, cols, dtype=torch.bool)
-    if (corner is None) == (boxes is None):
-        raise InvalidArgumentError("patch_mask needs exactly one of corner= or boxes=")
-    if corner is not None:
-        check_int("size", size, minimum=1)
-        if size > min(rows, cols):
-            raise InvalidArgumentError(f"a corner of {size}x{size} patches does not fit a {rows}x{cols} grid")
-        corners = {"top-left": (0, 0), "top-right": (0, 1), "bottom-left": (1, 0), "bottom-right": (1, 1)}
-        if corner not in corners:
-            raise InvalidArgumentError(f"corner must be one of {tuple(corners)}, got {corner!r}")
-        bottom, right = corners[corner]
-        row_slice = slice(rows - size, rows) if bottom else slice(0, size)
-        col_slice = slice(cols - size, cols) if right else slice(0, size)
-        mask[row_slice, col_slice] = True
-        return mask
-    if image_size is None:
-        raise InvalidArgumentError("patch_mask(boxes=...) needs image_size=(height, width) of the pixels")
-    height, width = image_size
-    for left, top, right, bottom in boxes:
-        if not (0 <= left < right <= width and 0 <= top < bottom <= height):
-            raise InvalidArgumentError(f"box {(left, top, right, bottom)} is not inside an image of {image_size}")
-        mask[math.floor(top * rows / height):math.ceil(bottom * rows / height),
-             math.floor(left * cols / width):math.ceil(right * cols / width)] = True
-    return mask
-
-
-@dataclass(frozen=True)
-class MoveToPatchesEdit(_MovingEdit):
-    """Move each register neuron's maximum to chosen patches instead of an appended token.
-
-    The paper's variant that puts the outliers where one wants them: a corner
-    (``patch_mask(grid, corner="top-left")``), a given mask, or the patches of a typographic
-    attack (``patch_mask(grid, boxes=...)``). Each register neuron's maximum over CLS and the
-    patches is written, times ``scale``, to every chosen patch; CLS, the other patches and any
-    test-time registers get the normal values. Use it with ``num_registers=0``.
-
-    Args:
-        patches: bool [rows, cols] or [P] for every image, or [B, rows, cols] / [B, P] one per image.
-        scale: multiplies the written maximum.
-    """
-
-    patches: torch.Tensor | None = None
-    scale: float = 1.0
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not isinstance(self.patches, torch.Tensor) or self.patches.dtype != torch.bool or \
-                not 1 <= self.patches.ndim <= 3 or not bool(self.patches.any()):
-            raise InvalidArgumentError("MoveToPatchesEdit needs patches=, a bool mask [rows, cols], [P] or "
-                                       "[B, rows, cols] with at least one patch chosen (see patch_mask)")
-
-    def __repr__(self) -> str:
-        return (f"MoveToPatchesEdit(patches={int(self.patches.sum())} of {self.patches.shape[-2:].numel()} chosen, "
-                f"normal_values={self.normal_values!r}, scale={self.scale})")
-
-    def targets(self, batch: int, num_patches: int, device) -> torch.Tensor:
-        """The chosen patches as bool [B, P]."""
-        shared = self.patches.ndim == 1 or (self.patches.ndim == 2 and self.patches.numel() == num_patches)
-        flat = self.patches.reshape(1, -1) if shared else self.patches.reshape(self.patches.shape[0], -1)
-        per_image = not shared
-        if flat.shape[1] != num_patches or (per_image and flat.shape[0] != batch):
-            raise InvalidArgumentError(f"MoveToPatchesEdit has a mask of shape {list(self.patches.shape)}, but the "
-                                       f"batch has {batch} images of {num_patches} patches")
-        return flat.to(device).expand(batch, -1)
-
-    def __call__(self, activations, neurons, layout, context: EditContext) -> torch.Tensor:
-        batch, seq_len, _ = activations.shape
-        new_values, peak = _moved_away(activations, neurons, layout, self.normal_values,
-                                       self._generator(activations, context.layer))
-        chosen = torch.zeros(batch, seq_len, dtype=torch.bool, device=activations.device)
-        chosen[:, layout.patches(seq_len)] = self.targets(batch, layout.num_patches(seq_len), activations.device)
-        new_values = torch.where(chosen[:, :, None], (peak * self.scale)[:, None, :], new_values)
-        return _write(activations, neurons, new_values, _can_edit_in_place(activations))
-
-
-@dataclass(frozen=True)
-class AttentionBiasEdit(_MovingEdit):
-    """The paper's attention-bias variant: zero the register neurons, and let every token attend to a fixed key and value.
-
-    The key and value are the test-time register's mean ones, measured on calibration images
-    by :func:`calibrate_attention_bias`. They are held by one appended token whose attention
-    input (the output of each block's pre-attention norm, the hook manager's
-    ``attention_input_site``) is pinned to the register's mean attention input at that layer;
-    the key and value projections are affine, so its key and value are the register's mean key
-    and value, an extra key-value pair every query sees, i.e. a bias in attention. The register
-    neurons get the normal values (zero) on every token, that one included. Use it with
-    ``num_registers=1``; the token is removed before pooling like a test-time register.
-
-    Where an architecture normalises keys after the projection (QK-norm), the pinned input
-    gives the key of the mean input rather than the mean key.
-
-    Args:
-        attention_inputs: [layers, hidden_size], the register's mean attention input per layer.
-    """
-
-    attention_inputs: torch.Tensor | None = None
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not isinstance(self.attention_inputs, torch.Tensor) or self.attention_inputs.ndim != 2:
-            raise InvalidArgumentError("AttentionBiasEdit needs attention_inputs [layers, hidden_size]; measure them "
-                                       "with calibrate_attention_bias(hook_manager, neurons, images, preprocess)")
-
-    def __repr__(self) -> str:
-        layers, width = self.attention_inputs.shape
-        return f"AttentionBiasEdit(attention_inputs=[{layers}, {width}], normal_values={self.normal_values!r})"
-
-    def __call__(self, activations, neurons, layout, context: EditContext) -> torch.Tensor:
-        new_values, _ = _moved_away(activations, neurons, layout, self.normal_values,
-                                    self._generator(activations, context.layer))
-        return _write(activations, neurons, new_values, _can_edit_in_place(activations))
-
-    def edit_attention_input(self, tokens: torch.Tensor, layout: TokenLayout, layer: int) -> torch.Tensor:
-        """Pin the test-time register's attention input [B, L, D] at ``layer`` to the calibrated mean."""
-        registers = layout.test_time_registers(tokens.shape[1])
-        edited = tokens if not (torch.is_grad_enabled() and tokens.requires_grad) else tokens.clone()
-        edited[:, registers] = self.attention_inputs[layer].to(device=tokens.device, dtype=tokens.dtype)
-        return edited
+    def running(self) -> contextlib.AbstractContextManager:
+        return self._modified().intervention()
 
 
 class ModifiedModel(nn.Module):
     """Wrap a model so that every forward pass runs with test-time registers.
 
-    ``forward`` takes and returns what the wrapped model's forward does. Test-time registers
-    are removed before pooling, so they never reach pooled outputs or returned patch tokens;
-    after each call, ``register_tokens`` [B, R, hidden_size] holds them as they left the last
-    block. With no neurons and ``num_registers=0`` no hook is placed at all, so the output is
-    bit-identical to the model's.
+    ``forward`` takes and returns what the wrapped model's forward does, and every tensor it
+    returns has the unmodified model's token count: test-time registers are removed before
+    pooling, and stripped from returned hidden states and attentions (``output_hidden_states``,
+    ``output_attentions``); intermediate methods (timm's ``forward_intermediates`` and
+    ``get_intermediate_layers``, open_clip's ``forward_intermediates``) called on the wrapper
+    read block outputs without them. After each call, ``register_tokens`` [B, R, hidden_size]
+    holds the registers as they left the last block. With no neurons and ``num_registers=0`` no
+    hook is placed at all, so the output is bit-identical to the model's.
+
+    ``hook_manager`` is a view of the given hook manager (:meth:`HookManager.view`): the same
+    sites, a layout with the test-time registers, and a ``forward_images`` that runs with them;
+    analysis code takes it like any hook manager.
 
     Args:
         model: the model the hook manager describes (or a module containing it).
@@ -403,14 +100,16 @@ class ModifiedModel(nn.Module):
             raise InvalidArgumentError(f"edit must be callable as edit(activations, neurons, layout, context), "
                                        f"got {edit!r}")
         self.model = model
-        self.hook_manager = hook_manager
+        self.base_hook_manager = hook_manager
         self.neurons = RegisterNeurons.coerce(neurons)
         self.neurons.check_fits(hook_manager)
         self.num_registers = num_registers
         self.edit = edit
         self.scale = _per_register(scale, num_registers)
-        self.layout = hook_manager.layout.with_test_time_registers(num_registers)
+        self.hook_manager = hook_manager.view(_TestTimeRegisters(self))
+        self.layout = self.hook_manager.layout
         self.register_tokens: torch.Tensor | None = None
+        self._state = _PassState()
 
         generator = torch.Generator().manual_seed(seed)
         assignment = torch.randint(max(num_registers, 1), (len(self.neurons),), generator=generator)
@@ -434,13 +133,38 @@ class ModifiedModel(nn.Module):
         """Apply the test-time registers to calls of the wrapped model inside this context.
 
         The hooks are placed ahead of any others on the same modules, so captures and user
-        hooks see the edited tensors.
+        hooks see the edited tensors. Entering it again while it is open (a nested call) does
+        nothing; another ModifiedModel's intervention on the same model cannot be opened inside it.
+        Inside the context, the model's intermediate methods (``forward_intermediates``) raise
+        :class:`RegisterLeakError`: call them on the ModifiedModel instead.
+
+        Raises:
+            InvalidArgumentError: another ModifiedModel's intervention is open on this model.
         """
-        with self.hook_manager.hooks() as hooks:
+        state, base = self._state, self.base_hook_manager
+        if state.depth:
+            state.depth += 1
+            try:
+                yield
+            finally:
+                state.depth -= 1
+            return
+        key = base.blocks[0]
+        other = _OPEN.get(key)
+        if other is not None and other is not self:
+            raise InvalidArgumentError("another ModifiedModel's intervention is already open on this model; two "
+                                       "at once would put two sets of registers in")
+        with base.hooks() as hooks:
+            _OPEN[key] = self
+            state.depth, state.unmodified_length = 1, None
+            hooks.on_exit(lambda: (_OPEN.pop(key, None), setattr(self, "_state", _PassState())))
             if self.num_registers:
-                self.hook_manager.prepare_for_registers(self.num_registers, hooks)
-                hooks.on(self.hook_manager.register_insertion_site(), self._append_registers, prepend=True)
-                hooks.on(self.hook_manager.register_removal_site(), self._strip_registers, prepend=True)
+                base.prepare_for_registers(self.num_registers, hooks)
+                hooks.on(base.register_insertion_site(), self._append_registers, prepend=True)
+                hooks.on(base.register_removal_site(), self._strip_registers, prepend=True)
+                for module in base.outer_modules:
+                    hooks.keep(module.register_forward_hook(self._strip_returned))
+                self._refuse_intermediate_methods(hooks)
             for layer in self._layers:
                 hooks.on_neurons(layer, self._edit_for(layer), prepend=True)
             if hasattr(self.edit, "edit_attention_input"):
@@ -449,7 +173,7 @@ class ModifiedModel(nn.Module):
 
     def capture(self, **sites) -> contextlib.AbstractContextManager[Capture]:
         """Like :meth:`HookManager.capture`, with this model's layout (registers included)."""
-        return self.hook_manager.capture(layout=self.layout, **sites)
+        return self.hook_manager.capture(**sites)
 
     def forward(self, *args, **kwargs):
         """The wrapped model's forward, with test-time registers, under the hook manager's autocast (if any)."""
@@ -458,45 +182,116 @@ class ModifiedModel(nn.Module):
 
     def forward_images(self, pixel_values: torch.Tensor):
         """The hook manager's image forward [B, 3, H, W], with test-time registers."""
-        with self.intervention():
-            return self.hook_manager.forward_images(pixel_values)
+        return self.hook_manager.forward_images(pixel_values)
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            hook_manager = self.__dict__.get("hook_manager")
-            if hook_manager is None or name not in hook_manager.forward_methods:
+            hook_manager, model = self.__dict__.get("hook_manager"), self.__dict__.get("_modules", {}).get("model")
+            if hook_manager is None or model is None or not hasattr(model, name) or \
+                    name not in (*hook_manager.forward_methods, *hook_manager.intermediate_methods):
                 raise
         method = getattr(self.model, name)
+        if name in hook_manager.intermediate_methods and self.num_registers:
+            run = self._replayed(method, hook_manager.intermediate_methods[name])
+        else:
+            def run(*args, **kwargs):
+                with self.intervention(), self.hook_manager.autocast():
+                    return method(*args, **kwargs)
 
-        def with_registers(*args, **kwargs):
-            with self.intervention(), self.hook_manager.autocast():
-                return method(*args, **kwargs)
-
-        with_registers.__doc__ = method.__doc__
-        return with_registers
+        run.__doc__ = method.__doc__
+        return run
 
     # ---- hooks -----------------------------------------------------------------------
     def _append_registers(self, tokens: torch.Tensor) -> torch.Tensor:
         batch, seq_len, width = tokens.shape
+        self._state.unmodified_length = seq_len
         zeros = tokens.new_zeros(batch, self.num_registers, width)
         where = self.layout.test_time_registers(seq_len + self.num_registers).start
         return torch.cat([tokens[:, :where], zeros, tokens[:, where:]], dim=1)
 
     def _strip_registers(self, tokens: torch.Tensor) -> torch.Tensor:
-        seq_len = tokens.shape[1]
+        seq_len, expected = tokens.shape[1], self._state.unmodified_length
+        if expected is None:
+            raise RegisterLeakError("the removal point ran before the insertion point in this forward pass: the model "
+                                    "was called in a way that skips where test-time registers go in")
+        if seq_len != expected + self.num_registers:
+            raise RegisterLeakError(f"{seq_len} tokens reached the removal point, but the model had {expected} and "
+                                    f"{self.num_registers} test-time register(s) went in: a hook or a wrapper changed "
+                                    "the token count in between")
         self.register_tokens = tokens[:, self.layout.test_time_registers(seq_len)]
         return tokens[:, self.layout.image_tokens(seq_len)]
+
+    def _strip_returned(self, module, args, output):
+        """Strip the registers from every hidden state [B, L, D] and attention map [B, heads, L, L] returned."""
+        if self._state.unmodified_length is None:
+            return None
+        with_registers = self._state.unmodified_length + self.num_registers
+        return _map_tensors(output, lambda tensor: self._without_registers(tensor, with_registers))
+
+    def _without_registers(self, tensor: torch.Tensor, with_registers: int) -> torch.Tensor:
+        keep = self.layout.image_tokens(with_registers)
+        if isinstance(keep, torch.Tensor):
+            keep = keep.to(tensor.device)
+        if tensor.ndim == 3 and tensor.shape[1] == with_registers:
+            return tensor[:, keep]
+        if tensor.ndim == 4 and tensor.shape[-1] == tensor.shape[-2] == with_registers:
+            return tensor[:, :, keep][..., keep]
+        return tensor
+
+    def _refuse_intermediate_methods(self, hooks) -> None:
+        """Inside the context, a bare call of an intermediate method would read block outputs that hold the registers."""
+        for owner in {id(module): module for module in (self.model, *self.base_hook_manager.outer_modules)}.values():
+            for name in (name for name in self.hook_manager.intermediate_methods if hasattr(owner, name)):
+                def refuse(*args, name=name, **kwargs):
+                    raise RegisterLeakError(f"{name} reads block outputs that hold the test-time registers: call it "
+                                            f"on the ModifiedModel (modified.{name}(...)), which runs it without them")
+
+                _shadow(owner, name, refuse, hooks)
+
+    def _replayed(self, method: Callable, pixel_names: tuple[str, ...]) -> Callable:
+        """Run an intermediate method so that it reads the block outputs of the run with registers, without them.
+
+        The images go once through the model with the registers, keeping each block's output without
+        them; then the method runs on the bare model with each block's output replaced by the kept
+        one, so everything it returns (intermediates, norms, pooled features) is the register run's,
+        at the unmodified model's token count. This costs a second forward pass.
+        """
+        def run(*args, **kwargs):
+            bound = inspect.signature(method).bind_partial(*args, **kwargs).arguments
+            pixels = next((bound[name] for name in pixel_names if bound.get(name) is not None), None)
+            if pixels is None:   # no images (open_clip's text tower alone)
+                return method(*args, **kwargs)
+            if self._state.depth:
+                raise RegisterLeakError(f"{method.__name__} runs the model twice, the second time without registers: "
+                                        "call it outside an open intervention() context")
+            base, kept = self.base_hook_manager, {}
+            with base.hooks() as hooks:
+                for layer in range(base.num_layers):
+                    hooks.on_block_output(layer, lambda tokens, layer=layer: kept.__setitem__(
+                        layer, tokens[:, _as_index(self.layout.image_tokens(tokens.shape[1]), tokens)]))
+                self.hook_manager.forward_images(pixels)
+            register_tokens = self.register_tokens
+            with base.hooks() as replay, self.hook_manager.autocast():
+                for layer in range(base.num_layers):
+                    replay.on_block_output(layer, lambda tokens, layer=layer: _replacement(kept[layer], tokens))
+                output = method(*args, **kwargs)
+            self.register_tokens = register_tokens
+            return output
+
+        return run
 
     def _pin_attention_inputs(self, hooks) -> None:
         """Let an edit write every block's attention input (the attention-bias variant)."""
         if self.num_registers != 1:
             raise InvalidArgumentError(f"{self.edit!r} holds its key and value in one appended token: use "
                                        f"num_registers=1, not {self.num_registers}")
-        for layer in range(self.hook_manager.num_layers):
-            hooks.on(self.hook_manager.attention_input_site(layer),
-                     lambda tokens, layer=layer: self.edit.edit_attention_input(tokens, self.layout, layer), prepend=True)
+        for layer in range(self.base_hook_manager.num_layers):
+            hooks.on(self.base_hook_manager.attention_input_site(layer), self._pin_for(layer), prepend=True)
+
+    def _pin_for(self, layer: int):
+        return lambda tokens: self.edit.edit_attention_input(tokens, self.layout, layer)
 
     def _edit_for(self, layer: int):
         def edit(acts: torch.Tensor) -> torch.Tensor:
@@ -507,6 +302,46 @@ class ModifiedModel(nn.Module):
             return self.edit(acts, neurons, self.layout, context)
 
         return edit
+
+
+def _as_index(index, tokens: torch.Tensor):
+    return index.to(tokens.device) if isinstance(index, torch.Tensor) else index
+
+
+def _replacement(kept: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    if kept.shape != tokens.shape:
+        raise RegisterLeakError(f"a block output of the run with registers is {list(kept.shape)} without them, but "
+                                f"the bare model's is {list(tokens.shape)}")
+    return kept
+
+
+def _map_tensors(value, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """``value`` with ``fn`` applied to every tensor inside tuples, lists and dicts (a ``ModelOutput`` is
+    changed in place, so that its attributes follow); None where nothing changed."""
+    if isinstance(value, torch.Tensor):
+        result = fn(value)
+        return None if result is value else result
+    if isinstance(value, dict):
+        changed = {key: _map_tensors(item, fn) for key, item in value.items()}
+        for key, item in changed.items():
+            if item is not None:
+                value[key] = item
+        return value if any(item is not None for item in changed.values()) else None
+    if isinstance(value, (tuple, list)):
+        changed = [_map_tensors(item, fn) for item in value]
+        if all(item is None for item in changed):
+            return None
+        items = [item if new is None else new for item, new in zip(value, changed)]
+        return type(value)(items) if not hasattr(value, "_fields") else type(value)(*items)
+    return None
+
+
+def _shadow(owner: nn.Module, name: str, replacement: Callable, hooks) -> None:
+    """Make ``owner.name`` call ``replacement`` while ``hooks`` is open; the instance's own attribute
+    (if it had one) comes back after."""
+    had, previous = name in vars(owner), vars(owner).get(name)
+    setattr(owner, name, replacement)
+    hooks.on_exit(lambda: setattr(owner, name, previous) if had else delattr(owner, name))
 
 
 def calibrate_attention_bias(hook_manager: HookManager, neurons, images, preprocess=None, *, batch_size: int = 32,

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from PIL import Image
 from torch import nn
 
-from .hooks import HookManager
+if TYPE_CHECKING:
+    from .hooks import HookManager
 
 
 @dataclass
@@ -35,9 +37,3 @@ class LoadedModel:
 
     def __iter__(self):
         return iter((self.model, self.preprocess, self.hook_manager))
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an exception's message, for one-line errors."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__

@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .files import write_atomically
 from .errors import IncompatibleNeuronsError, InvalidArgumentError, InvalidArgumentTypeError, NeuronFileError
 
 if TYPE_CHECKING:
@@ -171,13 +172,13 @@ class RegisterNeurons:
         scores_path = None
         if self.candidate_scores is not None:
             scores_path = scores_path_for(path)
-            _write_atomically(scores_path, lambda temporary: save_file(
+            write_atomically(scores_path, lambda temporary: save_file(
                 {"scores": self.candidate_scores.detach().float().cpu().contiguous()}, temporary,
                 metadata={"model": str(self.model)}))
             data["candidate_scores_file"] = scores_path.name
         text = json.dumps(data, indent=2, allow_nan=False) + "\n"
         try:
-            _write_atomically(path, lambda temporary: Path(temporary).write_text(text))
+            write_atomically(path, lambda temporary: Path(temporary).write_text(text))
         except BaseException:
             if scores_path is not None:
                 scores_path.unlink(missing_ok=True)
@@ -245,20 +246,6 @@ def scores_path_for(path: str | os.PathLike) -> Path:
     path = Path(path)
     return path.with_name(f"{path.stem}.scores.safetensors")
 
-
-def _write_atomically(path: Path, write) -> None:
-    """``write(temporary_path)``, then rename it onto ``path``; nothing is left behind on failure."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)   # mkstemp makes files private; keep the usual mode
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _read_scores(path: Path, origin: Path) -> torch.Tensor | None:

@@ -23,7 +23,7 @@ import torch
 
 from .errors import InvalidArgumentError
 from .hooks import HookManager, HookSite
-from .images import IMAGENET_MEAN, IMAGENET_STD
+from .data.sources import IMAGENET_MEAN, IMAGENET_STD
 
 MARKER_RGB = (0.95, 0.05, 0.9)        # the marker is a fine checkerboard of these two colours,
 MARKER_OTHER_RGB = (0.1, 0.85, 0.2)    # which no smooth background patch resembles

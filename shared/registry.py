@@ -1,11 +1,18 @@
-"""Architectures register themselves next to their hook manager; model specs name them.
+"""One registry: model specs name architectures, and model classes name their hook managers.
 
-A model spec is ``PREFIX:REFERENCE``, e.g. ``openclip:ViT-B-16:laion2b_s34b_b88k`` or
+**Model classes.** :func:`register_model` says, next to a hook manager, which model classes it
+describes, which wrappers hold such a model and under which attribute (``CLIP.visual``,
+``Dinov2ForImageClassification.dinov2``), and which classes cannot be supported and why. Keys
+are classes, or class names for transformers, so that nothing imports transformers early; the
+most specific class wins, and at the same class a type key beats a name key.
+:func:`hook_manager_for` returns the hook manager of any supported model object.
+
+**Model specs.** A model spec is ``PREFIX:REFERENCE``, e.g. ``openclip:ViT-B-16:laion2b_s34b_b88k`` or
 ``dinov2:facebook/dinov2-large``. Each architecture package registers its prefix, its loader
 and its presets when it is imported::
 
-    @register_architecture("timm", hook_manager=DeitHookManager, spec="timm:NAME[:CHECKPOINT|:random]")
-    def load_timm_spec(reference: str, *, device, precision, seed) -> LoadedModel: ...
+    @register_architecture("timm", spec="timm:NAME[:CHECKPOINT|:random]")
+    def load_timm_spec(reference: str, *, device, precision, seed, **options) -> LoadedModel: ...
 
 The command line imports an architecture package when a spec names its prefix: installed
 packages say which package serves which prefix under the entry-point group
@@ -20,14 +27,18 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata, resources
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
-from .errors import ModelLoadError, NeuronFileError
-from .hooks import HookManager
+from .errors import ModelLoadError, NeuronFileError, UnsupportedModelError
 from .loading import LoadedModel
 from .neurons import RegisterNeurons
 from .precision import get_precision
+
+if TYPE_CHECKING:
+    from .hooks import HookManager
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +67,11 @@ class Preset:
 class Architecture:
     """One family of models that specs ``PREFIX:...`` name.
 
-    ``hook_manager`` is the class that describes the loaded models; it declares their input
-    dtype and device (the patch embedding's weight).
+    The hook manager of a loaded model follows its class (:func:`hook_manager_for`).
     """
 
     prefix: str
     load: Loader
-    hook_manager: type[HookManager]
     spec: str                        # the spec's form, shown in help and errors
     description: str = ""
     examples: tuple[str, ...] = ()
@@ -70,25 +79,26 @@ class Architecture:
     alias_of: str | None = None      # set for an alias prefix (``deit`` for ``timm``)
 
     def load_spec(self, reference: str, *, device: torch.device | str = "cpu", precision: str = "fp32",
-                  seed: int = 0) -> LoadedModel:
-        return self.load(reference, device=device, precision=get_precision(precision).name, seed=seed)
+                  seed: int = 0, **options: Any) -> LoadedModel:
+        return self.load(reference, device=device, precision=get_precision(precision).name, seed=seed, **options)
 
 
 _ARCHITECTURES: dict[str, Architecture] = {}
 _LOADED_ENTRY_POINTS: set[str] = set()
 
 
-def register_architecture(prefix: str, *, hook_manager: type[HookManager], spec: str, description: str = "",
+def register_architecture(prefix: str, *, spec: str, description: str = "",
                           examples: tuple[str, ...] = (), presets: tuple[Preset, ...] = (),
                           aliases: tuple[str, ...] = ()) -> Callable[[Loader], Loader]:
     """Decorator: register ``load`` as the loader of specs ``PREFIX:REFERENCE`` (and of each alias).
 
-    ``load(reference, *, device, precision, seed)`` gets the part after the first colon (empty
-    for a bare ``PREFIX``) and returns a :class:`LoadedModel`; it raises
-    :class:`~test_time_registers.ModelLoadError` for anything it cannot load.
+    ``load(reference, *, device, precision, seed, **options)`` gets the part after the first colon
+    (empty for a bare ``PREFIX``) and returns a :class:`LoadedModel`; it raises
+    :class:`~test_time_registers.ModelLoadError` for anything it cannot load. ``options`` are
+    what :func:`load_model` passes on (a loader that takes none refuses them).
     """
     def decorate(load: Loader) -> Loader:
-        entry = Architecture(prefix, load, hook_manager, spec, description, tuple(examples),
+        entry = Architecture(prefix, load, spec, description, tuple(examples),
                              {preset.name: preset for preset in presets})
         for name, architecture in ((prefix, entry), *((alias, _alias(entry, alias)) for alias in aliases)):
             existing = _ARCHITECTURES.get(name)
@@ -101,8 +111,8 @@ def register_architecture(prefix: str, *, hook_manager: type[HookManager], spec:
 
 
 def _alias(entry: Architecture, alias: str) -> Architecture:
-    return Architecture(alias, entry.load, entry.hook_manager, entry.spec.replace(f"{entry.prefix}:", f"{alias}:", 1),
-                        entry.description, presets={}, alias_of=entry.prefix)
+    return Architecture(alias, entry.load, entry.spec.replace(f"{entry.prefix}:", f"{alias}:", 1),
+                        entry.description, entry.examples, presets={}, alias_of=entry.prefix)
 
 
 def _load_entry_points(name: str | None = None) -> None:
@@ -145,15 +155,19 @@ def spec_forms() -> str:
     return " | ".join(architecture.spec for architecture in architectures().values())
 
 
-def load_model(spec: str, *, device: torch.device | str = "cpu", precision: str = "fp32", seed: int = 0) -> LoadedModel:
+def load_model(spec: str, *, device: torch.device | str = "cpu", precision: str = "fp32", seed: int = 0,
+               **options: Any) -> LoadedModel:
     """Load the model a spec names, e.g. ``load_model("timm:deit3_base_patch16_224.fb_in1k")``.
+
+    ``options`` go to the architecture's loader, e.g. ``load_model("timm:vit_small_patch16_224:random",
+    reg_tokens=4)`` builds that timm ViT with ``timm.create_model(..., reg_tokens=4)``.
 
     Raises:
         ModelLoadError: unknown prefix, or anything the architecture's loader cannot load.
         InvalidArgumentError: an unknown precision.
     """
     prefix, _, reference = spec.partition(":")
-    return find_architecture(prefix).load_spec(reference, device=device, precision=precision, seed=seed)
+    return find_architecture(prefix).load_spec(reference, device=device, precision=precision, seed=seed, **options)
 
 
 def presets() -> dict[str, Preset]:
@@ -180,3 +194,130 @@ def load_neurons(spec: str, hook_manager: HookManager | None = None) -> Register
     if spec.startswith("preset:"):
         return load_preset(spec.removeprefix("preset:"), hook_manager)
     return RegisterNeurons.load(spec, hook_manager)
+
+
+# ---- model classes -> hook managers ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """What the registry knows about one model class: exactly one of ``hook_manager`` (it describes
+    the class), ``inside`` (the class wraps a model, at that attribute path) or ``unsupported`` (why not).
+
+    For a wrapper, ``run_inside`` says whether ``forward_images`` runs the wrapped model (an
+    image tower: ``CLIP.visual``) or the wrapper itself (a classifier: its logits), and
+    ``forward_methods`` names the wrapper's methods that run the image tower (``encode_image``).
+    """
+
+    key: type | str
+    hook_manager: type[HookManager] | None = None
+    inside: str | None = None
+    run_inside: bool = False
+    forward_methods: tuple[str, ...] = ()
+    unsupported: str | None = None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a hook manager's declaration applies inside the model it was given: ``root``, the
+    described module, and ``image_model``, what ``forward_images`` runs (dotted paths, "" for the model)."""
+
+    root: str = ""
+    image_model: str = ""
+    forward_methods: tuple[str, ...] = ()
+
+
+_MODEL_TYPES: dict[type, ModelEntry] = {}
+_MODEL_NAMES: dict[str, ModelEntry] = {}
+
+
+def register_model(*keys: type | str, hook_manager: type[HookManager] | None = None, inside: str | None = None,
+                   run_inside: bool = False, forward_methods: tuple[str, ...] = (),
+                   unsupported: str | None = None) -> None:
+    """Say what the library knows about models of these classes (types, or class names for transformers).
+
+    Exactly one of: ``hook_manager`` describes them; they wrap a model at attribute path ``inside``
+    (with ``run_inside`` and ``forward_methods`` as in :class:`ModelEntry`); or they are
+    ``unsupported``, for the reason given.
+    """
+    if sum(value is not None for value in (hook_manager, inside, unsupported)) != 1:
+        raise ValueError("register_model needs exactly one of hook_manager=, inside= or unsupported=")
+    for key in keys:
+        entry = ModelEntry(key, hook_manager, inside, run_inside, tuple(forward_methods), unsupported)
+        (_MODEL_TYPES if isinstance(key, type) else _MODEL_NAMES)[key if isinstance(key, type) else str(key)] = entry
+
+
+def model_entry(module: nn.Module) -> ModelEntry | None:
+    """The entry of ``module``'s most specific registered class (a type key before a name key), or None."""
+    for cls in type(module).__mro__:
+        entry = _MODEL_TYPES.get(cls) or _MODEL_NAMES.get(cls.__name__)
+        if entry is not None:
+            return entry
+    return None
+
+
+def placement(model: nn.Module) -> Placement:
+    """Follow registered wrappers from ``model`` down to the module a hook manager describes.
+
+    Raises:
+        UnsupportedModelError: a module on the way is registered as unsupported.
+    """
+    root, image_model, methods, module = "", None, None, model
+    while True:
+        entry = model_entry(module)
+        if entry is not None and entry.unsupported is not None:
+            raise UnsupportedModelError(f"{type(module).__name__} is not supported: {entry.unsupported}")
+        if entry is None or entry.inside is None:
+            return Placement(root, root if image_model is None else image_model, methods or ())
+        try:
+            module = module.get_submodule(entry.inside)
+        except AttributeError:
+            raise UnsupportedModelError(f"{type(module).__name__} should hold its model at {entry.inside!r}, "
+                                        "but has nothing there") from None
+        inner = f"{root}.{entry.inside}" if root else entry.inside
+        if image_model is None:
+            image_model = inner if entry.run_inside else root
+        methods = entry.forward_methods if methods is None else methods
+        root = inner
+
+
+def check_described_by(module: nn.Module, hook_manager: type) -> None:
+    """Raise if the registry says another hook manager than ``hook_manager`` describes ``module``.
+
+    A hook manager class that no registration names (a user's own, or a subclass) is not checked.
+    """
+    registered = {entry.hook_manager for entry in (*_MODEL_TYPES.values(), *_MODEL_NAMES.values())}
+    entry = model_entry(module)
+    if hook_manager in registered and entry is not None and entry.hook_manager not in (None, hook_manager):
+        raise UnsupportedModelError(f"{hook_manager.__name__} does not describe {type(module).__name__}; "
+                                    f"{entry.hook_manager.__name__} does (hook_manager_for(model) picks it)")
+
+
+def hook_manager_for(model: nn.Module, name: str | None = None, **options: Any) -> HookManager:
+    """The hook manager of any supported model object: an open_clip ``CLIP`` or its tower, a timm
+    ViT, a transformers model or its classification wrapper, ...
+
+    Every installed architecture package is imported first, so that its classes are registered.
+    ``name`` and ``options`` (``autocast_dtype``) go to the hook manager.
+
+    Raises:
+        UnsupportedModelError: the class is registered as unsupported (with the reason), or no
+            hook manager describes it (with the supported classes).
+    """
+    architectures()
+    place = placement(model)
+    described = model.get_submodule(place.root) if place.root else model
+    entry = model_entry(described)
+    if entry is None or entry.hook_manager is None:
+        known = sorted({key.__name__ if isinstance(key, type) else key
+                        for key, value in (*_MODEL_TYPES.items(), *_MODEL_NAMES.items()) if value.hook_manager})
+        raise UnsupportedModelError(f"no hook manager describes {type(described).__name__}; supported: "
+                                    f"{', '.join(known)}; or subclass HookManager (see the README)")
+    return entry.hook_manager(model, name, **options)
+
+
+def supported_models() -> dict[str, ModelEntry]:
+    """Every registered model class, after importing all installed architectures: classes by their
+    qualified name (``timm.models.eva.Eva``), transformers classes by their name (``Dinov2Model``)."""
+    architectures()
+    entries = {**{f"{cls.__module__}.{cls.__qualname__}": entry for cls, entry in _MODEL_TYPES.items()}, **_MODEL_NAMES}
+    return dict(sorted(entries.items()))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from test_time_registers import RegisterNeurons
-from test_time_registers.activation_log import log_activations
+from test_time_registers.analysis.activation_log import log_activations
 
 
 def test_log_matches_a_capture(tmp_path, clip_hm, pixels):

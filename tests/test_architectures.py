@@ -5,7 +5,7 @@ import torch
 
 from test_time_registers import LegacyEdit, ModifiedModel, PaperEdit, find_register_neurons
 from test_time_registers.hooks import _first_tensor
-from test_time_registers.metrics import measure_outliers
+from test_time_registers.analysis.metrics import measure_outliers
 from test_time_registers.planting import marker_images, plant_register_neurons
 from tests.tiny_models import ARCHITECTURES, IMAGE_SIZE, LAYERS, hook_count
 

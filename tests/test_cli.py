@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from test_time_registers import RegisterNeurons
-from test_time_registers.figures import GAP, MARGIN
+from test_time_registers.analysis.figures import GAP, MARGIN
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "find_register_neurons.py"
 main = runpy.run_path(str(SCRIPT))["main"]

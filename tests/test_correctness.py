@@ -15,10 +15,10 @@ from test_time_registers.clip import ClipHookManager
 from test_time_registers.deit import DeitHookManager
 from test_time_registers.dinov2 import Dinov2HookManager
 from test_time_registers.errors import NeuronFileError
-from test_time_registers.figures import save_comparison
+from test_time_registers.analysis.figures import save_comparison
 from test_time_registers.hooks import _first_tensor, _replace_first
-from test_time_registers.data import batches
-from test_time_registers.metrics import measure_outliers
+from test_time_registers.data.batching import batches
+from test_time_registers.analysis.metrics import measure_outliers
 from test_time_registers.precision import get_precision
 from tests.tiny_models import hook_count
 

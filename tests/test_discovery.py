@@ -5,7 +5,7 @@ import torch
 
 from test_time_registers.clip import ClipHookManager
 from test_time_registers import LegacyEdit, ModifiedModel, NoOutliersError, find_register_neurons
-from test_time_registers.metrics import measure_outliers
+from test_time_registers.analysis.metrics import measure_outliers
 from tests.tiny_models import hook_count
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from test_time_registers import ImageSourceError, InvalidArgumentError, ModifiedModel
 from test_time_registers.clip.demo import SHAPES, demo_images, demo_scenes
-from test_time_registers.evaluation import (Comparison, box_iou, class_folder, compare_variants, demo_evaluation_set,
+from test_time_registers.analysis.evaluation import (Comparison, box_iou, class_folder, compare_variants, demo_evaluation_set,
                                             linear_probe, lost_box, voc_boxes, voc_dataset, zero_shot_accuracy,
                                             zero_shot_classifier)
 from test_time_registers.scripts import evaluate
@@ -211,7 +211,7 @@ def test_the_figure_shows_each_images_attention_and_boxes_per_column(tmp_path, c
     assert f"wrote {figure}" in capsys.readouterr().out
     assert Image.open(figure).size[0] > 400
 
-    from test_time_registers.evaluation import draw_object_discovery   # the same figure, by structure
+    from test_time_registers.analysis.evaluation import draw_object_discovery   # the same figure, by structure
     from test_time_registers.registry import load_model
 
     loaded = load_model("demo")

@@ -5,7 +5,7 @@ import itertools
 import torch
 from PIL import Image
 
-from test_time_registers.figures import GAP, save_comparison
+from test_time_registers.analysis.figures import GAP, save_comparison
 
 
 def test_the_figure_has_separated_tiles_titled_maps_and_a_colour_bar_per_kind_of_map(tmp_path):

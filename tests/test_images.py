@@ -4,8 +4,8 @@ import torch
 from PIL import Image
 
 from test_time_registers import ImageFolder, ImageSourceError
-from test_time_registers.data import batches
-from test_time_registers.images import to_rgb
+from test_time_registers.data.batching import batches
+from test_time_registers.data.sources import to_rgb
 
 
 def _write_mixed_folder(root):
@@ -93,7 +93,7 @@ def test_the_first_skipped_files_are_named_then_only_counted(tmp_path, caplog):
     for index in range(8):
         (tmp_path / f"bad{index}.txt").write_text("x")
     folder = ImageFolder(tmp_path)
-    with caplog.at_level("WARNING", logger="test_time_registers.images"):
+    with caplog.at_level("WARNING", logger="test_time_registers.data.sources"):
         assert len(list(folder)) == 1
     messages = [record.getMessage() for record in caplog.records]
     assert [m.split(":")[0] for m in messages[:5]] == [f"skipped bad{index}.txt" for index in range(5)]

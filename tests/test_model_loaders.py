@@ -204,7 +204,7 @@ def test_hf_specs_that_cannot_be_served_are_precise_errors(tmp_path):
 
     BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                vocab_size=50).save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedModelError, match="no hook manager describes transformers' BertModel; supported: "):
+    with pytest.raises(UnsupportedModelError, match="no hook manager describes BertModel; supported: "):
         load_model(f"hf:{tmp_path}")
     with pytest.raises(ModelLoadError, match="model directory not found"):
         load_model(f"hf:{tmp_path / 'missing'}")
@@ -248,17 +248,20 @@ def test_a_full_clip_model_runs_its_image_features_with_registers():
 def test_open_clip_towers_are_described_or_refused_with_the_reason(name, supported, reason):
     import open_clip
 
-    from test_time_registers import UnsupportedModelError
-    from test_time_registers.clip import ClipHookManager, ClipTimmHookManager
+    from test_time_registers import UnsupportedModelError, hook_manager_for
+    from test_time_registers.clip import ClipHookManager
 
     with torch.device("meta"):   # the real architecture, without allocating its weights
         model = open_clip.create_model(name, device="meta")
     if supported:
-        hook_manager = ClipHookManager(model)
-        assert isinstance(hook_manager, ClipTimmHookManager) == (type(model.visual).__name__ == "TimmModel")
+        hook_manager = hook_manager_for(model)
+        assert isinstance(hook_manager, ClipHookManager) == (type(model.visual).__name__ != "TimmModel")
+        assert hook_manager.image_model is model.visual and hook_manager.forward_methods == ("encode_image",)
         assert hook_manager.num_layers == len(hook_manager.blocks) > 0
         assert hook_manager.grid_shape(torch.empty(1, 3, 224, 224, device="meta")) == (14, 14)
         return
+    with pytest.raises(UnsupportedModelError, match=reason):
+        hook_manager_for(model)
     with pytest.raises(UnsupportedModelError, match=reason):
         ClipHookManager(model)
 
@@ -266,11 +269,11 @@ def test_open_clip_towers_are_described_or_refused_with_the_reason(name, support
 def test_vitamin_takes_the_pixels_at_its_stem_and_reads_its_neurons_at_the_geglu_output():
     import open_clip
 
-    from test_time_registers.clip import ClipHookManager
+    from test_time_registers import hook_manager_for
 
     with torch.device("meta"):
         model = open_clip.create_model("ViTamin-S", device="meta")
-    hook_manager, trunk = ClipHookManager(model), model.visual.trunk
+    hook_manager, trunk = hook_manager_for(model), model.visual.trunk
     mlp = trunk.blocks[3].mlp
     assert hook_manager.patch_embedding is trunk.patch_embed.backbone.stem.conv1
     assert hook_manager.patch_size == (16, 16) and hook_manager.layout.num_prefix == 0

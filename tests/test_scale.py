@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from test_time_registers import (DiscoveryStatistics, ImageFolder, InvalidArgumentError, RegisterNeurons,
                                  find_register_neurons, gather_statistics, load_model)
-from test_time_registers.data import batches
+from test_time_registers.data.batching import batches
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "find_register_neurons.py"
@@ -72,7 +72,7 @@ def test_workers_decode_a_folder_and_still_name_and_count_unreadable_files(tmp_p
     hm, preprocess = demo_model.hook_manager, demo_model.preprocess
     in_process = find_register_neurons(hm, ImageFolder(tmp_path), preprocess, top_k=4, batch_size=6, progress=False)
     caplog.clear()
-    with caplog.at_level("WARNING", logger="test_time_registers.images"):
+    with caplog.at_level("WARNING", logger="test_time_registers.data.sources"):
         folder = ImageFolder(tmp_path)
         with_workers = find_register_neurons(hm, folder, preprocess, top_k=4, batch_size=6, workers=2,
                                              progress=False)
@@ -93,7 +93,7 @@ def test_a_users_dataloader_of_preprocessed_batches_is_an_image_source(demo_mode
 
 
 def test_shards_cover_every_position_once(scenes, demo_model):
-    from test_time_registers.data import Shard
+    from test_time_registers.data.batching import Shard
 
     seen = []
     for rank in range(3):
@@ -242,7 +242,7 @@ def test_outlier_rows_and_the_dense_product_give_the_same_scores(demo_model):
 def test_readers_can_be_sent_to_spawned_workers(tmp_path, scenes):
     import pickle
 
-    from test_time_registers.data import ordered_source
+    from test_time_registers.data.batching import ordered_source
 
     scenes[0].save(tmp_path / "a.png")
     for source in (ordered_source(ImageFolder(tmp_path)), ordered_source(scenes[:3])):

@@ -16,14 +16,14 @@ from test_time_registers import (InvalidArgumentError, LearnableRegisters, Modif
 from test_time_registers.clip import ClipHookManager
 from test_time_registers.deit import DeitHookManager
 from test_time_registers.hooks import HookSite
-from test_time_registers.images import default_transform
-from test_time_registers.intervention import PaperEdit
+from test_time_registers.data.sources import default_transform
+from test_time_registers.edits import PaperEdit
 from test_time_registers.loading import LoadedModel
-from test_time_registers.metrics import measure_outliers
+from test_time_registers.analysis.metrics import measure_outliers
 from test_time_registers.planting import marker_images, plant_register_neurons
 from test_time_registers.scripts import train_registers
-from test_time_registers.trained_registers import apply_trained_registers, save_trained_registers
-from test_time_registers.training import (TrainingOptions, fine_tuning_setup, from_scratch_setup, parameter_digest,
+from test_time_registers.training.registers import apply_trained_registers, save_trained_registers
+from test_time_registers.training.train import (TrainingOptions, fine_tuning_setup, from_scratch_setup, parameter_digest,
                                           scene_images, train, vitrgts_to_timm)
 from tests.tiny_models import ARCHITECTURES, IMAGE_SIZE, LAYERS, clip_model, hook_count, timm_model
 

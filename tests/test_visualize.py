@@ -1,4 +1,4 @@
-"""The figures of test_time_registers.visualize and the visualize command, checked by structure, not pixels."""
+"""The figures of test_time_registers.analysis.visualize and the visualize command, checked by structure, not pixels."""
 
 import math
 import re
@@ -16,7 +16,7 @@ from test_time_registers.clip import ClipHookManager, SiglipVisionHookManager
 from test_time_registers.dinov2 import Dinov2HookManager
 from test_time_registers.planting import marker_images, plant_register_neurons
 from test_time_registers.scripts import visualize
-from test_time_registers.visualize import (Page, collect_views, draw_cls_attention, draw_neuron_scores,
+from test_time_registers.analysis.visualize import (Page, collect_views, draw_cls_attention, draw_neuron_scores,
                                            draw_norm_histogram, draw_norm_maps, draw_pages, draw_token_attention,
                                            norm_histogram, save_pages, score_matrix)
 from tests.tiny_models import IMAGE_SIZE, dinov2_model, hf_tower

@@ -23,6 +23,7 @@ from test_time_registers.clip import (ClipHookManager, ClipVisionHookManager, Si
 from test_time_registers.deit import BeitHookManager, DeitHookManager, EvaHookManager
 from test_time_registers.dinov2 import Dinov2HookManager, Dinov3HookManager, ViTHookManager
 from test_time_registers.hooks import HookManager
+from test_time_registers.registry import hook_manager_for
 
 IMAGE_SIZE = 64
 WIDTH = 64
@@ -168,14 +169,12 @@ ARCHITECTURES = [
     Architecture("timm-reg4-no-embed-class",
                  lambda: timm_model("vit_small_patch16_224", reg_tokens=4, no_embed_class=True, global_pool="avg"),
                  DeitHookManager, 1, 4),
-    Architecture("openclip-timm-trunk", lambda: clip_with_timm_trunk("vit_small_patch16_224"), ClipHookManager, 1, 0),
-    Architecture("openclip-siglip-trunk", lambda: clip_with_timm_trunk("vit_base_patch16_siglip_224"),
-                 ClipHookManager, 0, 0),
-    Architecture("openclip-eva-trunk", lambda: clip_with_timm_trunk("eva02_tiny_patch14_224"), ClipHookManager, 1, 0),
-    Architecture("openclip-vitamin-trunk", lambda: clip_with_timm_trunk("vitamin_small_224", **vitamin_overrides()),
-                 ClipHookManager, 0, 0),
+    Architecture("openclip-timm-trunk", lambda: clip_with_timm_trunk("vit_small_patch16_224"), hook_manager_for, 1, 0),
+    Architecture("openclip-siglip-trunk", lambda: clip_with_timm_trunk("vit_base_patch16_siglip_224"), hook_manager_for, 0, 0),
+    Architecture("openclip-eva-trunk", lambda: clip_with_timm_trunk("eva02_tiny_patch14_224"), hook_manager_for, 1, 0),
+    Architecture("openclip-vitamin-trunk", lambda: clip_with_timm_trunk("vitamin_small_224", **vitamin_overrides()), hook_manager_for, 0, 0),
     Architecture("openclip-relpos-trunk",
-                 lambda: clip_with_timm_trunk("vit_relpos_medium_patch16_cls_224", rel_pos_dim=32), ClipHookManager, 1, 0),
+                 lambda: clip_with_timm_trunk("vit_relpos_medium_patch16_cls_224", rel_pos_dim=32), hook_manager_for, 1, 0),
     Architecture("timm-eva02", lambda: timm_model("eva02_tiny_patch14_224"), EvaHookManager, 1, 0),
     Architecture("timm-beit", lambda: timm_model("beit_base_patch16_224"), BeitHookManager, 1, 0),
     Architecture("timm-beit-shared-bias", lambda: timm_model("beit_base_patch16_224", use_rel_pos_bias=False,

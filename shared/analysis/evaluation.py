@@ -29,10 +29,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .errors import ImageSourceError, InvalidArgumentError, UnsupportedModelError
-from .hooks import HookManager
-from .images import ImageFolder, UnreadableImage, read_image
-from .intervention import ModifiedModel
+from ..errors import ImageSourceError, InvalidArgumentError, UnsupportedModelError
+from ..hooks import HookManager
+from ..data.sources import ImageFolder, UnreadableImage, read_image
+from ..intervention import ModifiedModel
 
 log = logging.getLogger(__name__)
 
@@ -576,7 +576,7 @@ def draw_object_discovery(results: Sequence[VariantResult]):
     """
     from matplotlib.patches import Rectangle
 
-    from .visualize import _new_figure
+    from ..analysis.visualize import _new_figure
 
     shown = [r for r in results if r.cls_maps is not None]
     if not shown or not shown[0].shown:

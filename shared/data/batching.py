@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import InvalidArgumentError, check_int
-from .images import ImageFolder, UnreadableImage, image_source, read_image, to_rgb
+from ..errors import InvalidArgumentError, check_int
+from ..data.sources import ImageFolder, UnreadableImage, image_source, read_image, to_rgb
 
 log = logging.getLogger(__name__)
 

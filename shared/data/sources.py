@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .errors import ImageSourceError, InvalidArgumentError
+from ..errors import ImageSourceError, InvalidArgumentError
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ def calibration_first(images, count: int, seed: int = 0):
     its positions drawn with ``seed`` and moved to the front (a :class:`~test_time_registers.data.Reordered`
     view, not a copy). Other iterables are left as they are: their first ``count`` images are the sample.
     """
-    from .data import Reordered
+    from ..data.batching import Reordered
 
     if isinstance(images, ImageFolder):
         return images.shuffled()

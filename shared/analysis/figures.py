@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from .errors import InvalidArgumentError
+from ..errors import InvalidArgumentError
 
 # Anchor colours of a perceptually ordered dark-blue -> teal -> yellow colour map.
 _ANCHORS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)

@@ -36,12 +36,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
-from .distributed import all_reduce, current_shard, is_distributed
-from .errors import ImageSourceError, InvalidArgumentError, check_int
-from .hooks import HookManager, HookSite
-from .images import ImageFolder, UnreadableImage, read_image
-from .loading import LoadedModel, first_line
-from .trained_registers import LearnableRegisters, RegisteredModel, pooled_output
+from ..distributed import all_reduce, current_shard, is_distributed
+from ..errors import ImageSourceError, InvalidArgumentError, check_int
+from ..hooks import HookManager, HookSite
+from ..data.sources import ImageFolder, UnreadableImage, read_image
+from ..errors import first_line
+from ..loading import LoadedModel
+from ..training.registers import LearnableRegisters, RegisteredModel, pooled_output
 
 log = logging.getLogger(__name__)
 

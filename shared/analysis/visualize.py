@@ -37,13 +37,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .data import batches
-from .errors import ImageSourceError, InvalidArgumentError, TestTimeRegistersError, check_int
-from .hooks import HookManager
-from .images import named_images, no_images_message
-from .intervention import Edit, ModifiedModel
-from .layout import TokenLayout
-from .neurons import RegisterNeurons
+from ..data.batching import batches
+from ..errors import ImageSourceError, InvalidArgumentError, TestTimeRegistersError, check_int
+from ..hooks import HookManager
+from ..data.sources import named_images, no_images_message
+from ..intervention import Edit, ModifiedModel
+from ..layout import TokenLayout
+from ..neurons import RegisterNeurons
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import ImageSourceError
-from .hooks import HookManager
-from .data import batches
-from .images import image_source, no_images_message
-from .intervention import ModifiedModel
+from ..errors import ImageSourceError
+from ..hooks import HookManager
+from ..data.batching import batches
+from ..data.sources import image_source, no_images_message
+from ..intervention import ModifiedModel
 
 
 @dataclass

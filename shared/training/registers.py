@@ -26,7 +26,7 @@ Blocks that run before a group of tokens exists (the learned registers before ``
 CLS before ``cls_pos``) show it, through the registered model's hook manager, as zero
 placeholder tokens at its place in the final layout: every hook sees one layout at every block,
 whatever is written there is dropped, and the model itself never sees a placeholder.
-:meth:`RegisteredHookManager.layout_at` says which tokens really exist at each block.
+:meth:`HookManager.layout_at` of ``registered.hook_manager`` says which tokens really exist at each block.
 
 A checkpoint (:func:`save_trained_registers`) holds only what training changed, in
 safetensors, with JSON metadata naming the base model; :func:`load_trained_registers` loads the
@@ -47,15 +47,15 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .errors import InvalidArgumentError, ModelLoadError, UnsupportedModelError, check_int
-from .hooks import HookManager, Hooks, HookSite, TensorFn
-from .layout import TokenLayout
-from .loading import LoadedModel, first_line
-from .neurons import _write_atomically
-from .registry import load_model
+from ..errors import InvalidArgumentError, ModelLoadError, UnsupportedModelError, check_int
+from ..hooks import Extension, HookManager, TensorFn
+from ..layout import TokenLayout
+from ..errors import first_line
+from ..loading import LoadedModel
+from ..files import write_atomically
+from ..registry import load_model
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +66,6 @@ METADATA_FILE = "registers.json"
 METADATA_KEY = "test_time_registers"
 #: Standard deviation of the learned tokens at initialisation (distinct tokens, so they can specialise).
 INIT_STD = 0.02
-
-
-def hidden_size(hook_manager: HookManager) -> int:
-    """The width of the residual stream: the output size of block 0's MLP output projection."""
-    return hook_manager.mlp_output_projection(0).weight.shape[0]
 
 
 def pooled_output(output, layout: TokenLayout) -> torch.Tensor:
@@ -124,7 +119,7 @@ class LearnableRegisters(nn.Module):
                   cls_pos: int | None = None, seed: int = 0) -> "LearnableRegisters":
         """Registers as wide as the model, on its device and in its dtype."""
         weight = hook_manager.mlp_output_projection(0).weight
-        return cls(num_registers, hidden_size(hook_manager), insert_at=insert_at, cls_pos=cls_pos, seed=seed,
+        return cls(num_registers, hook_manager.hidden_size, insert_at=insert_at, cls_pos=cls_pos, seed=seed,
                    dtype=weight.dtype, device=weight.device)
 
     @property
@@ -137,26 +132,34 @@ class LearnableRegisters(nn.Module):
     def check_fits(self, hook_manager: HookManager) -> None:
         """Raise if the model cannot take these registers (see the module docstring)."""
         hook_manager.check_layer(self.insert_at, "insert_at")
-        if self.tokens.shape[2] != hidden_size(hook_manager):
+        if self.tokens.shape[2] != hook_manager.hidden_size:
             raise InvalidArgumentError(f"the registers are {self.tokens.shape[2]} wide but the model's hidden size "
-                                       f"is {hidden_size(hook_manager)}")
-        describing = getattr(hook_manager, "trunk", hook_manager)   # an open_clip tower around a timm trunk
-        prepares = type(describing).prepare_for_registers is not HookManager.prepare_for_registers
+                                       f"is {hook_manager.hidden_size}")
+        name = type(hook_manager).__name__
+        prepares = type(hook_manager).prepare_for_registers is not HookManager.prepare_for_registers
         if self.num_registers and prepares and not hook_manager.layout.registers_after_prefix:
             raise UnsupportedModelError(
-                f"{type(describing).__name__} extends position-dependent tensors (a relative position bias or an "
+                f"{name} extends position-dependent tensors (a relative position bias or an "
                 "attention mask) for tokens appended after the patches, but learned registers sit after the prefix")
         if self.num_registers and prepares and self.insert_at:
-            raise UnsupportedModelError(f"{type(describing).__name__} counts extra tokens in every block, so learned "
+            raise UnsupportedModelError(f"{name} counts extra tokens in every block, so learned "
                                         f"registers must go in before block 0 (insert_at=0), not {self.insert_at}")
         if self.cls_pos is not None:
             hook_manager.check_layer(self.cls_pos, "cls_pos")
-            model = hook_manager.model
-            if not (isinstance(model, VisionTransformer) and hook_manager.layout.num_cls
-                    and hook_manager.register_insertion_site().module is model.norm_pre
-                    and not hook_manager.layout.registers_after_prefix):
+            if cls_entry(hook_manager) is None:
                 raise UnsupportedModelError(f"cls_pos needs a timm VisionTransformer with a class token, "
-                                            f"got {type(model).__name__}")
+                                            f"got {type(hook_manager.root).__name__}")
+
+
+def cls_entry(hook_manager: HookManager) -> nn.Module | None:
+    """Where CLS can be taken out and put back (timm's ``norm_pre``, the registers' insertion site, when
+    CLS is the first token and registers go after the patches), or None."""
+    norm_pre = getattr(hook_manager.root, "norm_pre", None)
+    layout = hook_manager.layout
+    if norm_pre is None or not layout.num_cls or layout.registers_after_prefix or \
+            hook_manager.register_insertion_site().module is not norm_pre:
+        return None
+    return norm_pre
 
 
 @dataclass
@@ -221,7 +224,8 @@ class RegisteredModel(nn.Module):
         self.register_tokens: torch.Tensor | None = None
         self._state = _TokenState()
         described = f"{registers.num_registers} learned register" + ("s" if registers.num_registers != 1 else "")
-        self.hook_manager = RegisteredHookManager(self, name or f"{hook_manager.name} with {described}")
+        #: A view of ``hook_manager`` in the final layout (see the module docstring).
+        self.hook_manager = hook_manager.view(_LearnedRegisters(self, name or f"{hook_manager.name} with {described}"))
 
     def extra_repr(self) -> str:
         return f"base={self.base_hook_manager.name!r}"
@@ -274,16 +278,16 @@ class RegisteredModel(nn.Module):
         with base.hooks() as hooks:
             state.active += 1
             hooks.on_exit(self._leave)
-            hooks.on(HookSite(base.patch_embedding, "input"), self._start_pass)
+            hooks.on(base.site(base.patch_embedding, "input"), self._start_pass)
             if registers.num_registers:
                 base.prepare_for_registers(registers.num_registers, hooks)
                 site = (base.register_insertion_site() if registers.insert_at == 0
-                        else HookSite(base.blocks[registers.insert_at], "input"))
+                        else base.site(base.blocks[registers.insert_at], "input"))
                 hooks.on(site, self._insert_registers, prepend=True)
                 hooks.on(base.register_removal_site(), self._remove_registers)   # after any test-time registers leave
             if registers.cls_pos is not None:
-                hooks.on(HookSite(base.model.norm_pre, "output"), self._take_cls, prepend=True)
-                hooks.on(HookSite(base.blocks[registers.cls_pos], "input"), self._put_cls, prepend=True)
+                hooks.on(base.site(cls_entry(base), "output"), self._take_cls, prepend=True)
+                hooks.on(base.site(base.blocks[registers.cls_pos], "input"), self._put_cls, prepend=True)
             yield
 
     # ---- hooks -----------------------------------------------------------------------
@@ -352,108 +356,33 @@ class RegisteredModel(nn.Module):
         return through_final_layout
 
 
-@dataclass(frozen=True)
-class _FinalLayoutSite(HookSite):
-    """A site of a registered model whose hook functions see the final layout (see :meth:`RegisteredModel.in_final_layout`)."""
-
-    owner: RegisteredModel | None = field(default=None, compare=False, repr=False)
-
-    def attach(self, fn: TensorFn, *, prepend: bool = False):
-        return super().attach(self.owner.in_final_layout(fn), prepend=prepend)
-
-
-class RegisteredHookManager(HookManager):
-    """The hook manager of a :class:`RegisteredModel`: its base model's sites, in the final layout.
-
-    ``layout`` counts the learned registers as trained registers. Every site it declares (neurons,
-    block outputs, attention inputs and probabilities, where test-time registers go in and come
-    out) shows that layout at every block, with zero placeholders where tokens do not exist yet;
-    ``layout_at(block)`` gives the tokens that really exist there. ``forward_images`` runs the
-    model with the registers; the bare model cannot be run under its hooks.
-    """
+class _LearnedRegisters(Extension):
+    """What a :class:`RegisteredModel` adds, for its hook manager view: the learned registers count as
+    trained registers, and every site shows that layout at every block (zero placeholders where
+    tokens do not exist yet; ``layout_at(block)`` gives the tokens that really exist there)."""
 
     def __init__(self, registered: RegisteredModel, name: str):
-        base = registered.base_hook_manager
-        self.registered = registered
-        self.base = base
-        super().__init__(registered, name, autocast_dtype=base.autocast_dtype)
-        self.forward_methods = base.forward_methods
-        self.pixel_keyword = base.pixel_keyword
-        self.attention_input = base.attention_input
+        self.model = registered
+        self.name = name
 
-    @property
-    def layout(self) -> TokenLayout:
-        base = self.base.layout
-        return replace(base, num_trained_registers=base.num_trained_registers + self.registered.registers.num_registers)
+    def extend_layout(self, layout: TokenLayout) -> TokenLayout:
+        return replace(layout, num_trained_registers=layout.num_trained_registers + self.model.registers.num_registers)
 
-    def layout_at(self, block: int) -> TokenLayout:
-        self.check_layer(block, "block")
-        registers, base = self.registered.registers, self.base.layout
+    def extend_layout_at(self, block: int, layout: TokenLayout) -> TokenLayout:
+        registers = self.model.registers
         cls_in = registers.cls_pos is None or block >= registers.cls_pos
         learned = registers.num_registers if block >= registers.insert_at else 0
-        return replace(base, num_cls=base.num_cls if cls_in else 0,
-                       num_trained_registers=base.num_trained_registers + learned)
+        return replace(layout, num_cls=layout.num_cls if cls_in else 0,
+                       num_trained_registers=layout.num_trained_registers + learned)
 
-    @property
-    def blocks(self) -> Sequence[nn.Module]:
-        return self.base.blocks
+    def adapt(self, fn: TensorFn, dims: Sequence[int] = (1,)) -> TensorFn:
+        return self.model.in_final_layout(fn, dims)
 
-    @property
-    def patch_embedding(self) -> nn.Module:
-        return self.base.patch_embedding
+    def running(self) -> contextlib.AbstractContextManager:
+        return self.model.registers_in()
 
-    @property
-    def patch_size(self) -> tuple[int, int]:
-        return self.base.patch_size
-
-    @property
-    def image_model(self) -> nn.Module:
-        return self.base.image_model
-
-    @property
-    def default_detect_layer(self) -> int:
-        return self.base.default_detect_layer
-
-    def mlp_output_projection(self, layer: int) -> nn.Module:
-        return self.base.mlp_output_projection(layer)
-
-    def mlp_input_projection(self, layer: int) -> nn.Module:
-        return self.base.mlp_input_projection(layer)
-
-    def mlp_input_rows(self, layer: int) -> tuple[tuple[nn.Module, int], ...]:
-        return self.base.mlp_input_rows(layer)
-
-    def model_inputs(self, pixel_values: torch.Tensor) -> tuple[tuple, dict]:
-        return self.base.model_inputs(pixel_values)
-
-    def prepare_for_registers(self, num_registers: int, hooks: Hooks) -> None:
-        self.base.prepare_for_registers(num_registers, hooks)
-
-    def _final(self, site: HookSite) -> HookSite:
-        return _FinalLayoutSite(site.module, site.where, site.keyword, owner=self.registered)
-
-    def register_insertion_site(self) -> HookSite:
-        return self._final(self.base.register_insertion_site())
-
-    def register_removal_site(self) -> HookSite:
-        return self._final(self.base.register_removal_site())
-
-    def neuron_site(self, layer: int) -> HookSite:
-        return self._final(self.base.neuron_site(layer))
-
-    def block_output_site(self, layer: int) -> HookSite:
-        return self._final(self.base.block_output_site(layer))
-
-    def attention_input_site(self, layer: int) -> HookSite:
-        return self._final(self.base.attention_input_site(layer))
-
-    def attach_attention_probe(self, layer: int, fn: Callable[[torch.Tensor], None], hooks: Hooks) -> None:
-        """``fn(probabilities [B, heads, L, L])`` in the final layout (placeholder rows and columns are zero)."""
-        self.base.attach_attention_probe(layer, self.registered.in_final_layout(fn, dims=(2, 3)), hooks)
-
-    def forward_images(self, pixel_values: torch.Tensor):
-        with self.registered.registers_in():
-            return self.base.forward_images(pixel_values)
+    def view_name(self, name: str) -> str:
+        return self.name
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -502,8 +431,8 @@ def save_trained_registers(folder: str | os.PathLike, registered: RegisteredMode
     text = json.dumps(metadata, indent=2, allow_nan=False)
     tensors = {name: state[name].detach().cpu().contiguous() for name in parameters}
     weights = folder / WEIGHTS_FILE
-    _write_atomically(weights, lambda temporary: save_file(tensors, temporary, metadata={METADATA_KEY: text}))
-    _write_atomically(folder / METADATA_FILE, lambda temporary: Path(temporary).write_text(text + "\n"))
+    write_atomically(weights, lambda temporary: save_file(tensors, temporary, metadata={METADATA_KEY: text}))
+    write_atomically(folder / METADATA_FILE, lambda temporary: Path(temporary).write_text(text + "\n"))
     return weights
 
 
@@ -533,7 +462,7 @@ def apply_trained_registers(path: str | os.PathLike, base: LoadedModel, *, name:
     """Put a checkpoint's registers, trained weights and head onto an already loaded base model.
 
     Returns a :class:`LoadedModel` whose model is a :class:`RegisteredModel` in eval mode and whose
-    hook manager is its :class:`RegisteredHookManager`; the rest (preprocess, demo scenes,
+    hook manager is its view (``registered.hook_manager``); the rest (preprocess, demo scenes,
     tokenizer) is the base's.
     """
     metadata, tensors = read_trained_registers(path)
@@ -571,10 +500,8 @@ def load_trained_registers(path: str | os.PathLike, *, device: torch.device | st
     metadata, _ = read_trained_registers(path)
     scratch = metadata.get("from_scratch")
     if scratch:
-        from test_time_registers.deit.loader import load_timm
-
-        base = load_timm(scratch["timm_model"], pretrained=False, device=device, precision=precision,
-                         **scratch["kwargs"])
+        base = load_model(f"timm:{scratch['timm_model']}:random", device=device, precision=precision,
+                          **scratch["kwargs"])
     else:
         # A base with random weights (openclip:NAME:random, timm:NAME:random) comes back from the seed, drawn first
         # as test-time-registers-train draws it.

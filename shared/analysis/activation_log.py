@@ -25,11 +25,11 @@ import h5py
 import torch
 from tqdm.auto import tqdm
 
-from .errors import ImageSourceError, InvalidArgumentError
-from .hooks import HookManager
-from .data import batches
-from .images import count_hint, image_source, no_images_message
-from .neurons import RegisterNeurons
+from ..errors import ImageSourceError, InvalidArgumentError
+from ..hooks import HookManager
+from ..data.batching import batches
+from ..data.sources import count_hint, image_source, no_images_message
+from ..neurons import RegisterNeurons
 
 log = logging.getLogger(__name__)
 
