@@ -103,9 +103,9 @@ class Siglip2VisionHookManager(SiglipVisionHookManager):
         hooks.keep(self.root.encoder.register_forward_pre_hook(extend_mask, with_kwargs=True))
 
 
-register_model("CLIPVisionModel", "CLIPVisionTransformer", hook_manager=ClipVisionHookManager)
-register_model("SiglipVisionModel", "SiglipVisionTransformer", hook_manager=SiglipVisionHookManager)
-register_model("Siglip2VisionModel", "Siglip2VisionTransformer", hook_manager=Siglip2VisionHookManager)
+register_model("CLIPVisionModel", hook_manager=ClipVisionHookManager)
+register_model("SiglipVisionModel", hook_manager=SiglipVisionHookManager)
+register_model("Siglip2VisionModel", hook_manager=Siglip2VisionHookManager)
 # Two-tower models run their image tower (and name the method that projects its features);
 # classifiers run whole, so that forward_images gives their logits.
 register_model("CLIPModel", "CLIPVisionModelWithProjection", "SiglipModel", "Siglip2Model", inside="vision_model",

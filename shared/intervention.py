@@ -194,7 +194,7 @@ class ModifiedModel(nn.Module):
                 raise
         method = getattr(self.model, name)
         if name in hook_manager.intermediate_methods and self.num_registers:
-            run = self._replayed(method, hook_manager.intermediate_methods[name])
+            run = self._replayed(name, method, hook_manager.intermediate_methods[name])
         else:
             def run(*args, **kwargs):
                 with self.intervention(), self.hook_manager.autocast():
@@ -250,7 +250,7 @@ class ModifiedModel(nn.Module):
 
                 _shadow(owner, name, refuse, hooks)
 
-    def _replayed(self, method: Callable, pixel_names: tuple[str, ...]) -> Callable:
+    def _replayed(self, name: str, method: Callable, pixel_names: tuple[str, ...]) -> Callable:
         """Run an intermediate method so that it reads the block outputs of the run with registers, without them.
 
         The images go once through the model with the registers, keeping each block's output without
@@ -259,13 +259,13 @@ class ModifiedModel(nn.Module):
         at the unmodified model's token count. This costs a second forward pass.
         """
         def run(*args, **kwargs):
+            if self._state.depth:
+                raise RegisterLeakError(f"{name} runs the model twice, the second time without registers: "
+                                        "call it outside an open intervention() context")
             bound = inspect.signature(method).bind_partial(*args, **kwargs).arguments
-            pixels = next((bound[name] for name in pixel_names if bound.get(name) is not None), None)
+            pixels = next((bound[key] for key in pixel_names if bound.get(key) is not None), None)
             if pixels is None:   # no images (open_clip's text tower alone)
                 return method(*args, **kwargs)
-            if self._state.depth:
-                raise RegisterLeakError(f"{method.__name__} runs the model twice, the second time without registers: "
-                                        "call it outside an open intervention() context")
             base, kept = self.base_hook_manager, {}
             with base.hooks() as hooks:
                 for layer in range(base.num_layers):
