@@ -12,43 +12,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .errors import ModelLoadError
-from .hooks import Hooks
-from .hub import load_pretrained
 from .data.sources import default_transform
-from .errors import first_line
+from .errors import ModelLoadError, first_line
+from .hub import load_pretrained
 from .loading import LoadedModel
 from .precision import Precision, cast_model, get_precision
 from .registry import hook_manager_for, register_architecture
 
 log = logging.getLogger(__name__)
-
-
-def probe_eager_attention(model: nn.Module, attention: nn.Module, fn: Callable[[torch.Tensor], None],
-                          hooks: Hooks) -> None:
-    """Read attention probabilities from a transformers attention module returning ``(output, weights)``.
-
-    Only the eager path computes the weights, so the model is switched to it with transformers'
-    public ``set_attn_implementation("eager")`` while ``hooks`` is open, and switched back when
-    it closes. :class:`~test_time_registers.sites.EagerAttention` declares it for any transformers ViT.
-
-    The switch is model-wide: while a capture is open, other threads running the same model
-    also run eager attention (same results, slower). Captures are not thread-safe: do not open
-    two on one model from different threads.
-
-    Args:
-        model: the ``PreTrainedModel`` that holds ``attention``.
-        attention: the attention module whose output is ``(output, weights [B, heads, L, L])``.
-    """
-    previous = model.config._attn_implementation
-    if previous != "eager":
-        model.set_attn_implementation("eager")   # the fast kernels return no probabilities
-        hooks.on_exit(lambda: model.set_attn_implementation(previous))
-
-    def read_weights(module, args, output):
-        fn(output[1])  # [B, heads, L, L]
-
-    hooks.keep(attention.register_forward_hook(read_weights))
 
 
 def _has_weights(folder: Path) -> bool:

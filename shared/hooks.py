@@ -21,6 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .errors import InvalidArgumentError, UnsupportedModelError
 from .layout import TokenLayout
+from .registry import check_described_by, placement
 from .sites import Sites, resolve
 
 TensorFn = Callable[[torch.Tensor], "torch.Tensor | None"]
@@ -272,8 +273,6 @@ class HookManager:
         self.name = name or self.default_name()
 
     def _resolve(self, model: nn.Module, sites: Sites) -> None:
-        from .registry import check_described_by, placement
-
         place = placement(model)
         root = model.get_submodule(place.root) if place.root else model
         check_described_by(root, type(self))

@@ -110,18 +110,30 @@ class Unfused(AttentionProbe):
 
 @dataclass(frozen=True)
 class EagerAttention(AttentionProbe):
-    """A transformers attention module returning ``(output, weights)``: the innermost
-    ``PreTrainedModel`` holding it runs eager attention while the probe is open."""
+    """A transformers attention module returning ``(output, weights)``.
+
+    Only the eager path computes the weights, so the innermost ``PreTrainedModel`` holding the
+    module is switched to it with transformers' public ``set_attn_implementation("eager")`` while
+    the probe is open, and switched back when it closes. The switch is model-wide: while a capture
+    is open, other threads running the same model also run eager attention (same results, slower),
+    so captures are not thread-safe.
+    """
 
     path: str = "attention"
 
     def attach(self, attention, fn, hooks, owners) -> None:
-        from .hf import probe_eager_attention
-
-        pretrained = next((module for module in reversed(owners) if hasattr(module, "set_attn_implementation")), None)
-        if pretrained is None:
+        model = next((module for module in reversed(owners) if hasattr(module, "set_attn_implementation")), None)
+        if model is None:
             raise UnsupportedModelError(f"no transformers PreTrainedModel holds {type(attention).__name__}")
-        probe_eager_attention(pretrained, attention, fn, hooks)
+        previous = model.config._attn_implementation
+        if previous != "eager":
+            model.set_attn_implementation("eager")   # the fast kernels return no probabilities
+            hooks.on_exit(lambda: model.set_attn_implementation(previous))
+
+        def read_weights(module, args, output):
+            fn(output[1])   # [B, heads, L, L]
+
+        hooks.keep(attention.register_forward_hook(read_weights))
 
 
 @dataclass(frozen=True)
