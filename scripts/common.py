@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from test_time_registers import TestTimeRegistersError
 from test_time_registers.precision import PRECISIONS
 from test_time_registers.neurons import RegisterNeurons
-from test_time_registers.registry import installed_prefixes, load_neurons
+from test_time_registers.registry import architectures, load_neurons, spec_forms, supported_models
 
 LIBRARY_LOGGER = "test_time_registers"
 IMAGES_LOGGER = "test_time_registers.data.sources"
@@ -44,7 +44,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the description's line breaks and appends "(default: X)" where a flag has a default."""
 
     def _get_help_string(self, action):
-        text = action.help or ""
+        text = model_help() if action.dest == "model" else (action.help or "")
         unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
         if "default" in text or unset or not action.option_strings:
             return text
@@ -91,12 +91,54 @@ def layer_or_auto(text: str):
     return "auto" if text == "auto" else non_negative_int(text)
 
 
+def model_help() -> str:
+    """The help of ``--model``, read from the registry when the help is shown (it imports every architecture)."""
+    examples = [architecture.examples[0] for architecture in architectures().values()
+                if architecture.examples and architecture.alias_of is None]
+    return (f"model spec, one of: {spec_forms()}; e.g. {', '.join(examples)}; 'demo' is synthetic and offline; "
+            "--list-models describes each")
+
+
+def list_models() -> str:
+    """Every registered architecture (spec, what it loads, examples, presets) and every supported model class."""
+    lines = ["Model specs (--model):"]
+    for prefix, architecture in architectures().items():
+        if architecture.alias_of is not None:
+            lines.append(f"  {architecture.spec}  (an alias of {architecture.alias_of}:)")
+            continue
+        lines.append(f"  {architecture.spec}")
+        if architecture.description:
+            lines.append(f"      {architecture.description}")
+        lines.extend(f"      e.g. {example}" for example in architecture.examples)
+        lines.extend(f"      preset:{name}  {preset.description}" for name, preset in architecture.presets.items())
+    lines.append("Model classes (what hook_manager_for describes):")
+    for name, entry in supported_models().items():
+        if entry.hook_manager is not None:
+            what = entry.hook_manager.__name__
+        elif entry.inside is not None:
+            what = f"wraps the model at .{entry.inside}"
+        else:
+            what = f"unsupported: {entry.unsupported}"
+        lines.append(f"  {name}: {what}")
+    return "\n".join(lines)
+
+
+class ListModels(argparse.Action):
+    """``--list-models``: print :func:`list_models` and exit, like ``--help``."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(list_models())
+        parser.exit()
+
+
 def add_model_flags(parser: argparse.ArgumentParser, precisions: tuple[str, ...] = tuple(PRECISIONS)) -> None:
-    """``--model``, ``--device``, ``--precision`` (one of ``precisions``) and ``--seed``."""
-    parser.add_argument("--model", default="demo",
-                        help=f"model spec PREFIX:REFERENCE; installed prefixes: {', '.join(installed_prefixes())}. "
-                             "E.g. openclip:ViT-B-16:laion2b_s34b_b88k, dinov2:facebook/dinov2-large, "
-                             "timm:deit3_base_patch16_224.fb_in22k_ft_in1k; 'demo' is synthetic and offline")
+    """``--model``, ``--list-models``, ``--device``, ``--precision`` (one of ``precisions``) and ``--seed``."""
+    parser.add_argument("--model", default="demo", help="(from the registry)")
+    parser.add_argument("--list-models", action=ListModels,
+                        help="list every model spec, its examples and presets, and every supported model class, then exit")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument("--precision", choices=precisions, default="fp32",
                         help="; ".join(f"{PRECISIONS[p].name}: {PRECISIONS[p].description}" for p in precisions))
