@@ -248,3 +248,22 @@ def test_a_model_no_hook_manager_describes_is_refused_with_the_reason():
         hook_manager_for(torch.nn.Linear(2, 2))
     with pytest.raises(UnsupportedModelError, match="has no blocks at 'transformer.resblocks' .*Sequential"):
         ClipHookManager(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize("arch", [arch for arch in ARCHITECTURES if arch.name in ("openclip", "dinov2", "deit3", "hf-vit")],
+                         ids=lambda a: a.name)
+@torch.no_grad()
+def test_nested_learned_registers_contexts_are_no_ops(arch):
+    from test_time_registers import LearnableRegisters, RegisteredModel
+
+    model, hook_manager, pixels = build(arch)
+    registered = RegisteredModel(model, hook_manager, LearnableRegisters.for_model(hook_manager, 2, seed=1))
+    once = registered.forward_images(pixels)
+    with registered.registers_in(), registered.registers_in():
+        nested = registered.forward_images(pixels)
+        inside = registered.hook_manager.forward_images(pixels)
+    for got in (nested, inside):
+        assert all(torch.equal(a, b) for a, b in zip(tensors(once), tensors(got), strict=True))
+    assert shapes(once) == shapes(hook_manager.forward_images(pixels))
+    assert registered.register_tokens.shape == (2, 2, hook_manager.hidden_size)
+    assert hook_count(model) == 0
