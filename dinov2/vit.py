@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from test_time_registers.hooks import HookManager
 from test_time_registers.layout import TokenLayout
 from test_time_registers.registry import register_model
-from test_time_registers.sites import At, EagerAttention, Sites
+
+from .hook_manager import Dinov2HookManager
 
 
 class ViTHookManager(HookManager):
@@ -16,17 +19,9 @@ class ViTHookManager(HookManager):
     path, switched on only while a capture is open.
     """
 
-    sites = Sites(
-        blocks="layers",
-        neurons="mlp.fc2",
-        mlp_inputs=(("mlp.fc1", 0),),
-        patch_embedding="embeddings.patch_embeddings.projection",
-        insert=At("embeddings", "output"),
-        remove=At("layernorm", "input"),
-        attention=EagerAttention("attention"),
-        attention_input="layernorm_before",
-        layout=TokenLayout(num_cls=1),
-    )
+    # DINOv2's sites, but for the blocks' names and the fixed [CLS][patches] layout.
+    sites = replace(Dinov2HookManager.sites, blocks="layers", neurons="mlp.fc2", attention_input="layernorm_before",
+                    layout=TokenLayout(num_cls=1))
     pixel_keyword = "pixel_values"
 
     def default_name(self) -> str:
