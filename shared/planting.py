@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InvalidArgumentError
-from .hooks import HookManager, HookSite
+from .hooks import HookManager
 from .data.sources import IMAGENET_MEAN, IMAGENET_STD
 
 MARKER_RGB = (0.95, 0.05, 0.9)        # the marker is a fine checkerboard of these two colours,
@@ -79,9 +79,8 @@ def plant_register_neurons(hook_manager: HookManager, images: MarkedImages, laye
     """Turn ``count`` neurons of block ``layer`` into register neurons, in place.
 
     Args:
-        hook_manager: describes the model; it must declare ``mlp_input_rows`` (or
-            ``mlp_input_projection``). In a gated MLP the value and gate rows both read the planted
-            direction, so a neuron is ``act(h) * h``: large on markers, about zero elsewhere.
+        hook_manager: describes the model; its sites must declare ``mlp_inputs``. In a gated MLP
+            the value and gate rows both read the planted direction, so a neuron is ``act(h) * h``: large on markers, about zero elsewhere.
         images: calibration images from :func:`marker_images`, at the model's input size.
         layer: the block whose MLP gets the planted neurons.
         count: how many neurons to plant.
@@ -113,7 +112,7 @@ def plant_register_neurons(hook_manager: HookManager, images: MarkedImages, laye
     with torch.no_grad():
         mlp_inputs = {}
         with hook_manager.hooks() as hooks:
-            hooks.on(HookSite(fc_in, "input"), lambda t: mlp_inputs.__setitem__("x", t))
+            hooks.on(hook_manager.site(fc_in, "input"), lambda t: mlp_inputs.__setitem__("x", t))
             hook_manager.forward_images(pixels)
         inputs = patches(mlp_inputs["x"])                                       # [N, P, D]
         direction = _discriminant(inputs[is_marker], inputs[~is_marker])

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .errors import ModelLoadError, NeuronFileError, UnsupportedModelError
+from .errors import InvalidArgumentError, ModelLoadError, NeuronFileError, UnsupportedModelError
 from .loading import LoadedModel
 from .neurons import RegisterNeurons
 from .precision import get_precision
@@ -240,7 +240,7 @@ def register_model(*keys: type | str, hook_manager: type[HookManager] | None = N
     ``unsupported``, for the reason given.
     """
     if sum(value is not None for value in (hook_manager, inside, unsupported)) != 1:
-        raise ValueError("register_model needs exactly one of hook_manager=, inside= or unsupported=")
+        raise InvalidArgumentError("register_model needs exactly one of hook_manager=, inside= or unsupported=")
     for key in keys:
         entry = ModelEntry(key, hook_manager, inside, run_inside, tuple(forward_methods), unsupported)
         (_MODEL_TYPES if isinstance(key, type) else _MODEL_NAMES)[key if isinstance(key, type) else str(key)] = entry

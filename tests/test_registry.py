@@ -87,3 +87,17 @@ def test_a_bad_precision_is_a_precise_error():
     with pytest.raises(InvalidArgumentError, match="precision must be one of fp32, bf16, fp16, pure_bf16"):
         load_model("demo", precision="fp8")
     assert torch.float32 == load_model("demo", precision="amp_bf16").hook_manager.input_dtype
+
+
+def test_model_classes_resolve_to_one_description_and_the_registry_refuses_what_is_not_one():
+    from test_time_registers import InvalidArgumentError, UnsupportedModelError, hook_manager_for
+    from test_time_registers.deit import EvaHookManager
+    from test_time_registers.registry import register_model
+    from tests.tiny_models import timm_model
+
+    eva = timm_model("eva02_tiny_patch14_224")
+    assert type(hook_manager_for(eva)) is EvaHookManager
+    with pytest.raises(UnsupportedModelError, match="DeitHookManager does not describe Eva; EvaHookManager does"):
+        DeitHookManager(eva)
+    with pytest.raises(InvalidArgumentError, match="exactly one of"):
+        register_model("SomeModel", hook_manager=DeitHookManager, inside="vit")
