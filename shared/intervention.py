@@ -45,20 +45,16 @@ class _TestTimeRegisters(Extension):
     """What a :class:`ModifiedModel` adds, for its hook manager view."""
 
     def __init__(self, modified: "ModifiedModel"):
-        self._modified = weakref.ref(modified)
-
-    @property
-    def model(self) -> nn.Module:
-        return self._modified()
+        self.model = modified
 
     def extend_layout(self, layout: TokenLayout) -> TokenLayout:
-        return layout.with_test_time_registers(self._modified().num_registers)
+        return layout.with_test_time_registers(self.model.num_registers)
 
     def extend_layout_at(self, block: int, layout: TokenLayout) -> TokenLayout:
         return self.extend_layout(layout)
 
     def running(self) -> contextlib.AbstractContextManager:
-        return self._modified().intervention()
+        return self.model.intervention()
 
 
 class ModifiedModel(nn.Module):
