@@ -62,14 +62,9 @@ def _prefix_layout(model: nn.Module) -> TokenLayout:
 
 
 def _extend_bias(module: nn.Module, method: str, pad: Callable[[torch.Tensor], torch.Tensor], hooks: Hooks) -> None:
-    """Make ``module.method()`` return ``pad`` of what it returned, while ``hooks`` is open.
-
-    An instance attribute shadows the method; on exit the attribute the instance had before (if any)
-    comes back, so nested interventions unwind in order.
-    """
-    had, previous, original = method in vars(module), vars(module).get(method), getattr(module, method)
-    setattr(module, method, lambda: pad(original()))
-    hooks.on_exit(lambda: setattr(module, method, previous) if had else delattr(module, method))
+    """Make ``module.method()`` return ``pad`` of what it returned, while ``hooks`` is open."""
+    original = getattr(module, method)
+    hooks.shadow(module, method, lambda: pad(original()))
 
 
 class DeitHookManager(HookManager):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .errors import InvalidArgumentError, UnsupportedModelError
+from .errors import InvalidArgumentError, RegisterLeakError, UnsupportedModelError
 from .layout import TokenLayout
 from .registry import check_described_by, placement
 from .sites import Sites, resolve
@@ -149,6 +149,14 @@ class Hooks:
     def on_exit(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` when the context closes, e.g. to restore a setting changed for a probe."""
         self._handles.append(_ExitCallback(callback))
+
+    def shadow(self, owner: object, name: str, replacement: Callable) -> None:
+        """Make ``owner.name`` be ``replacement`` while the context is open (an instance attribute that
+        shadows a method); whatever attribute the instance had before comes back on exit, so nested
+        shadows unwind in order."""
+        had, previous = name in vars(owner), vars(owner).get(name)
+        setattr(owner, name, replacement)
+        self.on_exit(lambda: setattr(owner, name, previous) if had else delattr(owner, name))
 
     def on(self, site: HookSite, fn: TensorFn, *, prepend: bool = False) -> None:
         self.keep(site.attach(fn, prepend=prepend))
@@ -411,6 +419,18 @@ class HookManager:
         """
         self.sites.attention.attach(self._attention[layer], self._adapt(fn, dims=(2, 3)), hooks,
                                     [*self.outer_modules, self.blocks[layer]])
+
+    def refuse_intermediate_methods(self, hooks: Hooks, advice: str) -> None:
+        """While ``hooks`` is open, the :attr:`intermediate_methods` of the model and of every module around the
+        described one raise :class:`RegisterLeakError`: they would read block outputs that hold tokens the
+        library added. ``advice`` (formatted with ``name``) says what to call instead."""
+        for owner in {id(module): module for module in (self.model, *self.outer_modules)}.values():
+            for name in (name for name in self.intermediate_methods if hasattr(owner, name)):
+                def refuse(*args, name=name, **kwargs):
+                    raise RegisterLeakError(f"{name} reads block outputs that hold the tokens the library added: "
+                                            + advice.format(name=name))
+
+                hooks.shadow(owner, name, refuse)
 
     def prepare_for_registers(self, num_registers: int, hooks: Hooks) -> None:
         """Change what the model needs changed to carry ``num_registers`` more tokens, while ``hooks``

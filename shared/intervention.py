@@ -160,7 +160,8 @@ class ModifiedModel(nn.Module):
                 hooks.on(base.register_removal_site(), self._strip_registers, prepend=True)
                 for module in base.outer_modules:
                     hooks.keep(module.register_forward_hook(self._strip_returned))
-                self._refuse_intermediate_methods(hooks)
+                base.refuse_intermediate_methods(hooks, "call it on the ModifiedModel (modified.{name}(...)), "
+                                                        "which runs it without them")
             for layer in self._layers:
                 hooks.on_neurons(layer, self._edit_for(layer), prepend=True)
             if hasattr(self.edit, "edit_attention_input"):
@@ -235,16 +236,6 @@ class ModifiedModel(nn.Module):
         if tensor.ndim == 4 and tensor.shape[-1] == tensor.shape[-2] == with_registers:
             return tensor[:, :, keep][..., keep]
         return tensor
-
-    def _refuse_intermediate_methods(self, hooks) -> None:
-        """Inside the context, a bare call of an intermediate method would read block outputs that hold the registers."""
-        for owner in {id(module): module for module in (self.model, *self.base_hook_manager.outer_modules)}.values():
-            for name in (name for name in self.hook_manager.intermediate_methods if hasattr(owner, name)):
-                def refuse(*args, name=name, **kwargs):
-                    raise RegisterLeakError(f"{name} reads block outputs that hold the test-time registers: call it "
-                                            f"on the ModifiedModel (modified.{name}(...)), which runs it without them")
-
-                _shadow(owner, name, refuse, hooks)
 
     def _replayed(self, name: str, method: Callable, pixel_names: tuple[str, ...]) -> Callable:
         """Run an intermediate method so that it reads the block outputs of the run with registers, without them.
@@ -330,14 +321,6 @@ def _map_tensors(value, fn: Callable[[torch.Tensor], torch.Tensor]):
         items = [item if new is None else new for item, new in zip(value, changed)]
         return type(value)(items) if not hasattr(value, "_fields") else type(value)(*items)
     return None
-
-
-def _shadow(owner: nn.Module, name: str, replacement: Callable, hooks) -> None:
-    """Make ``owner.name`` call ``replacement`` while ``hooks`` is open; the instance's own attribute
-    (if it had one) comes back after."""
-    had, previous = name in vars(owner), vars(owner).get(name)
-    setattr(owner, name, replacement)
-    hooks.on_exit(lambda: setattr(owner, name, previous) if had else delattr(owner, name))
 
 
 def calibrate_attention_bias(hook_manager: HookManager, neurons, images, preprocess=None, *, batch_size: int = 32,

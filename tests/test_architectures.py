@@ -105,7 +105,7 @@ def test_planted_neurons_are_found_and_the_register_takes_over(arch, hook_manage
 
     before = measure_outliers(hook_manager, held_out.pixel_values)
     modified = ModifiedModel(hook_manager.model, hook_manager, neurons, num_registers=1)
-    after = measure_outliers(modified, held_out.pixel_values)
+    after = measure_outliers(modified.hook_manager, held_out.pixel_values)
     assert before.worst_max_over_median >= 10
     assert after.worst_max_over_median <= 2
     assert after.register_over_median >= 10

@@ -123,7 +123,7 @@ def test_inside_an_open_context_intermediate_methods_raise_the_librarys_error(bu
     assert owners
     with modified.intervention():
         for owner in owners:
-            with pytest.raises(RegisterLeakError, match="call it on the ModifiedModel"):
+            with pytest.raises(RegisterLeakError, match="the tokens the library added: call it on the ModifiedModel"):
                 owner.forward_intermediates(pixels)
         with pytest.raises(RegisterLeakError, match="outside an open intervention"):
             (modified.forward_intermediates(pixels) if hasattr(model, "forward_features")
@@ -267,3 +267,16 @@ def test_nested_learned_registers_contexts_are_no_ops(arch):
     assert shapes(once) == shapes(hook_manager.forward_images(pixels))
     assert registered.register_tokens.shape == (2, 2, hook_manager.hidden_size)
     assert hook_count(model) == 0
+
+
+@torch.no_grad()
+def test_inside_learned_registers_intermediate_methods_raise_the_librarys_error():
+    from test_time_registers import LearnableRegisters, RegisteredModel
+
+    model, hook_manager, pixels = build(next(arch for arch in ARCHITECTURES if arch.name == "deit3"))
+    registered = RegisteredModel(model, hook_manager, LearnableRegisters.for_model(hook_manager, 2))
+    with registered.registers_in():
+        with pytest.raises(RegisterLeakError, match="read the learned registers from register_tokens"):
+            model.forward_intermediates(pixels)
+    assert "forward_intermediates" not in vars(model) and hook_count(model) == 0
+    assert shapes(model.forward_intermediates(pixels)) == shapes(registered.forward_intermediates(pixels))

@@ -143,7 +143,7 @@ def test_attention_bias_pins_the_registers_attention_input_and_zeroes_the_neuron
         reference, with_bias, without = (run.forward_images(pixels) for run in (register, biased, zeroed))
     distance = lambda a: (1 - torch.nn.functional.cosine_similarity(a, reference)).mean()  # noqa: E731
     assert distance(with_bias) < distance(without)
-    after = measure_outliers(biased, pixels)
+    after = measure_outliers(biased.hook_manager, pixels)
     assert after.worst_max_over_median <= 2
     assert hook_count(model) == 0
 
@@ -175,7 +175,7 @@ def test_every_architecture_declares_where_attention_can_be_written(hook_manager
     with torch.no_grad():
         output = _first_tensor(biased.forward_images(images[8:]))
     assert torch.isfinite(output).all()
-    assert measure_outliers(biased, images[8:]).worst_max_over_median <= 2
+    assert measure_outliers(biased.hook_manager, images[8:]).worst_max_over_median <= 2
     assert hook_count(hook_manager.model) == 0
 
 

@@ -73,7 +73,7 @@ def test_discovery_and_the_intervention_work_on_the_demo_in_each_precision(preci
                                     progress=False)
     assert sorted(neurons.pairs()) == planted
     modified = ModifiedModel(loaded.model, loaded.hook_manager, neurons, num_registers=1)
-    after = measure_outliers(modified, scenes[16:24], loaded.preprocess)
+    after = measure_outliers(modified.hook_manager, scenes[16:24], loaded.preprocess)
     assert after.worst_max_over_median <= 2
 
 

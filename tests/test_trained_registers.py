@@ -194,7 +194,7 @@ def test_discovery_and_the_test_time_register_work_on_a_model_with_learned_regis
     neurons = find_register_neurons(view, held_out, top_k=3, progress=False)
     assert sorted(neurons.pairs()) == planted
     before = measure_outliers(view, held_out)
-    after = measure_outliers(ModifiedModel(registered, view, neurons, num_registers=1), held_out)
+    after = measure_outliers(ModifiedModel(registered, view, neurons, num_registers=1).hook_manager, held_out)
     assert before.worst_max_over_median >= 10 and after.worst_max_over_median <= 2
     assert hook_count(model) == 0
 

@@ -285,6 +285,9 @@ class RegisteredModel(nn.Module):
                         else base.site(base.blocks[registers.insert_at], "input"))
                 hooks.on(site, self._insert_registers, prepend=True)
                 hooks.on(base.register_removal_site(), self._remove_registers)   # after any test-time registers leave
+            if registers.num_registers or registers.cls_pos is not None:
+                base.refuse_intermediate_methods(hooks, "run the RegisteredModel's forward or forward_images, and "
+                                                        "read the learned registers from register_tokens")
             if registers.cls_pos is not None:
                 hooks.on(base.site(cls_entry(base), "output"), self._take_cls, prepend=True)
                 hooks.on(base.site(base.blocks[registers.cls_pos], "input"), self._put_cls, prepend=True)
