@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import InvalidArgumentError, check_int
-from ..data.sources import ImageFolder, UnreadableImage, image_source, read_image, to_rgb
+from .sources import ImageFolder, Reordered, UnreadableImage, image_source, read_image, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -101,16 +101,6 @@ class _ReadItems:
     def __call__(self, position: int):
         item = self.items[self.order[position] if self.order is not None else position]
         return item if isinstance(item, torch.Tensor) else to_rgb(item)
-
-
-class Reordered:
-    """A list or tensor of images visited in ``order`` (positions of the original), without a copy."""
-
-    def __init__(self, items, order: Sequence[int]):
-        self.items, self.order = items, list(order)
-
-    def __len__(self) -> int:
-        return len(self.order)
 
 
 class OrderedSource:

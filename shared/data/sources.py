@@ -7,7 +7,7 @@ import logging
 import os
 import random
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -218,16 +218,24 @@ def image_source(images):
     return ImageFolder(images) if isinstance(images, (str, os.PathLike)) else images
 
 
+class Reordered:
+    """A list or tensor of images visited in ``order`` (positions of the original), without a copy."""
+
+    def __init__(self, items, order: Sequence[int]):
+        self.items, self.order = items, list(order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
 def calibration_first(images, count: int, seed: int = 0):
     """The same images, in an order whose first ``count`` are a seeded random sample.
 
     A folder is visited in an order drawn with its own seed from its sorted file list, so the
     sample does not depend on how the files are listed. A list, tuple or tensor has ``count`` of
-    its positions drawn with ``seed`` and moved to the front (a :class:`~test_time_registers.data.Reordered`
+    its positions drawn with ``seed`` and moved to the front (a :class:`Reordered`
     view, not a copy). Other iterables are left as they are: their first ``count`` images are the sample.
     """
-    from ..data.batching import Reordered
-
     if isinstance(images, ImageFolder):
         return images.shuffled()
     if isinstance(images, torch.Tensor) or (isinstance(images, (list, tuple)) and images
