@@ -47,13 +47,14 @@ REGISTER_TARGET = 1.03
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
-def plain_forward(runner, images, preprocess, batch_size, hook_manager, workers: int = 0) -> None:
+def plain_forward(hook_manager, images, preprocess, batch_size, workers: int = 0) -> None:
+    """One pass over the images; ``hook_manager`` may be a ModifiedModel's view, which runs with its registers."""
     with torch.no_grad():
         for batch in batches(images, preprocess, batch_size, hook_manager.device, hook_manager.input_dtype,
                              workers=workers):
             if not batch.names:   # every image of it was unreadable
                 continue
-            runner.forward_images(batch.pixel_values)
+            hook_manager.forward_images(batch.pixel_values)
 
 
 def timed(fn, device: torch.device) -> tuple[float, int]:
@@ -168,11 +169,10 @@ def run(args: argparse.Namespace) -> int:
         neurons = load_neurons(args.neurons, hook_manager)
     modified = ModifiedModel(model, hook_manager, neurons, num_registers=1)
     runs = {
-        "plain forward": lambda: plain_forward(hook_manager, images, preprocess, args.batch_size, hook_manager,
-                                               args.workers),
+        "plain forward": lambda: plain_forward(hook_manager, images, preprocess, args.batch_size, args.workers),
         "discovery": discover,
-        "forward with test-time register": lambda: plain_forward(modified, images, preprocess, args.batch_size,
-                                                                 hook_manager, args.workers),
+        "forward with test-time register": lambda: plain_forward(modified.hook_manager, images, preprocess,
+                                                                 args.batch_size, args.workers),
     }
     for run in runs.values():
         run()  # warm-up

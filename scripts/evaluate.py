@@ -24,11 +24,12 @@ from open_clip import zero_shot_metadata
 
 from test_time_registers import (InvalidArgumentError, LegacyEdit, ModifiedModel, PaperEdit, find_register_neurons,
                                  load_trained_registers)
-from test_time_registers.analysis.evaluation import (OUTLIER_RATIO, class_folder, compare_variants, demo_evaluation_set,
-                                            draw_object_discovery, voc_dataset, zero_shot_classifier)
-from test_time_registers.analysis.visualize import require_matplotlib
-from test_time_registers.intervention import NORMAL_VALUES, calibrate_attention_bias
+from test_time_registers.analysis.evaluation import (OUTLIER_RATIO, compare_variants, draw_object_discovery,
+                                                     zero_shot_classifier)
+from test_time_registers.analysis.figures import require_matplotlib
+from test_time_registers.data.labelled import folder_images, scene_images, voc_images
 from test_time_registers.errors import first_line
+from test_time_registers.intervention import NORMAL_VALUES, calibrate_attention_bias
 from test_time_registers.registry import load_model
 
 from test_time_registers.scripts.common import (Parser, UsageError, add_model_flags, check_device, check_output_paths,
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
     parser.add_argument("--json", type=Path, help="also write the table to this JSON file")
     parser.add_argument("--figure", type=Path, help="save a PNG of the CLS attention and LOST boxes on the first "
-                        f"{FIGURE_IMAGES} images, per column (needs the viz extra)")
+                        f"{FIGURE_IMAGES} images, per column")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         hook_manager.check_layer(detect_layer, "--detect-layer")
 
     if args.edit == "attention-bias":
-        calibration = [item.read() for item in dataset.items[:CALIBRATION_IMAGES]]
+        calibration = [dataset.image(index) for index in range(min(CALIBRATION_IMAGES, len(dataset)))]
         edit = calibrate_attention_bias(hook_manager, neurons, calibration, preprocess, batch_size=args.batch_size)
         edit = dataclasses.replace(edit, normal_values=args.replace, seed=args.seed)
     else:
@@ -109,9 +110,8 @@ def run(args: argparse.Namespace) -> int:
                                   f"{args.replace} elsewhere" if args.replace != "zero" else "") if name]
     if settings:
         registers += f" ({', '.join(settings)})"
-    variants = {"original": (hook_manager, preprocess),
-                f"with {registers}": (ModifiedModel(model, hook_manager, neurons, args.num_registers,
-                                                                 edit=edit, seed=args.seed), preprocess)}
+    modified = ModifiedModel(model, hook_manager, neurons, args.num_registers, edit=edit, seed=args.seed)
+    variants = {"original": (hook_manager, preprocess), f"with {registers}": (modified.hook_manager, preprocess)}
     zero_shot_models = dict.fromkeys(variants, loaded)
     if args.trained_model:
         if args.trained_model.startswith("registers:"):   # registers fine-tuned by test-time-registers-train
@@ -141,16 +141,16 @@ def run(args: argparse.Namespace) -> int:
 
 def _dataset(args, loaded):
     if args.voc:
-        return voc_dataset(args.voc, limit=args.num_images)
+        return voc_images(args.voc, limit=args.num_images)
     if args.images:
-        dataset = class_folder(args.images)
-        if args.num_images:
-            dataset.items = dataset.items[:args.num_images]
+        dataset = folder_images(args.images)
+        if args.num_images and args.num_images < len(dataset):
+            dataset = dataset.subset(range(args.num_images), f"the first {args.num_images} of {dataset.description}")
         return dataset
     if loaded.generate_images is None:
         raise UsageError(f"--images DIR or --voc DIR is required for {args.model}; only the demo generates its own scenes")
     # Scenes with another seed than the ones discovery sees.
-    return demo_evaluation_set(args.num_images or DEMO_IMAGES, seed=args.seed + 1)
+    return scene_images(args.num_images or DEMO_IMAGES, seed=args.seed + 1)
 
 
 def _neurons(args, loaded):

@@ -12,21 +12,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import sys
 import time
 from pathlib import Path
 
-from test_time_registers import (ImageFolder, LegacyEdit, ModifiedModel, PaperEdit, RegisterNeurons,
-                                 check_discovery_arguments, find_register_neurons)
+from test_time_registers import ImageFolder, LegacyEdit, ModifiedModel, PaperEdit, RegisterNeurons, find_register_neurons
 from test_time_registers.analysis.activation_log import log_activations
-from test_time_registers.discovery import AUTO_TARGET_RATIO
-from test_time_registers.data.batching import Shard
-from test_time_registers.distributed import device_for_rank, process_group
-from test_time_registers.analysis.figures import save_comparison
-from test_time_registers.data.sources import take
+from test_time_registers.analysis.figures import require_matplotlib, save_comparison
 from test_time_registers.analysis.metrics import measure_outliers
+from test_time_registers.data.batching import Shard
+from test_time_registers.data.sources import take
+from test_time_registers.distributed import device_for_rank, process_group
 from test_time_registers.registry import load_model
+from test_time_registers.statistics import AUTO_TARGET_RATIO, DiscoverySettings
 
 from test_time_registers.scripts.common import (Parser, UsageError, add_model_flags, check_device, check_output_paths,
                                                 checked_neurons, layer_or_auto, non_negative_int, positive_int,
@@ -36,8 +36,10 @@ DEMO_IMAGES = 64
 DEFAULT_OUT = Path("register_neurons.json")
 CHECKPOINT_EVERY = 50
 FIGURE_ROWS = 4
-#: Flags that only discovery reads: refused together with --neurons.
+#: Flags that only discovery reads: refused together with --neurons. The settings among them are
+#: DiscoverySettings' fields, under the same names.
 DISCOVERY_FLAGS = ("out", "top_k", "target_ratio", "threshold", "detect_layer", "highest_layer", "score", "checkpoint")
+SETTING_FLAGS = tuple(name for name in DISCOVERY_FLAGS if name in DiscoverySettings.names())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +106,8 @@ def check_flags(args: argparse.Namespace) -> None:
     args.checkpoint_every = args.checkpoint_every or CHECKPOINT_EVERY
     args.out = None if args.neurons else (args.out or DEFAULT_OUT)
     check_output_paths(out=args.out, log=args.log, figure=args.figure, checkpoint=args.checkpoint)
+    if args.figure:
+        require_matplotlib()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -137,14 +141,12 @@ def discover_and_compare(args: argparse.Namespace, device: str, shard: Shard) ->
         neurons = checked_neurons(args.neurons, hook_manager, args.force)
         print(f"loaded {len(neurons)} register neurons from {args.neurons}")
     else:
-        highest_layer = "auto" if args.highest_layer is None else args.highest_layer
-        check_discovery_arguments(hook_manager, detect_layer=args.detect_layer, highest_layer=highest_layer)
-        top_k = args.top_k or (len(loaded.planted) if loaded.planted else 10)
-        automatic = {"held_out": evaluation if evaluation is not None else images,
-                     "target_ratio": args.target_ratio or AUTO_TARGET_RATIO} if top_k == "auto" else {}
+        given = {name: getattr(args, name) for name in SETTING_FLAGS if getattr(args, name) is not None}
+        settings = DiscoverySettings(**{"top_k": len(loaded.planted) if loaded.planted else 10, **given})
+        settings.layers(hook_manager)   # bad layers fail before any work
+        held_out = {"held_out": evaluation if evaluation is not None else images} if settings.automatic_top_k else {}
         neurons = find_register_neurons(
-            hook_manager, images, preprocess, top_k=top_k, **automatic, threshold=args.threshold or "auto",
-            detect_layer=args.detect_layer, highest_layer=highest_layer, score=args.score or "raw",
+            hook_manager, images, preprocess, **held_out, **dataclasses.asdict(settings),
             batch_size=args.batch_size, seed=args.seed, workers=args.workers, checkpoint=args.checkpoint,
             checkpoint_every=args.checkpoint_every, resume=args.resume, progress=not args.quiet)
         if shard.rank != 0:   # every rank holds the merged result; rank 0 writes and reports it
@@ -214,7 +216,7 @@ def compare(args, hook_manager, preprocess, evaluation, neurons, held_out: bool)
     common = dict(detect_layer=detect_layer, attention_layer=attention_layer, batch_size=args.batch_size,
                   keep_maps=keep, workers=args.workers)
     before = measure_outliers(hook_manager, evaluation, preprocess, **common)
-    after = measure_outliers(modified, evaluation, preprocess, **common)
+    after = measure_outliers(modified.hook_manager, evaluation, preprocess, **common)
     _report_skipped(evaluation, args.images)
     registers = f"{args.num_registers} test-time register" + ("s" if args.num_registers != 1 else "")
     rows = [

@@ -29,12 +29,13 @@ from pathlib import Path
 import timm
 import torch
 
-from test_time_registers.distributed import device_for_rank, process_group
 from test_time_registers.analysis.evaluation import input_size
+from test_time_registers.data.labelled import cifar_images, folder_images, scene_images
+from test_time_registers.distributed import device_for_rank, process_group
 from test_time_registers.registry import load_model
 from test_time_registers.training.registers import METADATA_FILE, WEIGHTS_FILE, save_trained_registers
-from test_time_registers.training.train import (OBJECTIVES, VITRGTS_TO_TIMM, TrainingOptions, cifar_images, folder_images,
-                                          fine_tuning_setup, from_scratch_setup, parameter_digest, scene_images, train)
+from test_time_registers.training.train import (OBJECTIVES, VITRGTS_TO_TIMM, TrainingOptions, fine_tuning_setup,
+                                                from_scratch_setup, parameter_digest, train)
 
 from test_time_registers.scripts.common import (Parser, UsageError, add_model_flags, check_device, check_output_paths,
                                                 non_negative_int, positive_int, run_main)

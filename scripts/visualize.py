@@ -4,8 +4,7 @@
 Writes one PNG per figure and one PDF with all of them into --out. Without --neurons, discovery
 runs first on the images (the demo: on its 64 generated scenes) with its default settings, and the
 figures use what it found, neuron-score heatmap included. With no arguments it runs offline on the
-SYNTHETIC demo model. Needs matplotlib: pip install "test-time-registers[viz]". Bad input gives one
-line on stderr and exit code 2, and no file is written.
+SYNTHETIC demo model. Bad input gives one line on stderr and exit code 2, and no file is written.
 
 Installed as the console script ``test-time-registers-visualize``.
 """
@@ -20,7 +19,8 @@ from pathlib import Path
 
 from test_time_registers import ImageFolder, NoOutliersError, find_register_neurons
 from test_time_registers.registry import load_model
-from test_time_registers.analysis.visualize import collect_views, draw_pages, require_matplotlib, save_pages
+from test_time_registers.analysis.figures import require_matplotlib
+from test_time_registers.analysis.visualize import collect_views, draw_pages, save_pages
 
 from test_time_registers.scripts.common import (Parser, UsageError, add_model_flags, check_device, checked_neurons,
                                                 non_negative_int, positive_int, run_main)

@@ -1,4 +1,4 @@
-"""Evaluation: datasets with boxes and classes, LOST and CorLoc, linear probes, zero-shot, the table and its CLI."""
+"""Evaluation (analysis.evaluation and the evaluate command): LOST and CorLoc, linear probes, zero-shot, the table."""
 
 import json
 import math
@@ -8,66 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from test_time_registers import ImageSourceError, InvalidArgumentError, ModifiedModel
-from test_time_registers.clip.demo import SHAPES, demo_images, demo_scenes
-from test_time_registers.analysis.evaluation import (Comparison, box_iou, class_folder, compare_variants, demo_evaluation_set,
-                                            linear_probe, lost_box, voc_boxes, voc_dataset, zero_shot_accuracy,
-                                            zero_shot_classifier)
+from test_time_registers import InvalidArgumentError, ModifiedModel
+from test_time_registers.analysis.evaluation import (Comparison, box_iou, compare_variants, linear_probe, lost_box,
+                                                     zero_shot_accuracy, zero_shot_classifier)
+from test_time_registers.data.labelled import scene_images
 from test_time_registers.scripts import evaluate
 from tests.test_cli_messages import _readme_flags, error_line
-
-
-def test_demo_scenes_know_each_objects_box_class_and_pixels():
-    scenes = demo_scenes(12, seed=3, size=96)
-    assert [np.asarray(s.image).tolist() for s in scenes] == [np.asarray(i).tolist() for i in demo_images(12, 3, 96)]
-    for scene in scenes:
-        assert scene.boxes.shape == (len(scene.labels), 4) and len(scene.labels) >= 1
-        assert ((0 <= scene.labels) & (scene.labels < len(SHAPES))).all()
-        inside = np.zeros_like(scene.object_mask)
-        for left, top, right, bottom in scene.boxes:
-            assert 0 <= left < right <= 96 and 0 <= top < bottom <= 96
-            inside[top:bottom, left:right] = True
-            assert scene.object_mask[top:bottom, left:right].any()
-        assert not (scene.object_mask & ~inside).any()          # every object pixel lies in a box
-        assert scene.label in scene.labels.tolist()
-        assert scene.textures.shape == scene.labels.shape and ((0 <= scene.textures) & (scene.textures < 5)).all()
-        assert scene.texture_label in scene.textures.tolist()
-
-
-def _write_voc(root, entries):
-    (root / "Annotations").mkdir(parents=True)
-    (root / "JPEGImages").mkdir()
-    for name, size, objects in entries:
-        Image.new("RGB", size, (90, 120, 150)).save(root / "JPEGImages" / f"{name}.jpg")
-        objects_xml = "".join(
-            f"<object><name>{label}</name><difficult>{int(difficult)}</difficult><bndbox><xmin>{box[0]}</xmin>"
-            f"<ymin>{box[1]}</ymin><xmax>{box[2]}</xmax><ymax>{box[3]}</ymax></bndbox></object>"
-            for label, box, difficult in objects)
-        (root / "Annotations" / f"{name}.xml").write_text(
-            f"<annotation><filename>{name}.jpg</filename><size><width>{size[0]}</width><height>{size[1]}</height>"
-            f"</size>{objects_xml}</annotation>")
-
-
-def test_voc_boxes_are_read_zero_based_and_the_largest_box_gives_the_label(tmp_path):
-    _write_voc(tmp_path, [("a", (100, 80), [("dog", (1, 1, 10, 20), False), ("cat", (11, 21, 90, 70), True)]),
-                          ("b", (60, 60), [("bird", (5, 5, 30, 30), False)])])
-    filename, boxes, names = voc_boxes(tmp_path / "Annotations" / "a.xml")
-    assert filename == "a.jpg" and names == ["dog", "cat"]
-    assert boxes.tolist() == [[0, 0, 10, 20], [10, 20, 90, 70]]     # VOC's 1-based inclusive boxes, made 0-based
-    assert voc_boxes(tmp_path / "Annotations" / "a.xml", skip_difficult=True)[2] == ["dog"]
-    dataset = voc_dataset(tmp_path)
-    assert dataset.class_names == ["bird", "cat", "dog"] and dataset.has_boxes and dataset.has_labels
-    assert [item.label for item in dataset.items] == [1, 0]          # a: cat has the larger box
-    assert dataset.items[0].read().size == (100, 80)
-
-
-def test_bad_voc_folders_are_precise_errors(tmp_path):
-    with pytest.raises(ImageSourceError, match="Annotations/"):
-        voc_dataset(tmp_path)
-    _write_voc(tmp_path, [("a", (50, 50), [("dog", (1, 1, 10, 10), False)])])
-    (tmp_path / "Annotations" / "broken.xml").write_text("<annotation><filename>")
-    with pytest.raises(ImageSourceError, match="broken.xml is not a readable VOC annotation"):
-        voc_dataset(tmp_path)
+from tests.test_labelled import classes  # noqa: F401 - a fixture
 
 
 def test_box_iou_by_hand():
@@ -132,9 +79,9 @@ def test_the_comparison_on_the_demo_has_every_row_and_the_register_helps(demo):
 
     model, preprocess, planted, _ = demo
     hm = ClipHookManager(model, name="demo")
-    dataset = demo_evaluation_set(24, seed=1)
+    dataset = scene_images(24, seed=1)
     comparison = compare_variants({"original": (hm, preprocess),
-                                   "register": (ModifiedModel(model, hm, planted), preprocess)}, dataset)
+                                   "register": (ModifiedModel(model, hm, planted).hook_manager, preprocess)}, dataset)
     rows = {row.label.split(" (")[0].split(",")[0]: row.values for row in comparison.rows}
     assert set(rows) == {"images with outliers", "largest / median patch norm", "CLS attention entropy over patches",
                          "CLS attention on the objects", "LOST CorLoc", "linear probe on CLS features",
@@ -150,22 +97,6 @@ def test_the_comparison_on_the_demo_has_every_row_and_the_register_helps(demo):
     text = comparison.format()
     assert "100.0%" in text and text.count("\n") == len(comparison.rows)
     assert Comparison(**{**comparison.__dict__}).to_dict()["rows"][0]["values"] == [1.0, 0.0]
-
-
-@pytest.fixture
-def classes(tmp_path):
-    """Two classes of 6 small images each, one sub-folder per class."""
-    for name, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
-        folder = tmp_path / "classes" / name
-        folder.mkdir(parents=True)
-        for index in range(6):
-            Image.new("RGB", (40, 40), tuple(c + 5 * index for c in colour)).save(folder / f"{index}.png")
-    return tmp_path / "classes"
-
-
-def test_a_class_folder_gives_labels(classes):
-    dataset = class_folder(classes)
-    assert dataset.class_names == ["blue", "red"] and [item.label for item in dataset.items] == [0] * 6 + [1] * 6
 
 
 def test_the_cli_prints_the_table_and_writes_json(tmp_path, classes, capsys):
@@ -215,9 +146,9 @@ def test_the_figure_shows_each_images_attention_and_boxes_per_column(tmp_path, c
     from test_time_registers.registry import load_model
 
     loaded = load_model("demo")
-    dataset = demo_evaluation_set(5, seed=1)
+    dataset = scene_images(5, seed=1)
     comparison = compare_variants({"original": (loaded.hook_manager, loaded.preprocess),
-                                   "register": (ModifiedModel(loaded.model, loaded.hook_manager, loaded.planted),
+                                   "register": (ModifiedModel(loaded.model, loaded.hook_manager, loaded.planted).hook_manager,
                                                 loaded.preprocess)}, dataset, keep_maps=3, batch_size=2)
     drawn = draw_object_discovery(comparison.results)
     labels = [ax.get_label() for ax in drawn.axes if ax.get_label().startswith("attention")]

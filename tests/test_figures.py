@@ -1,4 +1,5 @@
-"""The before/after figure's layout: panels, gaps, titles and colour bars (not its pixels)."""
+"""The before/after figure of find-register-neurons --figure: a matplotlib figure whose panels, gaps, titles,
+colour scales and colour bars are measured on the drawn figure (not its pixels)."""
 
 import itertools
 
@@ -34,3 +35,20 @@ def test_the_figure_has_separated_tiles_titled_maps_and_a_colour_bar_per_kind_of
     low, high = layout.scales["patch norm, layer 11"]                # before and after share one scale
     assert low == min(float(columns[c].min()) for c in list(columns)[:2])
     assert high == float(columns["patch norm, layer 11 (before)"].max())
+
+    # the maps are drawn on their column's shared scale, in one colour map, and the bars show those scales
+    figure = layout.figure
+    maps_drawn = [ax for ax in figure.axes if ax.get_label().startswith("map ")]
+    assert len(maps_drawn) == rows * len(columns)
+    for ax in maps_drawn:
+        column = int(ax.get_label().split("column=")[1])
+        (image,) = ax.get_images()
+        assert image.get_clim() == layout.scales[list(columns)[column - 1].split(" (")[0]]
+        assert image.get_cmap().name == "viridis" and image.get_array().shape == (4, 4)
+    bars = {ax.get_label().removeprefix("colour bar "): ax for ax in figure.axes if ax.get_label().startswith("colour")}
+    assert set(bars) == set(layout.colour_bars)
+    for name, ax in bars.items():
+        low, high = layout.scales[name]
+        assert ax.get_xlim() == (low, high)
+        labels = [label.get_text() for label in ax.get_xticklabels()]
+        assert len(labels) == 3 and labels[0] in ("0", f"{low:.3g}") and labels[-1] == f"{high:.3g}"

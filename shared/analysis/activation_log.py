@@ -25,10 +25,11 @@ import h5py
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ImageSourceError, InvalidArgumentError
-from ..hooks import HookManager
+from .. import measures
 from ..data.batching import batches
 from ..data.sources import count_hint, image_source, no_images_message
+from ..errors import ImageSourceError, InvalidArgumentError
+from ..hooks import HookManager
 from ..neurons import RegisterNeurons
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def log_activations(hook_manager: HookManager, images, neurons, path: str | os.P
 
     def keep_norms(layer):
         def keep(residual):
-            norms[layer] = torch.linalg.vector_norm(residual.float(), dim=-1)   # [B, L]
+            norms[layer] = measures.token_norms(residual)   # [B, L]
         return keep
 
     def keep_neurons(layer):

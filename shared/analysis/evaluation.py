@@ -1,6 +1,6 @@
 """Measure what test-time registers change: outliers, attention, LOST object discovery, linear probes, zero-shot.
 
-One pass over an :class:`EvaluationSet` per model variant (the original model, the model with
+One pass over :class:`~test_time_registers.data.labelled.LabelledImages` per model variant (the original model, the model with
 test-time registers, a model with trained registers) gathers, per image:
 
 * the largest / median patch norm at the detection layer (outlier statistics);
@@ -19,20 +19,20 @@ from __future__ import annotations
 
 import logging
 import math
-import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .. import measures
+from ..data.labelled import LabelledImage, LabelledImages
+from ..data.sources import UnreadableImage
 from ..errors import ImageSourceError, InvalidArgumentError, UnsupportedModelError
 from ..hooks import HookManager
-from ..data.sources import ImageFolder, UnreadableImage, read_image
-from ..intervention import ModifiedModel
+from .figures import new_figure
 
 log = logging.getLogger(__name__)
 
@@ -43,127 +43,6 @@ LOST_POTENTIAL_SEEDS = 100
 #: CorLoc: a box is correct when its intersection over union with a true box is at least this.
 CORLOC_IOU = 0.5
 PROBE_TEST_FRACTION = 0.3
-
-
-# ---------------------------------------------------------------------------- datasets
-
-@dataclass
-class EvaluationItem:
-    """One image and what is known about it: ``boxes`` [K, 4] (left, top, right, bottom, pixels of
-    the image as read, right/bottom exclusive), ``object_mask`` [H, W] bool, ``label`` a class index."""
-
-    name: str
-    read: Callable[[], Image.Image]
-    label: int | None = None
-    boxes: np.ndarray | None = None
-    object_mask: np.ndarray | None = None
-
-
-@dataclass
-class EvaluationSet:
-    """Images with, where known, their class (``class_names[label]``), object boxes and object masks."""
-
-    items: list[EvaluationItem]
-    class_names: list[str] | None = None
-    description: str = ""
-    skipped: list[str] = field(default_factory=list)
-
-    def __post_init__(self):
-        if not self.items:
-            raise ImageSourceError(f"no images to evaluate on{': ' + self.description if self.description else ''}")
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    @property
-    def has_labels(self) -> bool:
-        return self.class_names is not None and all(item.label is not None for item in self.items)
-
-    @property
-    def has_boxes(self) -> bool:
-        return all(item.boxes is not None and len(item.boxes) for item in self.items)
-
-
-def demo_evaluation_set(count: int, seed: int = 0, size: int = 224) -> EvaluationSet:
-    """The demo's generated scenes, with each object's box and mask, and the largest object's shape as label."""
-    from test_time_registers.clip.demo import SHAPES, iter_demo_scenes
-
-    items = [EvaluationItem(f"scene {index}", (lambda scene=scene: scene.image), scene.label, scene.boxes,
-                            scene.object_mask)
-             for index, scene in enumerate(iter_demo_scenes(count, seed, size))]
-    return EvaluationSet(items, list(SHAPES), f"{count} generated scenes")
-
-
-def _reader(path: Path) -> Callable[[], Image.Image]:
-    return lambda: read_image(path)
-
-
-def class_folder(root: str | Path) -> EvaluationSet:
-    """An ImageFolder with one sub-folder per class (torchvision's layout); labels index the sorted class names.
-
-    Files directly under ``root`` have no class; a folder with no sub-folders has no labels.
-    """
-    folder = ImageFolder(root)
-    classes = sorted({path.relative_to(folder.root).parts[0] for path in folder.files
-                      if len(path.relative_to(folder.root).parts) > 1})
-    index = {name: position for position, name in enumerate(classes)}
-    items = []
-    for path in folder.files:
-        parts = path.relative_to(folder.root).parts
-        items.append(EvaluationItem(folder.name_of(path), _reader(path), index.get(parts[0]) if len(parts) > 1 else None))
-    return EvaluationSet(items, classes or None, f"images from {root}")
-
-
-def voc_boxes(annotation: str | Path, *, skip_difficult: bool = False) -> tuple[str, np.ndarray, list[str]]:
-    """One Pascal VOC XML annotation: ``(file name, boxes [K, 4], class names)``.
-
-    VOC boxes are 1-based and inclusive; they are returned 0-based with exclusive right/bottom.
-    """
-    try:
-        root = ElementTree.parse(annotation).getroot()
-        boxes, names = [], []
-        for obj in root.iter("object"):
-            if skip_difficult and obj.findtext("difficult", "0").strip() == "1":
-                continue
-            box = obj.find("bndbox")
-            left, top, right, bottom = (float(box.findtext(key)) for key in ("xmin", "ymin", "xmax", "ymax"))
-            boxes.append([left - 1, top - 1, right, bottom])
-            names.append(obj.findtext("name", "").strip())
-        filename = root.findtext("filename", "").strip()
-    except (ElementTree.ParseError, AttributeError, TypeError, ValueError, OSError) as error:
-        raise ImageSourceError(f"{annotation} is not a readable VOC annotation ({error})") from None
-    if not filename:
-        raise ImageSourceError(f"{annotation} names no <filename>")
-    return filename, np.array(boxes, dtype=np.float64).reshape(-1, 4), names
-
-
-def voc_dataset(root: str | Path, *, skip_difficult: bool = False, limit: int | None = None) -> EvaluationSet:
-    """A Pascal-VOC-style folder: ``Annotations/*.xml`` with boxes, ``JPEGImages/`` with the images.
-
-    Each image's label is the class of its largest box (class names sorted), so the same
-    folder also serves a linear probe.
-    """
-    root = Path(root)
-    annotations, images = root / "Annotations", root / "JPEGImages"
-    if not annotations.is_dir() or not images.is_dir():
-        raise ImageSourceError(f"{root} is not a VOC-style folder: it needs Annotations/ (XML boxes) and JPEGImages/")
-    files = sorted(annotations.glob("*.xml"))[:limit]
-    if not files:
-        raise ImageSourceError(f"no XML annotation in {annotations}")
-    parsed = [voc_boxes(path, skip_difficult=skip_difficult) for path in files]
-    classes = sorted({name for _, _, names in parsed for name in names})
-    items, skipped = [], []
-    for filename, boxes, names in parsed:
-        path = images / filename
-        if not path.is_file() or not len(boxes):
-            skipped.append(filename)
-            continue
-        areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        items.append(EvaluationItem(filename, _reader(path), classes.index(names[int(areas.argmax())]), boxes))
-    if skipped:
-        log.warning("skipped %d annotation(s) whose image is missing or that have no box: %s", len(skipped),
-                    ", ".join(skipped[:5]))
-    return EvaluationSet(items, classes, f"VOC boxes from {root}", skipped)
 
 
 # ---------------------------------------------------------------------------- LOST and CorLoc
@@ -327,7 +206,7 @@ def input_size(preprocess: Callable) -> tuple[int, int]:
     return tuple(preprocess(Image.new("RGB", (64, 48))).shape[-2:])
 
 
-def _patch_coverage(item: EvaluationItem, boxes: np.ndarray | None, size: tuple[int, int],
+def _patch_coverage(item: LabelledImage, boxes: np.ndarray | None, size: tuple[int, int],
                     grid: tuple[int, int]) -> torch.Tensor | None:
     """The fraction of each patch covered by objects [rows * cols], from the item's mask or else
     ``boxes`` [K, 4] (in the pixels of the model's input, ``size``)."""
@@ -345,13 +224,16 @@ def _patch_coverage(item: EvaluationItem, boxes: np.ndarray | None, size: tuple[
     return torch.nn.functional.adaptive_avg_pool2d(pixels[None], (rows, cols))[0].reshape(-1)
 
 
-def evaluate_variant(name: str, runner: HookManager | ModifiedModel, dataset: EvaluationSet, preprocess: Callable, *,
+def evaluate_variant(name: str, hook_manager: HookManager, dataset: LabelledImages, preprocess: Callable, *,
                      detect_layer: int | None = None, batch_size: int = 32, progress: bool = False,
                      keep_maps: int = 0) -> VariantResult:
-    """One pass of ``runner`` (a hook manager, or a :class:`ModifiedModel`) over ``dataset``; the first
-    ``keep_maps`` images' CLS attention maps are kept for :func:`draw_object_discovery`."""
-    hook_manager = runner.hook_manager if isinstance(runner, ModifiedModel) else runner
-    layout = runner.layout
+    """One pass of ``hook_manager``'s model over ``dataset``; the first ``keep_maps`` images' CLS attention
+    maps are kept for :func:`draw_object_discovery`.
+
+    ``hook_manager`` describes the unmodified model, or is the view of a model with test-time
+    registers (``ModifiedModel(...).hook_manager``) or trained ones, whose layout says where they are.
+    """
+    layout = hook_manager.layout
     last = hook_manager.num_layers - 1
     detect_layer = hook_manager.default_detect_layer if detect_layer is None else hook_manager.check_layer(detect_layer)
     height, width = input_size(preprocess)
@@ -389,13 +271,13 @@ def evaluate_variant(name: str, runner: HookManager | ModifiedModel, dataset: Ev
             pixels = torch.stack([preprocess(image) for image in resized])
             grid = hook_manager.grid_shape(pixels)
             sites = {"residual": sorted({detect_layer, last}), "attention": [last] if has_cls else []}
-            with runner.capture(**sites) as captured:
-                output = runner.forward_images(pixels)
-            detect = captured.residual[detect_layer].float()
+            with hook_manager.capture(**sites) as captured:
+                output = hook_manager.forward_images(pixels)
+            detect = captured.residual[detect_layer]
             seq_len = detect.shape[1]
-            patch_norms = detect[:, layout.patches(seq_len)].norm(dim=-1)                      # [B, P]
+            patch_norms = measures.patch_norms(detect, layout)                                 # [B, P]
             patches = patch_norms.shape[1]
-            collected["ratios"].append((patch_norms.amax(dim=1) / patch_norms.median(dim=1).values).cpu())
+            collected["ratios"].append(measures.max_over_median(patch_norms).cpu())
             final = captured.residual[last].float()
             collected["cls"].append(final[:, layout.cls()].mean(dim=1).cpu() if has_cls else None)
             collected["mean"].append(final[:, layout.patches(seq_len)].mean(dim=1).cpu())
@@ -407,7 +289,7 @@ def evaluate_variant(name: str, runner: HookManager | ModifiedModel, dataset: Ev
             collected["labels"].append(torch.tensor([item.label if item.label is not None else -1 for item in items],
                                                     dtype=torch.int64))
             if has_cls:
-                cls_row = captured.attention[last][:, :, layout.cls().start, layout.patches(seq_len)].double()
+                cls_row = measures.cls_patch_attention(captured.attention[last], layout).double()   # [B, H, P]
                 attention = cls_row.mean(dim=1)       # [B, P], in float64: what is left for the patches may be subnormal
                 attention = attention / attention.sum(dim=1, keepdim=True)
                 if len(shown) < keep_maps:
@@ -535,20 +417,21 @@ def _cell(value: float | None, unit: str) -> str:
     return f"{value:.2f}{unit}" if unit else f"{value:.3f}"
 
 
-def compare_variants(variants: dict[str, tuple[HookManager | ModifiedModel, Callable]], dataset: EvaluationSet, *,
+def compare_variants(variants: dict[str, tuple[HookManager, Callable]], dataset: LabelledImages, *,
                      detect_layer: int | None = None, outlier_ratio: float = OUTLIER_RATIO,
                      zero_shot: dict[str, torch.Tensor] | None = None, batch_size: int = 32, seed: int = 0,
                      progress: bool = False, keep_maps: int = 0) -> Comparison:
-    """Evaluate each variant ``{column: (runner, preprocess)}`` on ``dataset`` and build the table.
+    """Evaluate each variant ``{column: (hook manager, preprocess)}`` on ``dataset`` and build the table.
+
+    A variant with test-time registers is given by its view, ``ModifiedModel(...).hook_manager``.
 
     Rows that need what the dataset lacks (labels, boxes) or what a model lacks (CLS, a text
     tower: ``zero_shot`` maps columns to their text classifiers [E, C]) are left out, with a note.
     """
-    results = [evaluate_variant(name, runner, dataset, preprocess, detect_layer=detect_layer, batch_size=batch_size,
-                                progress=progress, keep_maps=keep_maps)
-               for name, (runner, preprocess) in variants.items()]
-    first = next(iter(variants.values()))[0]
-    hook_manager = first.hook_manager if isinstance(first, ModifiedModel) else first
+    results = [evaluate_variant(name, hook_manager, dataset, preprocess, detect_layer=detect_layer,
+                                batch_size=batch_size, progress=progress, keep_maps=keep_maps)
+               for name, (hook_manager, preprocess) in variants.items()]
+    hook_manager = next(iter(variants.values()))[0]
     layer = hook_manager.default_detect_layer if detect_layer is None else detect_layer
     rows = outlier_rows(results, layer, outlier_ratio) + attention_rows(results)
     notes = []
@@ -572,17 +455,15 @@ def draw_object_discovery(results: Sequence[VariantResult]):
 
     One row per image: the image with its true boxes, then per variant the CLS attention over
     the patches (renormalised over them, head mean, last block) with LOST's box. Returns the
-    matplotlib ``Figure`` (needs the ``viz`` extra).
+    matplotlib ``Figure``.
     """
     from matplotlib.patches import Rectangle
-
-    from ..analysis.visualize import _new_figure
 
     shown = [r for r in results if r.cls_maps is not None]
     if not shown or not shown[0].shown:
         raise InvalidArgumentError("no CLS attention maps were kept: evaluate with keep_maps > 0 on a model with CLS")
     images = len(shown[0].shown)
-    figure = _new_figure(2.3 * (1 + len(shown)), 2.3 * images + 0.8)
+    figure = new_figure(2.3 * (1 + len(shown)), 2.3 * images + 0.8)
     axes = figure.subplots(images, 1 + len(shown), squeeze=False)
     figure.suptitle("CLS attention over the patches: last block, head mean, renormalised over the patches,\n"
                     "each map on its own scale from 0. LOST's box in red, the true boxes in green.", fontsize=9)

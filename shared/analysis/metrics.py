@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ImageSourceError
-from ..hooks import HookManager
+from .. import measures
 from ..data.batching import batches
 from ..data.sources import image_source, no_images_message
-from ..intervention import ModifiedModel
+from ..errors import ImageSourceError
+from ..hooks import HookManager
 
 
 @dataclass
@@ -31,18 +31,18 @@ class OutlierReport:
     maps: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
-def measure_outliers(runner: HookManager | ModifiedModel, images, preprocess: Callable | None = None, *,
+def measure_outliers(hook_manager: HookManager, images, preprocess: Callable | None = None, *,
                      detect_layer: int | None = None, attention_layer: int | None = None,
                      batch_size: int = 32, keep_maps: int = 0, workers: int = 0) -> OutlierReport:
-    """Run ``runner`` over ``images`` and measure the outliers at the detection layer.
+    """Run ``hook_manager``'s model over ``images`` and measure the outliers at the detection layer.
 
-    ``runner`` is a hook manager (the unmodified model) or a :class:`ModifiedModel`. The
+    ``hook_manager`` describes the unmodified model, or is the view of a model with test-time
+    registers (``ModifiedModel(...).hook_manager``), whose layout says where they are. The
     attention layer defaults to the last block. ``keep_maps`` keeps that many images' maps.
     ``workers`` DataLoader processes decode and preprocess the images.
     """
-    hook_manager = runner.hook_manager if isinstance(runner, ModifiedModel) else runner
     images = image_source(images)
-    layout = runner.layout
+    layout = hook_manager.layout
     detect_layer = hook_manager.default_detect_layer if detect_layer is None else detect_layer
     attention_layer = hook_manager.num_layers - 1 if attention_layer is None else attention_layer
     has_cls = layout.num_cls > 0
@@ -58,29 +58,27 @@ def measure_outliers(runner: HookManager | ModifiedModel, images, preprocess: Ca
             if not batch.names:   # every image of it was unreadable
                 continue
             sites = {"residual": [detect_layer], "attention": [attention_layer] if has_cls else []}
-            with runner.capture(**sites) as captured:
-                runner.forward_images(batch.pixel_values)
-            residual = captured.residual[detect_layer].float()                   # [B, L, D]
-            seq_len = residual.shape[1]
-            norms = torch.linalg.vector_norm(residual, dim=-1)                   # [B, L]
-            patch_norms = norms[:, layout.patches(seq_len)]
+            with hook_manager.capture(**sites) as captured:
+                hook_manager.forward_images(batch.pixel_values)
+            residual = captured.residual[detect_layer]                            # [B, L, D]
+            patch_norms = measures.patch_norms(residual, layout)                  # [B, P]
             median = patch_norms.median(dim=1).values
-            ratio = patch_norms.max(dim=1).values / median
+            ratio = measures.max_over_median(patch_norms)
             sums[0] += ratio.sum()
             if has_cls:
-                cls_row = captured.attention[attention_layer][:, :, layout.cls().start].float()  # [B, H, L]
-                sums[1] += cls_row[:, :, layout.patches(seq_len)].amax(dim=-1).mean(dim=1).sum()
-                sums[2] += cls_row[:, :, layout.test_time_registers(seq_len)].sum(dim=-1).mean(dim=1).sum()
+                cls_row = measures.cls_row(captured.attention[attention_layer], layout).float()   # [B, H, L]
+                patch_attention = measures.cls_patch_attention(captured.attention[attention_layer], layout).float()
+                sums[1] += patch_attention.amax(dim=-1).mean(dim=1).sum()
+                sums[2] += cls_row[:, :, layout.test_time_registers(residual.shape[1])].sum(dim=-1).mean(dim=1).sum()
             if layout.num_test_time_registers:
-                register_norms = norms[:, layout.test_time_registers(seq_len)].amax(dim=1)
-                sums[3] += (register_norms / median).sum()
+                sums[3] += (measures.register_norms(residual, layout).amax(dim=1) / median).sum()
             worst = torch.maximum(worst, ratio.max())
             count += len(batch.names)
             if len(norm_maps) * batch_size < keep_maps:
                 grid = hook_manager.grid_shape(batch.pixel_values)
                 norm_maps.append(patch_norms.reshape(-1, *grid).cpu())
                 if has_cls:
-                    attention_maps.append(cls_row[:, :, layout.patches(seq_len)].mean(dim=1).reshape(-1, *grid).cpu())
+                    attention_maps.append(patch_attention.mean(dim=1).reshape(-1, *grid).cpu())
     if count == 0:
         raise ImageSourceError(no_images_message(images))
     means = (sums / count).tolist()

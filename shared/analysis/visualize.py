@@ -13,9 +13,9 @@ one :class:`Page` each:
 * :func:`draw_neuron_scores`: every candidate neuron's discovery score, layers x neurons, top-k marked.
 
 :func:`draw_pages` makes all of them, and :func:`save_pages` writes one PNG per page and one PDF
-with every page, atomically. matplotlib is an optional dependency (``pip install
-"test-time-registers[viz]"``); it is imported when a figure is drawn, never at import time, and
-figures are drawn on their own Agg canvases, so pyplot's global state is never touched.
+with every page, atomically. matplotlib is imported when a figure is drawn, never at import time,
+and figures are drawn on their own Agg canvases (:func:`~test_time_registers.analysis.figures.new_figure`),
+so pyplot's global state is never touched.
 
 Every panel's axes carry a label (``Axes.get_label()``) saying what it shows, e.g.
 ``"norms layer=3 image=0 when=after"``, so that tests and users can find panels without reading pixels.
@@ -37,13 +37,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .. import measures
 from ..data.batching import batches
-from ..errors import ImageSourceError, InvalidArgumentError, TestTimeRegistersError, check_int
-from ..hooks import HookManager
 from ..data.sources import named_images, no_images_message
-from ..intervention import Edit, ModifiedModel
+from ..edits import Edit
+from ..errors import ImageSourceError, InvalidArgumentError, check_int
+from ..hooks import HookManager
+from ..intervention import ModifiedModel
 from ..layout import TokenLayout
 from ..neurons import RegisterNeurons
+from .figures import COLOUR_MAP, new_figure, require_matplotlib
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -57,35 +60,8 @@ CLS_LAYERS = 2
 #: The neuron-score heatmap shows at most this many columns; wider layers are max-pooled.
 MAX_SCORE_COLUMNS = 1024
 PANEL = 1.5           # inches per map panel
-COLOUR_MAP = "viridis"
 BEFORE_COLOUR, AFTER_COLOUR, REGISTER_COLOUR, MARK_COLOUR = "#d62728", "#1f77b4", "#2ca02c", "#ff7f0e"
 HISTOGRAM_BOTTOM = 0.7   # the bottom of the histogram's log count axis
-INSTALL_HINT = 'pip install "test-time-registers[viz]"'
-
-
-class MissingDependencyError(TestTimeRegistersError, ImportError):
-    """An optional dependency (matplotlib, for figures) is not installed."""
-
-
-def require_matplotlib() -> None:
-    """Raise :class:`MissingDependencyError`, saying how to install it, unless matplotlib can be imported."""
-    try:
-        import matplotlib.backends.backend_agg  # noqa: F401
-        import matplotlib.figure  # noqa: F401
-    except ImportError as error:
-        raise MissingDependencyError(f"figures need matplotlib, which is not installed ({error}); "
-                                     f"install it with: {INSTALL_HINT}") from None
-
-
-def _new_figure(width: float, height: float) -> "Figure":
-    """A figure on its own Agg canvas, outside pyplot: nothing global to close or leak."""
-    require_matplotlib()
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
 
 
 # ---- the data -------------------------------------------------------------------------------
@@ -242,7 +218,7 @@ def collect_views(hook_manager: HookManager, images, preprocess: Callable | None
     cls_layers = sorted(set(cls_layers)) if has_cls else []
 
     modified = ModifiedModel(hook_manager.model, hook_manager, neurons, num_registers=num_registers, edit=edit,
-                             seed=seed)
+                             seed=seed).hook_manager   # a view: its layout and forward have the registers
     names, chosen = _first_images(images, num_images)
     residual_layers = sorted({*layers, detect_layer})
     attention_layers = sorted({*cls_layers, attention_layer})
@@ -252,9 +228,9 @@ def collect_views(hook_manager: HookManager, images, preprocess: Callable | None
         for batch in batches(chosen, preprocess, batch_size, hook_manager.device, hook_manager.input_dtype):
             grid = hook_manager.grid_shape(batch.pixel_values)
             runs = {}
-            for when, runner in ((BEFORE, hook_manager), (AFTER, modified)):
-                with runner.capture(residual=residual_layers, attention=attention_layers) as captured:
-                    runner.forward_images(batch.pixel_values)
+            for when, run in ((BEFORE, hook_manager), (AFTER, modified)):
+                with run.capture(residual=residual_layers, attention=attention_layers) as captured:
+                    run.forward_images(batch.pixel_values)
                 runs[when] = captured
             parts.setdefault("pixels", []).append(display_pixels(batch.pixel_values, preprocess))
             for key, value in _reduce_batch(runs, grid, layers, detect_layer, cls_layers, attention_layer).items():
@@ -316,16 +292,6 @@ def _token_positions(layout: TokenLayout, seq_len: int) -> torch.Tensor:
         layout.cls(), layout.trained_registers(), layout.test_time_registers(seq_len))])
 
 
-def _patch_norms(residual: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """Block output [B, L, D] -> patch norms [B, P]."""
-    return torch.linalg.vector_norm(residual[:, layout.patches(residual.shape[1])].float(), dim=-1)
-
-
-def _register_norms(residual: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """Block output [B, L, D] -> test-time register norms [B, R]."""
-    return torch.linalg.vector_norm(residual[:, layout.test_time_registers(residual.shape[1])].float(), dim=-1)
-
-
 def _reduce_batch(runs: dict, grid: tuple[int, int], layers: list[int], detect_layer: int, cls_layers: list[int],
                   token_layer: int) -> dict:
     """Reduce one batch's captures (``runs[when]``) to the small tensors the figures need, on the device.
@@ -338,20 +304,19 @@ def _reduce_batch(runs: dict, grid: tuple[int, int], layers: list[int], detect_l
     reduced: dict = {key: {} for key in ("norms", "detect", "cls", "cls_share")}
     for when, captured in runs.items():
         layout = captured.layout
-        reduced["norms"][when] = torch.stack([_patch_norms(captured.residual[layer], layout).unflatten(1, grid)
+        reduced["norms"][when] = torch.stack([measures.patch_norms(captured.residual[layer], layout).unflatten(1, grid)
                                               for layer in layers], dim=1)
-        reduced["detect"][when] = _patch_norms(captured.residual[detect_layer], layout)
+        reduced["detect"][when] = measures.patch_norms(captured.residual[detect_layer], layout)
         if cls_layers:
-            cls_row = torch.stack([captured.attention[layer][:, :, layout.cls().start].float()
-                                   for layer in cls_layers], dim=1)                          # [B, layers, H, L]
-            cls_row = cls_row[..., layout.patches(cls_row.shape[-1])]
+            cls_row = torch.stack([measures.cls_patch_attention(captured.attention[layer], layout).float()
+                                   for layer in cls_layers], dim=1)                          # [B, layers, H, P]
             reduced["cls"][when] = cls_row.unflatten(-1, grid)
             reduced["cls_share"][when] = cls_row.sum(dim=-1)
     if not cls_layers:
         del reduced["cls"], reduced["cls_share"]
     after = runs[AFTER]
-    reduced["registers"] = _register_norms(after.residual[detect_layer], after.layout)
-    reduced["layer_registers"] = torch.stack([_register_norms(after.residual[layer], after.layout)
+    reduced["registers"] = measures.register_norms(after.residual[detect_layer], after.layout)
+    reduced["layer_registers"] = torch.stack([measures.register_norms(after.residual[layer], after.layout)
                                               for layer in layers], dim=1)
     attention = after.attention[token_layer]                                                  # [B, H, L, L]
     seq_len = attention.shape[-1]
@@ -451,7 +416,7 @@ def draw_norm_maps(views: Views) -> Page:
     after column per image. Each layer row has one colour scale, shared by before and after and
     by every image, shown by the colour bar at its right."""
     count, rows = views.num_images, len(views.layers)
-    figure = _new_figure(2 * count * PANEL + 1.2, (rows + 1) * PANEL + 0.8)
+    figure = new_figure(2 * count * PANEL + 1.2, (rows + 1) * PANEL + 0.8)
     grid = figure.add_gridspec(rows + 1, 2 * count + 1, width_ratios=[1] * (2 * count) + [0.08])
     for image in range(count):
         _image_panel(figure.add_subplot(grid[0, 2 * image:2 * image + 2]), views, image)
@@ -490,7 +455,7 @@ def draw_norm_histogram(views: Views, bins: int = 40) -> Page:
     with the test-time registers' norms and the neuron file's threshold marked."""
     histogram = norm_histogram(views, bins)
     edges = histogram.edges.numpy()
-    figure = _new_figure(7.5, 4.5)
+    figure = new_figure(7.5, 4.5)
     ax = figure.add_subplot()
     ax.set_label("histogram")
     patches = views.detect_norms[BEFORE].shape[1]
@@ -547,7 +512,7 @@ def draw_cls_attention(views: Views, image: int) -> Page:
     _check_image(views, image)
     heads = views.cls_attention[BEFORE].shape[2]
     rows = [(layer_index, layer, when) for layer_index, layer in enumerate(views.cls_layers) for when in WHEN]
-    figure = _new_figure((heads + 1) * PANEL + 1.0, len(rows) * (PANEL + 0.25) + 0.9)
+    figure = new_figure((heads + 1) * PANEL + 1.0, len(rows) * (PANEL + 0.25) + 0.9)
     grid = figure.add_gridspec(len(rows), heads + 2, width_ratios=[1] * (heads + 1) + [0.08])
     _image_panel(figure.add_subplot(grid[0, 0]), views, image, "image")
     for row, (layer_index, layer, when) in enumerate(rows):
@@ -582,7 +547,7 @@ def draw_token_attention(views: Views, image: int, token: int) -> Page:
     if not 0 <= token < len(views.tokens):
         raise InvalidArgumentError(f"token must be in 0..{len(views.tokens) - 1}, got {token!r}")
     item = views.tokens[token]
-    figure = _new_figure(9.6, 5.4)
+    figure = new_figure(9.6, 5.4)
     grid = figure.add_gridspec(2, 5, width_ratios=[1, 1, 0.06, 1, 0.06], height_ratios=[1, 0.32])
     _image_panel(figure.add_subplot(grid[0, 0]), views, image, "image")
     values = item.maps[image]
@@ -645,7 +610,7 @@ def draw_neuron_scores(neurons: RegisterNeurons, max_columns: int = MAX_SCORE_CO
     scores = scores.float().cpu()
     matrix, factor = score_matrix(scores, max_columns)
     layers, width = scores.shape
-    figure = _new_figure(10.0, 3.2 + 0.28 * layers)
+    figure = new_figure(10.0, 3.2 + 0.28 * layers)
     grid = figure.add_gridspec(2, 2, height_ratios=[max(layers, 3), 3.5], width_ratios=[1, 0.02])
     ax = figure.add_subplot(grid[0, 0])
     ax.set_label("heatmap")

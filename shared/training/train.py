@@ -1,7 +1,7 @@
 """Training registers: fine-tune a pretrained model with learned registers, or train a ViT with registers from scratch.
 
 * **Fine-tuning** (Darcet et al.'s recipe): a pretrained model gets K learned registers
-  (:class:`~test_time_registers.trained_registers.LearnableRegisters`); its embedding and its first
+  (:class:`~test_time_registers.training.registers.LearnableRegisters`); its embedding and its first
   ``freeze_layers`` blocks stay frozen, the later blocks, the final norm, the head and the
   registers train, and an optional L2 penalty pulls the trained weights towards their
   pretrained values.
@@ -13,7 +13,8 @@ on its pooled output; ``distill``, for models without labels (CLIP, DINOv2): the
 model's patch tokens at the last block and its pooled output are pulled, by cosine distance,
 towards those of a frozen copy of the original model.
 
-Under torchrun, :func:`train` wraps the model in ``DistributedDataParallel`` (gloo on the CPU,
+The images are :class:`~test_time_registers.data.labelled.LabelledImages` (a class folder, CIFAR,
+generated scenes). Under torchrun, :func:`train` wraps the model in ``DistributedDataParallel`` (gloo on the CPU,
 NCCL on CUDA): each rank reads its shard of the images (``DistributedSampler``), and gradients
 are averaged over ranks, so every rank ends with the same weights.
 """
@@ -30,23 +31,28 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
+from .. import measures
+from ..data.labelled import LabelledImages
 from ..distributed import all_reduce, current_shard, is_distributed
-from ..errors import ImageSourceError, InvalidArgumentError, check_int
+from ..errors import InvalidArgumentError, TestTimeRegistersError, check_int
 from ..hooks import HookManager, HookSite
-from ..data.sources import ImageFolder, UnreadableImage, read_image
-from ..errors import first_line
 from ..loading import LoadedModel
-from ..training.registers import LearnableRegisters, RegisteredModel, pooled_output
+from ..registry import load_model
+from .registers import LearnableRegisters, RegisteredModel, pooled_output
 
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("classify", "distill")
+
+
+class NonFiniteLossError(TestTimeRegistersError, FloatingPointError):
+    """Training's loss became NaN or infinite (as a rule, the learning rate is too high)."""
+
+
 NEEDS_CLASSES = ("classification needs images of at least 2 classes, every one labelled (a folder with one "
                  "sub-folder per class and no images beside them); without labels, distill")
 
@@ -90,135 +96,6 @@ def vitrgts_to_timm(config: dict) -> dict:
         for argument in VITRGTS_TO_TIMM[key]:
             kwargs[argument] = value / config["dim"] if key == "mlp_dim" else value
     return kwargs
-
-
-# ---------------------------------------------------------------------------- data
-
-class LabelledImages(Dataset):
-    """Images and their classes, read lazily: item ``i`` is ``(pixels [3, H, W], label)``.
-
-    ``label`` is -1 where none is known. ``read(i)`` gives image ``i`` as a PIL image;
-    :meth:`with_preprocess` sets how it becomes a tensor.
-    """
-
-    def __init__(self, read: Callable[[int], Image.Image], labels: Sequence[int], class_names: Sequence[str] | None,
-                 description: str, preprocess: Callable | None = None):
-        if not len(labels):
-            raise ImageSourceError(f"no images in {description}")
-        self.read, self.labels, self.description = read, list(labels), description
-        self.class_names = list(class_names) if class_names else None
-        self.preprocess = preprocess
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.read(index)
-        return self.preprocess(image), self.labels[index]
-
-    def with_preprocess(self, preprocess: Callable) -> "LabelledImages":
-        return LabelledImages(self.read, self.labels, self.class_names, self.description, preprocess)
-
-    def subset(self, positions: Sequence[int], description: str | None = None) -> "LabelledImages":
-        """The images at ``positions``, in that order."""
-        positions = list(positions)
-        return LabelledImages(_Subset(self.read, positions), [self.labels[p] for p in positions], self.class_names,
-                              description or self.description, self.preprocess)
-
-    @property
-    def num_classes(self) -> int:
-        """The number of classes: the class names', or 0 when the images have no labels."""
-        return len(self.class_names) if self.class_names and all(label >= 0 for label in self.labels) else 0
-
-
-class _Subset:
-    def __init__(self, read, positions):
-        self.read, self.positions = read, positions
-
-    def __call__(self, index: int) -> Image.Image:
-        return self.read(self.positions[index])
-
-
-class _ReadFile:
-    def __init__(self, files):
-        self.files = files
-
-    def __call__(self, index: int) -> Image.Image:
-        try:
-            return read_image(self.files[index])
-        except UnreadableImage as error:
-            raise ImageSourceError(f"cannot read {self.files[index]}: {error}") from None
-
-
-class _ReadList:
-    def __init__(self, images):
-        self.images = images
-
-    def __call__(self, index: int) -> Image.Image:
-        return self.images[index]
-
-
-class _ReadDataset:
-    """Image ``i`` of a torchvision dataset that yields ``(PIL image, label)``."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __call__(self, index: int) -> Image.Image:
-        return self.dataset[index][0]
-
-
-def folder_images(root, *, limit: int | None = None, seed: int = 0) -> LabelledImages:
-    """The images under ``root``; with one sub-folder per class (torchvision's ImageFolder layout),
-    labelled by the sorted sub-folder names. Files PIL cannot identify are skipped (and logged);
-    with ``limit``, a seeded sample of that many."""
-    folder = ImageFolder(root)
-    files = sorted(ImageFolder(root, limit=limit or len(folder.files), seed=seed).sample_files())
-    if not files:
-        raise ImageSourceError(folder.describe_empty())
-    parts = [path.relative_to(folder.root).parts for path in files]
-    classes = sorted({part[0] for part in parts if len(part) > 1})
-    index = {name: position for position, name in enumerate(classes)}
-    labels = [index[part[0]] if len(part) > 1 else -1 for part in parts]
-    return LabelledImages(_ReadFile(files), labels, classes or None, f"{len(files)} images from {root}")
-
-
-def cifar_images(root, classes: int = 10, *, train: bool = True, limit: int | None = None) -> LabelledImages:
-    """CIFAR-10 or CIFAR-100 from a local folder in torchvision's format (never downloaded)."""
-    from torchvision.datasets import CIFAR10, CIFAR100
-
-    if classes not in (10, 100):
-        raise InvalidArgumentError(f"CIFAR has 10 or 100 classes, not {classes}")
-    dataset_class = CIFAR10 if classes == 10 else CIFAR100
-    try:
-        dataset = dataset_class(str(root), train=train, download=False)
-    except (RuntimeError, OSError) as error:
-        folder = "cifar-10-batches-py" if classes == 10 else "cifar-100-python"
-        raise ImageSourceError(f"no CIFAR-{classes} in {root}: expected torchvision's {folder}/ folder there "
-                               f"({first_line(error)})") from None
-    count = min(limit or len(dataset), len(dataset))
-    labels = [int(label) for label in dataset.targets[:count]]
-    split = "training" if train else "test"
-    return LabelledImages(_ReadDataset(dataset), labels, dataset.classes,
-                          f"{count} CIFAR-{classes} {split} images from {root}")
-
-
-def scene_images(count: int, *, seed: int = 0, size: int = 224, task: str = "shape") -> LabelledImages:
-    """Generated demo scenes labelled by the shape (4 classes) or the texture (5 classes) of their largest object."""
-    from test_time_registers.clip.demo import SHAPES, TEXTURES, demo_scenes
-
-    check_int("count", count)
-    if task not in SCENE_TASKS:
-        raise InvalidArgumentError(f"task must be one of {SCENE_TASKS}, got {task!r}")
-    scenes = demo_scenes(count, seed, size)
-    labels = [scene.label if task == "shape" else scene.texture_label for scene in scenes]
-    return LabelledImages(_ReadList([scene.image for scene in scenes]), labels,
-                          list(SHAPES if task == "shape" else TEXTURES),
-                          f"{count} generated scenes ({size} px, labelled by their largest object's {task})")
-
-
-#: What a generated scene's label can be: its largest object's shape or texture.
-SCENE_TASKS = ("shape", "texture")
 
 
 # ---------------------------------------------------------------------------- what trains
@@ -360,14 +237,13 @@ def fine_tuning_setup(loaded: LoadedModel, probe: torch.Tensor, *, num_registers
 
 def from_scratch_setup(timm_name: str, vit: dict, *, num_registers: int, num_classes: int, insert_at: int = 0,
                        cls_pos: int | None = None, device: torch.device | str = "cpu", seed: int = 0) -> tuple[LoadedModel, Setup]:
-    """A timm ViT with registers from random weights: ``timm.create_model(timm_name, **vitrgts_to_timm(vit))``.
+    """A timm ViT with registers from random weights: ``timm.create_model(timm_name, **vitrgts_to_timm(vit))``,
+    through the registry (``load_model(f"timm:{timm_name}:random", ...)``).
 
     With ``insert_at=0`` the registers are timm's own ``reg_tokens=K`` (right after CLS, no
     position embedding); with ``insert_at > 0`` they are learned registers entering at that
     block. Every parameter trains.
     """
-    from test_time_registers.deit.loader import load_timm
-
     if num_classes < 2:
         raise InvalidArgumentError(f"training from scratch classifies: {NEEDS_CLASSES}")
     if vit.get("num_classes", num_classes) != num_classes:
@@ -375,8 +251,8 @@ def from_scratch_setup(timm_name: str, vit: dict, *, num_registers: int, num_cla
     kwargs = {**vitrgts_to_timm(vit), "num_classes": num_classes, "reg_tokens": num_registers if insert_at == 0 else 0}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        loaded = load_timm(timm_name, pretrained=False, device=device, **kwargs)
-        if not isinstance(loaded.model, VisionTransformer):
+        loaded = load_model(f"timm:{timm_name}:random", device=device, seed=seed, **kwargs)
+        if getattr(loaded.model, "num_reg_tokens", None) != kwargs["reg_tokens"]:   # what VisionTransformer(reg_tokens=K) has
             raise InvalidArgumentError(f"{timm_name} is a timm {type(loaded.model).__name__}, not a VisionTransformer")
         learned = 0 if insert_at == 0 else num_registers
         registers = LearnableRegisters.for_model(loaded.hook_manager, learned, insert_at=insert_at, cls_pos=cls_pos,
@@ -534,7 +410,7 @@ def train(setup: Setup, data: LabelledImages, options: TrainingOptions, *,
                     loss = loss + options.l2_weight * sum((parameters[name] - anchor).float().square().sum()
                                                           for name, anchor in anchors.items())
                 if not torch.isfinite(loss):
-                    raise InvalidArgumentError(f"the loss became {loss.item()} at epoch {epoch + 1}; lower lr")
+                    raise NonFiniteLossError(f"the loss became {loss.item()} at epoch {epoch + 1}; lower lr")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -605,18 +481,19 @@ def norm_statistics(hook_manager: HookManager, data: LabelledImages, *, batch_si
             with hook_manager.capture(residual=layers, attention=attention) as captured:
                 hook_manager.forward_images(pixels)
             for layer in layers:
-                norms = captured.residual[layer].float().norm(dim=-1)                             # [B, L]
-                median = norms[:, layout.patches(norms.shape[1])].median(dim=1).values            # [B]
-                ratios = norms[:, layout.patches(norms.shape[1])].amax(dim=1) / median
+                residual = captured.residual[layer]                                                # [B, L, D]
+                patch_norms = measures.patch_norms(residual, layout)                               # [B, P]
+                median = patch_norms.median(dim=1).values                                          # [B]
+                ratios = measures.max_over_median(patch_norms)
                 sums["patch_max_over_median"][layer] += ratios.sum().item()
                 worst[layer] = max(float(worst[layer]), ratios.max().item())
                 if layout.num_trained_registers:
-                    registers = norms[:, layout.trained_registers()].amax(dim=1) / median
+                    registers = measures.register_norms(residual, layout, trained=True).amax(dim=1) / median
                     sums["register_over_median"][layer] += registers.sum().item()
                 if layout.num_cls:
-                    sums["cls_over_median"][layer] += (norms[:, layout.cls().start] / median).sum().item()
+                    sums["cls_over_median"][layer] += (measures.cls_norms(residual, layout) / median).sum().item()
                 if layer in captured.attention:
-                    cls_row = captured.attention[layer][:, :, layout.cls().start].float()           # [B, H, L]
+                    cls_row = measures.cls_row(captured.attention[layer], layout).float()           # [B, H, L]
                     share = cls_row[:, :, layout.trained_registers()].sum(dim=-1).mean(dim=1)
                     sums["cls_attention_on_registers"][layer] += share.sum().item()
             count += len(pixels)

@@ -9,9 +9,11 @@ registers. Both runs see the same images in the same order and take the same num
 --minutes sets the epochs from a timed step (or give --epochs). Results go to OUT/results.json
 and each model to OUT/registers-K/ (loadable with load_trained_registers).
 
-    nice python scripts/registers_from_scratch.py --out runs/from-scratch
+    nice python experiments/registers_from_scratch.py --out runs/from-scratch
 
-Bad input gives one line on stderr and exit code 2.
+It is an experiment, run from a checkout, not part of the installed package: its defaults are the
+README's runs, and it is built from the library's parts (``from_scratch_setup``, ``train``,
+``norm_statistics``, ``find_register_neurons``). Bad input gives one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from test_time_registers.errors import NoOutliersError
+from test_time_registers.data.labelled import SCENE_TASKS, scene_images
 from test_time_registers.discovery import find_register_neurons
+from test_time_registers.errors import NoOutliersError
 from test_time_registers.training.registers import save_trained_registers
-from test_time_registers.training.train import (TrainingOptions, accuracy, from_scratch_setup, norm_statistics,
-                                          SCENE_TASKS, scene_images, train)
+from test_time_registers.training.train import TrainingOptions, accuracy, from_scratch_setup, norm_statistics, train
 
 from test_time_registers.scripts.common import Parser, check_device, non_negative_int, positive_int, run_main
 from test_time_registers.scripts.train_registers import positive_float, vit_config

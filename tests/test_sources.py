@@ -59,17 +59,6 @@ def test_16_bit_images_are_rescaled_not_clipped():
     assert rgb.min() == 0 and rgb.max() == 255
 
 
-def test_batches_stack_and_cast():
-    images = [Image.new("RGB", (10, 10), "blue") for _ in range(5)]
-    preprocess = lambda im: torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255  # noqa: E731
-    sizes = [len(b.names) for b in batches(images, preprocess, 2, "cpu", torch.bfloat16)]
-    assert sizes == [2, 2, 1]
-    batch = next(iter(batches(torch.zeros(3, 3, 4, 4), None, 8, "cpu", torch.float16)))
-    assert batch.pixel_values.dtype == torch.float16 and batch.names == ["image_0", "image_1", "image_2"]
-    with pytest.raises(ValueError, match="preprocess"):
-        next(iter(batches(images, None, 2, "cpu", torch.float32)))
-
-
 def test_hold_out_splits_a_folder_into_disjoint_seeded_parts(tmp_path):
     for index in range(10):
         Image.new("RGB", (8, 8)).save(tmp_path / f"{index}.png")

@@ -1,0 +1,1 @@
+"""Experiments run from a checkout of the repository (``python experiments/NAME.py``); not installed."""
