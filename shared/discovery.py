@@ -27,13 +27,13 @@ from tqdm.auto import tqdm
 from . import distributed, measures
 from .data.batching import Shard, batches, ordered_source
 from .data.sources import ImageFolder, calibration_first, count_hint, image_source, no_images_message
-from .files import write_atomically
 from .errors import ImageSourceError, InvalidArgumentError, TestTimeRegistersError, check_int
+from .files import write_atomically
 from .hooks import HookManager, StopForward
 from .intervention import ModifiedModel
 from .neurons import RegisterNeurons
-from .statistics import (AUTO, AUTO_CALIBRATION_IMAGES, AUTO_MAX_TOP_K, AUTO_TARGET_RATIO, DiscoverySettings,  # noqa: F401
-                         DiscoveryStatistics, _check_target_ratio, auto_threshold)
+from .statistics import (AUTO, AUTO_CALIBRATION_IMAGES, AUTO_TARGET_RATIO, DiscoverySettings, DiscoveryStatistics,
+                         auto_threshold, check_target_ratio)
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ def choose_top_k(hook_manager: HookManager, ranked: RegisterNeurons, held_out, p
         ``ranked.top(k)``, with ``extra["top_k_auto"]``: the target, each k tried and its ratio,
         and whether the target was met.
     """
-    target_ratio = _check_target_ratio(target_ratio)
+    target_ratio = check_target_ratio(target_ratio)
     source = image_source(held_out)
     pixels = [batch.pixel_values for batch in batches(source, preprocess, batch_size, hook_manager.device,
                                                       hook_manager.input_dtype, workers=workers) if batch.names]

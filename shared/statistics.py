@@ -45,7 +45,7 @@ AUTO_TARGET_RATIO = 2.0
 AUTO_MAX_TOP_K = 64
 
 
-def _check_target_ratio(target_ratio) -> float:
+def check_target_ratio(target_ratio) -> float:
     if isinstance(target_ratio, bool) or not isinstance(target_ratio, (int, float)) or not target_ratio >= 1:
         raise InvalidArgumentError(f"target_ratio must be a number of at least 1 (a largest / median patch norm), "
                                    f"got {target_ratio!r}")
@@ -89,7 +89,7 @@ class DiscoverySettings:
     def __post_init__(self):
         if self.top_k == AUTO:
             check_int("max_top_k", self.max_top_k)
-            _check_target_ratio(self.target_ratio)
+            check_target_ratio(self.target_ratio)
         else:
             check_int("top_k", self.top_k)
         if self.threshold != AUTO:

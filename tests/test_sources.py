@@ -1,10 +1,10 @@
+"""Image sources (test_time_registers.data.sources): folders read as RGB, seeded samples, hold-outs, skips."""
+
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from test_time_registers import ImageFolder, ImageSourceError
-from test_time_registers.data.batching import batches
 from test_time_registers.data.sources import to_rgb
 
 
