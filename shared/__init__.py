@@ -11,12 +11,13 @@ imports none of open_clip, timm or transformers.
 
 __version__ = "0.3.0"
 
-from .discovery import (DiscoveryStatistics, auto_threshold, check_discovery_arguments, find_register_neurons,  # noqa: E402
-                        gather_statistics)
+from .discovery import check_discovery_arguments, find_register_neurons, gather_statistics  # noqa: E402
+from .statistics import DiscoverySettings, DiscoveryStatistics, auto_threshold  # noqa: E402
 from .edits import Edit, EditContext, LegacyEdit, PaperEdit, legacy_edit, paper_edit  # noqa: E402
-from .errors import (ImageSourceError, IncompatibleNeuronsError, InvalidArgumentError, ModelLoadError,  # noqa: E402
-                     NeuronFileError, NonFiniteActivationsError, NoOutliersError, RegisterLeakError,
-                     TestTimeRegistersError, UnsupportedModelError)
+from .errors import (CheckpointError, ImageSourceError, IncompatibleNeuronsError, InvalidArgumentError,  # noqa: E402
+                     MissingDependencyError, ModelLoadError, NeuronFileError, NonFiniteActivationsError,
+                     NonFiniteLossError, NoOutliersError, RegisterLeakError, TestTimeRegistersError,
+                     UnsupportedModelError)
 from .hooks import Capture, Extension, HookManager, Hooks, HookSite, StopForward  # noqa: E402
 from .data.sources import ImageFolder  # noqa: E402
 from .intervention import ModifiedModel  # noqa: E402
@@ -31,7 +32,7 @@ from .training.registers import (LearnableRegisters, RegisteredModel, load_train
                                 save_trained_registers)
 
 __all__ = [
-    "At", "EagerAttention", "Extension", "NeedWeights", "RegisterLeakError", "Sites", "Unfused", "hook_manager_for",
+    "CheckpointError", "DiscoverySettings", "MissingDependencyError", "NonFiniteLossError", "At", "EagerAttention", "Extension", "NeedWeights", "RegisterLeakError", "Sites", "Unfused", "hook_manager_for",
     "register_model", "supported_models",
     "PRECISIONS", "Architecture", "Capture", "DiscoveryStatistics", "Edit", "EditContext", "LegacyEdit", "PaperEdit", "HookManager", "HookSite", "Hooks", "ImageFolder", "ImageSourceError",
     "IncompatibleNeuronsError", "InvalidArgumentError", "LearnableRegisters", "LoadedModel", "ModelLoadError", "ModifiedModel",

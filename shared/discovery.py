@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import distributed, measures
 from .data.batching import Shard, batches, ordered_source
 from .data.sources import ImageFolder, calibration_first, count_hint, image_source, no_images_message
-from .errors import ImageSourceError, InvalidArgumentError, TestTimeRegistersError, check_int
+from .errors import CheckpointError, ImageSourceError, InvalidArgumentError, check_int
 from .files import write_atomically
 from .hooks import HookManager, StopForward
 from .intervention import ModifiedModel
@@ -40,9 +40,6 @@ log = logging.getLogger(__name__)
 #: Version of discovery checkpoints.
 CHECKPOINT_FORMAT = 1
 
-
-class CheckpointError(TestTimeRegistersError, ValueError):
-    """A checkpoint to resume from is missing, unreadable, or not a checkpoint of this kind and format."""
 
 
 def find_register_neurons(hook_manager: HookManager, images, preprocess: Callable | None = None, *,

@@ -51,6 +51,18 @@ class UnsupportedModelError(TestTimeRegistersError, TypeError):
     """A hook manager was given a model it does not describe."""
 
 
+class CheckpointError(TestTimeRegistersError, ValueError):
+    """A checkpoint to resume from is missing, unreadable, or not a checkpoint of this kind and format."""
+
+
+class NonFiniteLossError(TestTimeRegistersError, FloatingPointError):
+    """Training's loss became NaN or infinite (as a rule, the learning rate is too high)."""
+
+
+class MissingDependencyError(TestTimeRegistersError, ImportError):
+    """A dependency that an install without dependencies may lack (matplotlib, for figures) is not installed."""
+
+
 class RegisterLeakError(TestTimeRegistersError, RuntimeError):
     """Tokens the library added would reach what the model returns: the token count at the removal
     point is not the unmodified model's, or a method would read block outputs that carry them."""

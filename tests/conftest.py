@@ -20,6 +20,15 @@ def tiny_clip(seed: int = 0) -> open_clip.CLIP:
     return build_clip(seed, layers=CLIP_LAYERS)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For tests that train: on a shared 2-core machine one thread is many times faster than two fighting ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def clip_model():
     return tiny_clip()

@@ -302,7 +302,7 @@ def test_a_checkpoint_of_other_images_is_refused(tmp_path, demo_model, scenes):
 
 
 def test_a_missing_or_unreadable_checkpoint_is_a_checkpoint_error_not_a_bad_argument(tmp_path, demo_model, scenes):
-    from test_time_registers.discovery import CheckpointError
+    from test_time_registers.errors import CheckpointError
 
     hm, preprocess = demo_model.hook_manager, demo_model.preprocess
     with pytest.raises(CheckpointError, match="no checkpoint to resume from"):

@@ -12,10 +12,12 @@ from test_time_registers.data.sources import default_transform
 from test_time_registers.deit import DeitHookManager
 from test_time_registers.loading import LoadedModel
 from test_time_registers.training.registers import apply_trained_registers, save_trained_registers
-from test_time_registers.training.train import (NonFiniteLossError, TrainingOptions, fine_tuning_setup,
+from test_time_registers.errors import NonFiniteLossError
+from test_time_registers.training.train import (TrainingOptions, fine_tuning_setup,
                                                 from_scratch_setup, train, vitrgts_to_timm)
 from tests.tiny_models import IMAGE_SIZE, clip_model, timm_model
-from tests.test_trained_registers import one_thread  # noqa: F401 - an autouse fixture: one thread
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def deit3(seed: int = 0):

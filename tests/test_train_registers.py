@@ -15,7 +15,8 @@ from test_time_registers.data.labelled import scene_images
 from test_time_registers.scripts import train_registers
 from test_time_registers.training.train import parameter_digest
 from tests.tiny_models import IMAGE_SIZE
-from tests.test_trained_registers import one_thread  # noqa: F401 - an autouse fixture: one thread
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY_VIT = "image_size=32,patch_size=8,dim=32,depth=2,heads=2,mlp_dim=64"
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..errors import InvalidArgumentError, TestTimeRegistersError
+from ..errors import InvalidArgumentError, MissingDependencyError
 from ..files import write_atomically
 
 if TYPE_CHECKING:
@@ -27,9 +27,6 @@ if TYPE_CHECKING:
 COLOUR_MAP = "viridis"
 INSTALL_HINT = 'pip install "test-time-registers[viz]"'
 
-
-class MissingDependencyError(TestTimeRegistersError, ImportError):
-    """An optional dependency (matplotlib, for figures) is not installed."""
 
 
 def require_matplotlib() -> None:

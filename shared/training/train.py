@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from .. import measures
 from ..data.labelled import LabelledImages
 from ..distributed import all_reduce, current_shard, is_distributed
-from ..errors import InvalidArgumentError, TestTimeRegistersError, check_int
+from ..errors import InvalidArgumentError, NonFiniteLossError, check_int
 from ..hooks import HookManager, HookSite
 from ..loading import LoadedModel
 from ..registry import load_model
@@ -48,9 +48,6 @@ log = logging.getLogger(__name__)
 
 OBJECTIVES = ("classify", "distill")
 
-
-class NonFiniteLossError(TestTimeRegistersError, FloatingPointError):
-    """Training's loss became NaN or infinite (as a rule, the learning rate is too high)."""
 
 
 NEEDS_CLASSES = ("classification needs images of at least 2 classes, every one labelled (a folder with one "

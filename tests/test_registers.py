@@ -15,13 +15,7 @@ from test_time_registers.planting import marker_images, plant_register_neurons
 from tests.tiny_models import ARCHITECTURES, IMAGE_SIZE, LAYERS, clip_model, hook_count, timm_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tests train: on a shared 2-core machine one thread is many times faster than two fighting ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
