@@ -275,6 +275,7 @@ class HookManager:
             raise UnsupportedModelError(f"{type(self).__name__} declares no sites: set `sites = Sites(...)` on the class")
         self.model = model
         self.autocast_dtype = autocast_dtype
+        #: The hook manager this one is a view of; None for one that is no view.
         self.base: HookManager | None = None
         self._extensions: tuple[Extension, ...] = ()
         self._resolve(model, sites)
@@ -322,11 +323,6 @@ class HookManager:
         view.model = extension.model
         view.name = extension.view_name(self.name)
         return view
-
-    @property
-    def unmodified(self) -> "HookManager":
-        """The hook manager this one is a view of, all the way down (itself if it is no view)."""
-        return self if self.base is None else self.base.unmodified
 
     def running(self) -> contextlib.AbstractContextManager:
         """The contexts of every extension, the newest entered first (nothing for a plain hook manager)."""

@@ -257,7 +257,7 @@ class ModifiedModel(nn.Module):
             with base.hooks() as hooks:
                 for layer in range(base.num_layers):
                     hooks.on_block_output(layer, lambda tokens, layer=layer: kept.__setitem__(
-                        layer, tokens[:, _as_index(self.layout.image_tokens(tokens.shape[1]), tokens)]))
+                        layer, self._without_registers(tokens, tokens.shape[1])))
                 self.hook_manager.forward_images(pixels)
             register_tokens = self.register_tokens
             with base.hooks() as replay, self.hook_manager.autocast():
@@ -289,10 +289,6 @@ class ModifiedModel(nn.Module):
             return self.edit(acts, neurons, self.layout, context)
 
         return edit
-
-
-def _as_index(index, tokens: torch.Tensor):
-    return index.to(tokens.device) if isinstance(index, torch.Tensor) else index
 
 
 def _replacement(kept: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ architectures without touching this one.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -80,7 +81,13 @@ class Architecture:
 
     def load_spec(self, reference: str, *, device: torch.device | str = "cpu", precision: str = "fp32",
                   seed: int = 0, **options: Any) -> LoadedModel:
-        return self.load(reference, device=device, precision=get_precision(precision).name, seed=seed, **options)
+        precision = get_precision(precision).name
+        try:
+            inspect.signature(self.load).bind(reference, device=device, precision=precision, seed=seed, **options)
+        except TypeError:
+            raise InvalidArgumentError(f"the {self.prefix}: loader takes no option(s) {', '.join(sorted(options))}") \
+                from None
+        return self.load(reference, device=device, precision=precision, seed=seed, **options)
 
 
 _ARCHITECTURES: dict[str, Architecture] = {}
@@ -95,7 +102,7 @@ def register_architecture(prefix: str, *, spec: str, description: str = "",
     ``load(reference, *, device, precision, seed, **options)`` gets the part after the first colon
     (empty for a bare ``PREFIX``) and returns a :class:`LoadedModel`; it raises
     :class:`~test_time_registers.ModelLoadError` for anything it cannot load. ``options`` are
-    what :func:`load_model` passes on (a loader that takes none refuses them).
+    what :func:`load_model` passes on; options a loader does not take are an ``InvalidArgumentError``.
     """
     def decorate(load: Loader) -> Loader:
         entry = Architecture(prefix, load, spec, description, tuple(examples),

@@ -101,3 +101,12 @@ def test_model_classes_resolve_to_one_description_and_the_registry_refuses_what_
         DeitHookManager(eva)
     with pytest.raises(InvalidArgumentError, match="exactly one of"):
         register_model("SomeModel", hook_manager=DeitHookManager, inside="vit")
+
+
+def test_loader_options_pass_through_and_options_a_loader_does_not_take_are_refused():
+    from test_time_registers import InvalidArgumentError
+
+    loaded = load_model("timm:vit_tiny_patch16_224:random", reg_tokens=2, img_size=64)
+    assert loaded.hook_manager.layout.num_trained_registers == 2 and loaded.model.patch_embed.img_size == (64, 64)
+    with pytest.raises(InvalidArgumentError, match="the demo: loader takes no option"):
+        load_model("demo", reg_tokens=2)
