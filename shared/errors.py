@@ -72,3 +72,7 @@ def first_line(error: BaseException) -> str:
     """The first line of an exception's message, for one-line errors."""
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
+
+
+class ActivationLogError(TestTimeRegistersError, ValueError):
+    """An activation log cannot be read, or is not one this version writes."""
