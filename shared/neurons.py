@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
+import operator
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes, save as save_bytes
 
-from .files import write_atomically
-from .errors import IncompatibleNeuronsError, InvalidArgumentError, InvalidArgumentTypeError, NeuronFileError
+from .errors import (IncompatibleNeuronsError, InvalidArgumentError, InvalidArgumentTypeError, NeuronFileError,
+                     first_line)
+from .files import finite_number, output_folder, parse_json, read_bounded, write_unit
 
 if TYPE_CHECKING:
     from .hooks import HookManager
@@ -27,6 +30,17 @@ FORMAT_VERSION = 1
 #: ``model`` of neurons that name no model (given by hand), never checked against one.
 UNKNOWN_MODEL = "unknown"
 REQUIRED_KEYS = ("model", "detect_layer", "threshold", "highest_layer", "images_with_outliers", "neurons")
+KNOWN_KEYS = ("format_version", *REQUIRED_KEYS, "images_seen", "image_size", "score", "source", "extra",
+              "candidate_scores_file", "candidate_scores_sha256")
+SCORES_KEY = "scores"
+
+#: What a neuron file may hold: its size, and bounds on its indices and counts.
+MAX_FILE_BYTES = 16 * 2**20
+MAX_SCORES_BYTES = 256 * 2**20
+MAX_LAYERS = 4096              # layer indices 0..MAX_LAYERS - 1
+MAX_NEURONS = 2**20            # neuron indices 0..MAX_NEURONS - 1 (MLP widths are thousands)
+MAX_IMAGE_SIDE = 2**16
+MAX_COUNT = 2**53              # image counts: exact in any JSON reader
 
 
 @dataclass(frozen=True)
@@ -58,6 +72,7 @@ class RegisterNeurons:
     #: Every candidate neuron's score, [layers 0..highest_layer, max MLP width], NaN where a layer is narrower;
     #: saved beside the JSON file (``NAME.scores.safetensors``) and read back with it.
     candidate_scores: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    _scores_file: Path | None = field(default=None, init=False, repr=False, compare=False)   # where read, for messages
     _warned_for: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
 
     def __iter__(self) -> Iterator[RegisterNeuron]:
@@ -142,6 +157,23 @@ class RegisterNeurons:
                 raise IncompatibleNeuronsError(
                     f"register neuron ({item.layer}, {item.neuron}) is out of range: layer {item.layer} "
                     f"of {hook_manager.name} has neurons 0..{width - 1}")
+        self._check_scores_fit(hook_manager)
+
+    def _check_scores_fit(self, hook_manager: "HookManager") -> None:
+        """Raise :class:`NeuronFileError` if the candidate scores have rows or columns the model lacks."""
+        scores = self.candidate_scores
+        if scores is None:
+            return
+        origin = str(self._scores_file) if self._scores_file is not None else "candidate_scores"
+        rows, columns = scores.shape
+        if rows > hook_manager.num_layers:
+            raise NeuronFileError(f"{origin}: candidate scores of shape {[rows, columns]} have {rows} layer rows, "
+                                  f"but {hook_manager.name} has {hook_manager.num_layers} layers")
+        widest = max(hook_manager.num_neurons(layer) for layer in range(rows))
+        if columns > widest:
+            raise NeuronFileError(f"{origin}: candidate scores of shape {[rows, columns]} have {columns} neuron "
+                                  f"columns, but the MLPs of {hook_manager.name} in layers 0..{rows - 1} have "
+                                  f"at most {widest} neurons")
 
     # ---- JSON ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -161,81 +193,78 @@ class RegisterNeurons:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write JSON atomically: a failed write leaves no partial file behind.
+        """Write the JSON file and, with :attr:`candidate_scores`, ``NAME.scores.safetensors`` beside it, as a unit.
 
-        With :attr:`candidate_scores`, they go first to ``NAME.scores.safetensors`` beside it,
-        which the JSON names.
+        Everything is checked with the reader first, so what is saved loads again; then the scores
+        and the JSON go to temporary files and are renamed into place, the JSON last, naming the
+        scores file and its SHA-256 digest. A failed save replaces nothing and leaves no temporary.
+
+        Raises:
+            NeuronFileError: a value a neuron file cannot hold (an infinite score, a NaN threshold,
+                scores that are not [layers, neurons] floats); nothing is written.
         """
         path = Path(path)
         data = self.to_dict()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        scores_path = None
+        writers: dict[Path, Any] = {}
+        origin = f"{path} (not saved)"
         if self.candidate_scores is not None:
+            scores = self.candidate_scores
+            if not isinstance(scores, torch.Tensor):
+                raise NeuronFileError(f"{origin}: candidate_scores must be a tensor [layers, neurons], "
+                                      f"got {type(scores).__name__}")
+            blob = save_bytes({SCORES_KEY: scores.detach().float().cpu().contiguous()},
+                              metadata={"model": str(self.model)})
             scores_path = scores_path_for(path)
-            write_atomically(scores_path, lambda temporary: save_file(
-                {"scores": self.candidate_scores.detach().float().cpu().contiguous()}, temporary,
-                metadata={"model": str(self.model)}))
             data["candidate_scores_file"] = scores_path.name
+            data["candidate_scores_sha256"] = hashlib.sha256(blob).hexdigest()
+            writers[scores_path] = lambda temporary: Path(temporary).write_bytes(blob)
+        checked = self.from_dict(data, origin=origin)          # what is saved must load
+        if self.candidate_scores is not None:
+            _check_scores(self.candidate_scores.detach().float().cpu(), checked, f"{origin}: candidate_scores")
         text = json.dumps(data, indent=2, allow_nan=False) + "\n"
-        try:
-            write_atomically(path, lambda temporary: Path(temporary).write_text(text))
-        except BaseException:
-            if scores_path is not None:
-                scores_path.unlink(missing_ok=True)
-            raise
+        writers[path] = lambda temporary: Path(temporary).write_text(text, encoding="utf-8")
+        with output_folder(path.parent):
+            write_unit(writers)
         return path
 
     @classmethod
     def from_dict(cls, data: Any, origin: str = "neuron data") -> "RegisterNeurons":
-        if not isinstance(data, dict):
-            raise NeuronFileError(f"{origin}: expected a JSON object at the top level")
-        version = data.get("format_version", 1)
-        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-            raise NeuronFileError(f"{origin}: format_version must be a positive integer, got {version!r}")
-        if version > FORMAT_VERSION:
-            raise NeuronFileError(f"{origin} has format_version {version}, newer than the {FORMAT_VERSION} this "
-                                  "version of test-time-registers reads; upgrade test-time-registers")
-        missing = [key for key in REQUIRED_KEYS if key not in data]
-        if missing:
-            raise NeuronFileError(f"{origin}: missing key(s) {', '.join(missing)}")
-        if not isinstance(data["neurons"], list) or not data["neurons"]:
-            raise NeuronFileError(f"{origin}: 'neurons' must be a non-empty list")
-        try:
-            neurons = [RegisterNeuron(_as_index(item["layer"], "layer"), _as_index(item["neuron"], "neuron"),
-                                      _as_score(item.get("score")))
-                       for item in data["neurons"]]
-        except (TypeError, KeyError, ValueError) as error:
-            raise NeuronFileError(f"{origin}: each neuron needs integer 'layer' and 'neuron' ({error})") from None
-        if len({(n.layer, n.neuron) for n in neurons}) != len(neurons):
-            raise NeuronFileError(f"{origin}: a (layer, neuron) pair is listed twice")
-        image_size = data.get("image_size")
-        return cls(
-            neurons=neurons,
-            model=str(data["model"]),
-            detect_layer=data["detect_layer"],
-            threshold=data["threshold"],
-            highest_layer=data["highest_layer"],
-            images_seen=data.get("images_seen"),
-            images_with_outliers=data["images_with_outliers"],
-            image_size=tuple(image_size) if image_size else None,
-            score=data.get("score"),
-            source=data.get("source"),
-            extra=dict(data.get("extra") or {}),
-        )
+        """Neurons from the parsed JSON of a neuron file, every field checked.
+
+        Raises:
+            NeuronFileError: a missing or unknown key, or a field of the wrong type or out of range;
+                the message names ``origin``, the field and what was expected.
+        """
+        return cls(**_read_fields(data, origin))
+
+    @classmethod
+    def from_json(cls, data: bytes | str, origin: str = "neuron data") -> "RegisterNeurons":
+        """Neurons from the text of a neuron file (strict JSON, nesting limited), every field checked."""
+        return cls.from_dict(_parse(data, origin), origin)
 
     @classmethod
     def load(cls, path: str | os.PathLike, hook_manager: "HookManager | None" = None) -> "RegisterNeurons":
-        """Read a neuron file; with ``hook_manager``, also check it fits that model."""
+        """Read a neuron file and the candidate scores it names; with ``hook_manager``, check both fit that model.
+
+        The file is read only if it is a regular file of at most :data:`MAX_FILE_BYTES`; its
+        scores only with safetensors, under :data:`MAX_SCORES_BYTES`, and only if their digest is
+        the one the JSON names. Scores that are missing are logged and left out.
+
+        Raises:
+            NeuronFileError: anything wrong with either file, naming the file, the field and what was expected.
+            IncompatibleNeuronsError: with ``hook_manager``, a neuron the model does not have.
+        """
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise NeuronFileError(f"neuron file not found: {path}") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise NeuronFileError(f"{path} is not a readable JSON neuron file ({error})") from None
+        if not path.exists() and not path.is_symlink():
+            raise NeuronFileError(f"neuron file not found: {path}")
+        data = _parse(read_bounded(path, MAX_FILE_BYTES, NeuronFileError, "neuron file"), str(path))
         neurons = cls.from_dict(data, origin=str(path))
-        if isinstance(data, dict) and data.get("candidate_scores_file"):
-            neurons.candidate_scores = _read_scores(path.parent / str(data["candidate_scores_file"]), path)
+        name = data.get("candidate_scores_file")
+        if name is not None:
+            scores_path = path.parent / name
+            neurons.candidate_scores = _read_scores(scores_path, data["candidate_scores_sha256"], path, neurons)
+            if neurons.candidate_scores is not None:
+                neurons._scores_file = scores_path
         if hook_manager is not None:
             neurons.check_fits(hook_manager)
         return neurons
@@ -248,19 +277,192 @@ def scores_path_for(path: str | os.PathLike) -> Path:
 
 
 
-def _read_scores(path: Path, origin: Path) -> torch.Tensor | None:
-    """The candidate scores [layers, neurons] saved beside ``origin``, or ``None`` (logged) if they are gone."""
+def _parse(data: bytes | str, origin: str) -> Any:
     try:
-        scores = load_file(path)["scores"]
-    except FileNotFoundError:
+        return parse_json(data, NeuronFileError, origin)
+    except NeuronFileError:
+        raise
+    except ValueError as error:       # an integer of more digits than Python converts
+        raise NeuronFileError(f"{origin} is not a readable JSON neuron file ({first_line(error)})") from None
+
+
+def _show(value: Any) -> str:
+    """``repr(value)``, shortened for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def _fail(origin: str, name: str, expected: str, value: Any) -> NoReturn:
+    raise NeuronFileError(f"{origin}: {name!r} must be {expected}, got {_show(value)}")
+
+
+def _integer(origin: str, name: str, value: Any, limit: int, *, optional: bool = False) -> int | None:
+    """``value`` if it is an int (not a bool, not a float) in 0..limit - 1; ``None`` too if ``optional``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < limit:
+        _fail(origin, name, f"{'null or ' if optional else ''}an integer in 0..{limit - 1}", value)
+    return value
+
+
+def _text(origin: str, name: str, value: Any, *, optional: bool = True) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        _fail(origin, name, f"{'null or ' if optional else ''}a string", value)
+    return value
+
+
+def _check_finite_json(origin: str, name: str, value: Any) -> None:
+    """Every number inside ``value`` (parsed JSON) is finite, so that it can be written back as JSON."""
+    stack = [(name, value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, dict):
+            for key, inner in item.items():
+                if not isinstance(key, str):
+                    _fail(origin, where, "an object with string keys", key)
+                stack.append((f"{where}.{key}", inner))
+        elif isinstance(item, list):
+            stack.extend((f"{where}[{index}]", inner) for index, inner in enumerate(item))
+        elif isinstance(item, float) and not math.isfinite(item):
+            _fail(origin, where, "a finite number", item)
+        elif item is not None and not isinstance(item, (str, int, float)):
+            _fail(origin, where, "a JSON value", item)
+
+
+def _read_fields(data: Any, origin: str) -> dict[str, Any]:
+    """The keyword arguments of :class:`RegisterNeurons` from a neuron file's parsed JSON, every field checked."""
+    if not isinstance(data, dict):
+        raise NeuronFileError(f"{origin}: expected a JSON object at the top level, got {type(data).__name__}")
+    version = data.get("format_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise NeuronFileError(f"{origin}: format_version must be a positive integer, got {_show(version)}")
+    if version > FORMAT_VERSION:
+        raise NeuronFileError(f"{origin} has format_version {version}, newer than the {FORMAT_VERSION} this "
+                              "version of test-time-registers reads; upgrade test-time-registers")
+    missing = [key for key in REQUIRED_KEYS if key not in data]
+    if missing:
+        raise NeuronFileError(f"{origin}: missing key(s) {', '.join(missing)}")
+    unknown = sorted(set(data) - set(KNOWN_KEYS))
+    if unknown:
+        raise NeuronFileError(f"{origin}: unknown key(s) {', '.join(map(_show, unknown))}; a neuron file has "
+                              f"{', '.join(KNOWN_KEYS)}")
+
+    model = _text(origin, "model", data["model"], optional=False)
+    detect_layer = _integer(origin, "detect_layer", data["detect_layer"], MAX_LAYERS, optional=True)
+    highest_layer = _integer(origin, "highest_layer", data["highest_layer"], MAX_LAYERS, optional=True)
+    if detect_layer is not None and highest_layer is not None and highest_layer > detect_layer:
+        raise NeuronFileError(f"{origin}: 'highest_layer' ({highest_layer}) must not be after 'detect_layer' "
+                              f"({detect_layer})")
+    threshold = data["threshold"]
+    if threshold is not None and not (finite_number(threshold) and threshold > 0):
+        _fail(origin, "threshold", "null or a finite positive number", threshold)
+    images_seen = _integer(origin, "images_seen", data.get("images_seen"), MAX_COUNT, optional=True)
+    with_outliers = _integer(origin, "images_with_outliers", data["images_with_outliers"], MAX_COUNT, optional=True)
+    if images_seen is not None and with_outliers is not None and with_outliers > images_seen:
+        raise NeuronFileError(f"{origin}: 'images_with_outliers' ({with_outliers}) must not exceed 'images_seen' "
+                              f"({images_seen})")
+    image_size = data.get("image_size")
+    if image_size is not None:
+        if (not isinstance(image_size, list) or len(image_size) != 2
+                or any(isinstance(side, bool) or not isinstance(side, int) or not 0 < side <= MAX_IMAGE_SIDE
+                       for side in image_size)):
+            _fail(origin, "image_size", f"null or [height, width], two integers in 1..{MAX_IMAGE_SIDE}", image_size)
+        image_size = (image_size[0], image_size[1])
+    extra = data.get("extra", {})
+    if not isinstance(extra, dict):
+        _fail(origin, "extra", "an object", extra)
+    _check_finite_json(origin, "extra", extra)
+
+    scores_file = data.get("candidate_scores_file")
+    digest = data.get("candidate_scores_sha256")
+    if (scores_file is None) != (digest is None):
+        raise NeuronFileError(f"{origin}: 'candidate_scores_file' and 'candidate_scores_sha256' go together; "
+                              "a file naming candidate scores must give their digest (save it again to add it)")
+    if scores_file is not None:
+        if (not isinstance(scores_file, str) or scores_file in ("", ".", "..") or "/" in scores_file
+                or "\\" in scores_file or "\0" in scores_file):
+            _fail(origin, "candidate_scores_file", "the name of a file beside the neuron file", scores_file)
+        if not isinstance(digest, str) or len(digest) != 64 or set(digest) - set("0123456789abcdef"):
+            _fail(origin, "candidate_scores_sha256", "64 lowercase hexadecimal digits", digest)
+
+    items = data["neurons"]
+    if not isinstance(items, list) or not items:
+        _fail(origin, "neurons", "a non-empty list of {\"layer\", \"neuron\", \"score\"} objects", items)
+    neurons = []
+    for index, item in enumerate(items):
+        where = f"neurons[{index}]"
+        if not isinstance(item, dict):
+            _fail(origin, where, "an object with integer 'layer' and 'neuron' and a 'score'", item)
+        keys = set(item)
+        if not {"layer", "neuron"} <= keys or keys - {"layer", "neuron", "score"}:
+            _fail(origin, f"{where} keys", "'layer' and 'neuron', and optionally 'score'", sorted(keys))
+        layer = _integer(origin, f"{where}.layer", item["layer"], MAX_LAYERS)
+        neuron = _integer(origin, f"{where}.neuron", item["neuron"], MAX_NEURONS)
+        score = item.get("score")
+        if score is not None and not finite_number(score):
+            _fail(origin, f"{where}.score", "null or a finite number", score)
+        neurons.append(RegisterNeuron(layer, neuron, float("nan") if score is None else float(score)))
+    if len({(n.layer, n.neuron) for n in neurons}) != len(neurons):
+        raise NeuronFileError(f"{origin}: 'neurons' lists a (layer, neuron) pair twice")
+    return dict(neurons=neurons, model=model, detect_layer=detect_layer, threshold=threshold,
+                highest_layer=highest_layer, images_seen=images_seen, images_with_outliers=with_outliers,
+                image_size=image_size, score=_text(origin, "score", data.get("score")),
+                source=_text(origin, "source", data.get("source")), extra=dict(extra))
+
+
+def _read_scores(path: Path, digest: str, origin: Path, neurons: RegisterNeurons) -> torch.Tensor | None:
+    """The candidate scores [layers, neurons] saved beside ``origin``, or ``None`` (logged) if they are gone.
+
+    Raises:
+        NeuronFileError: not the file the JSON names (another digest), not safetensors, or scores that
+            do not fit the neuron file.
+    """
+    if not path.exists() and not path.is_symlink():
         log.warning("%s names candidate scores in %s, which is missing; figures of them will be skipped",
                     origin, path.name)
         return None
-    except (SafetensorError, KeyError, OSError) as error:
-        raise NeuronFileError(f"{path} is not a readable candidate-score file ({error})") from None
-    if scores.ndim != 2:
-        raise NeuronFileError(f"{path}: candidate scores must be [layers, neurons], got shape {list(scores.shape)}")
+    blob = read_bounded(path, MAX_SCORES_BYTES, NeuronFileError, "candidate-score file")
+    if hashlib.sha256(blob).hexdigest() != digest:
+        raise NeuronFileError(f"{path} is not the candidate-score file {origin} was saved with (its sha256 digest "
+                              f"differs from 'candidate_scores_sha256'); the pair was mixed up or one was "
+                              "replaced: run discovery again")
+    try:
+        tensors = load_bytes(blob)
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as error:
+        raise NeuronFileError(f"{path} is not a readable candidate-score file ({first_line(error)})") from None
+    if set(tensors) != {SCORES_KEY}:
+        raise NeuronFileError(f"{path}: a candidate-score file holds one tensor 'scores', got "
+                              f"{_show(sorted(tensors))}")
+    scores = tensors[SCORES_KEY]
+    _check_scores(scores, neurons, str(path))
     return scores
+
+
+def _check_scores(scores: torch.Tensor, neurons: RegisterNeurons, origin: str) -> None:
+    """Raise :class:`NeuronFileError` unless ``scores`` are [layers, neurons] floats, finite or NaN, that fit
+    ``neurons``: rows for layers 0..highest_layer at least and 0..detect_layer at most, a column for every listed neuron."""
+    shape = list(scores.shape)
+    if scores.ndim != 2 or not scores.dtype.is_floating_point:
+        raise NeuronFileError(f"{origin}: candidate scores must be a 2-D float tensor [layers, neurons], got "
+                              f"{scores.dtype} of shape {shape}")
+    rows, columns = shape
+    least = 1 if neurons.highest_layer is None else neurons.highest_layer + 1
+    most = MAX_LAYERS if neurons.detect_layer is None else neurons.detect_layer + 1
+    if not least <= rows <= most:
+        raise NeuronFileError(f"{origin}: candidate scores must have a row for each candidate layer, {least} to "
+                              f"{most} rows (highest_layer {neurons.highest_layer}, detect_layer "
+                              f"{neurons.detect_layer}), got shape {shape}")
+    if not 0 < columns <= MAX_NEURONS:
+        raise NeuronFileError(f"{origin}: candidate scores must have 1 to {MAX_NEURONS} columns, got shape {shape}")
+    outside = [(n.layer, n.neuron) for n in neurons if n.layer >= rows or n.neuron >= columns]
+    if outside:
+        raise NeuronFileError(f"{origin}: candidate scores of shape {shape} have no score for register neuron "
+                              f"{outside[0]}")
+    if scores.isinf().any():
+        raise NeuronFileError(f"{origin}: candidate scores must be finite (NaN marks a missing neuron), "
+                              "got an infinite score")
 
 
 def _neuron_dict(item: RegisterNeuron) -> dict[str, Any]:
@@ -270,11 +472,16 @@ def _neuron_dict(item: RegisterNeuron) -> dict[str, Any]:
     return entry
 
 
-def _as_score(value) -> float:
-    return float("nan") if value is None else float(value)
-
-
 def _as_index(value, what: str) -> int:
-    if isinstance(value, bool) or int(value) != value or int(value) < 0:
+    """``value`` as a non-negative index: an int (numpy and torch integers too) or an integral float; not a bool."""
+    if isinstance(value, bool):
         raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
-    return int(value)
+    try:
+        index = operator.index(value)
+    except TypeError:
+        if not (isinstance(value, float) and value.is_integer()):
+            raise ValueError(f"{what} must be a non-negative integer, got {value!r}") from None
+        index = int(value)
+    if index < 0:
+        raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
+    return index

@@ -23,8 +23,8 @@ architectures without touching this one.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata, resources
@@ -35,7 +35,7 @@ from torch import nn
 
 from .errors import InvalidArgumentError, ModelLoadError, NeuronFileError, UnsupportedModelError
 from .loading import LoadedModel
-from .neurons import RegisterNeurons
+from .neurons import MAX_FILE_BYTES, RegisterNeurons
 from .precision import get_precision
 
 if TYPE_CHECKING:
@@ -60,8 +60,20 @@ class Preset:
     description: str = ""
 
     def load(self) -> RegisterNeurons:
-        text = resources.files(self.package).joinpath(self.file).read_text()
-        return RegisterNeurons.from_dict(json.loads(text), origin=f"preset {self.name}")
+        """The preset's neurons, read and checked like any neuron file.
+
+        Raises:
+            NeuronFileError: the file is missing from the package, too large, or not a valid neuron file.
+        """
+        origin = f"preset {self.name} ({self.package}/{self.file})"
+        try:
+            with resources.files(self.package).joinpath(self.file).open("rb") as handle:
+                data = handle.read(MAX_FILE_BYTES + 1)
+        except (OSError, ModuleNotFoundError) as error:
+            raise NeuronFileError(f"cannot read {origin}: {error}") from None
+        if len(data) > MAX_FILE_BYTES:
+            raise NeuronFileError(f"{origin} has more than the {MAX_FILE_BYTES} bytes a neuron file may have")
+        return RegisterNeurons.from_json(data, origin=origin)
 
 
 @dataclass(frozen=True)
@@ -196,9 +208,11 @@ def load_preset(name: str, hook_manager: HookManager | None = None) -> RegisterN
     return neurons
 
 
-def load_neurons(spec: str, hook_manager: HookManager | None = None) -> RegisterNeurons:
+def load_neurons(spec: str | os.PathLike, hook_manager: HookManager | None = None) -> RegisterNeurons:
     """A neuron file path, or ``preset:NAME`` for a shipped list; checked against ``hook_manager``."""
-    if spec.startswith("preset:"):
+    if not isinstance(spec, (str, os.PathLike)):
+        raise NeuronFileError(f"neurons must be named by a file path or 'preset:NAME', got {type(spec).__name__}")
+    if isinstance(spec, str) and spec.startswith("preset:"):
         return load_preset(spec.removeprefix("preset:"), hook_manager)
     return RegisterNeurons.load(spec, hook_manager)
 

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import stat
@@ -42,11 +43,12 @@ def test_coerce_accepts_pairs_and_layer_dicts():
 
 
 @pytest.mark.parametrize("content, message", [
-    ("not json", "not a readable JSON"),
+    ("not json", "not valid JSON"),
     ("[1, 2]", "JSON object"),
     (json.dumps({"model": "m", "neurons": [{"layer": 0, "neuron": 1}]}), "missing key"),
     (json.dumps({"model": "m", "detect_layer": 1, "threshold": 1, "highest_layer": 0, "images_with_outliers": 1,
-                 "neurons": [{"layer": "x", "neuron": 1}]}), "integer"),
+                 "neurons": [{"layer": "x", "neuron": 1}]}),
+     r"'neurons\[0\].layer' must be an integer in 0..4095, got 'x'"),
     (json.dumps({"model": "m", "detect_layer": 1, "threshold": 1, "highest_layer": 0, "images_with_outliers": 1,
                  "neurons": []}), "non-empty"),
 ])
@@ -74,10 +76,12 @@ def test_candidate_scores_are_saved_beside_the_json_and_read_back(tmp_path):
     import torch
 
     neurons = _sample()
-    neurons.candidate_scores = torch.tensor([[1.0, 2.0, float("nan")], [0.5, 12.5, 3.25]])
+    neurons.candidate_scores = torch.tensor([[1.0, 2.0, float("nan")] * 6, [0.5, 12.5, 3.25] * 6,
+                                             [0.0] * 18, [4.0] * 18])     # [layers 0..highest_layer 3, neurons]
     path = neurons.save(tmp_path / "n.json")
     sidecar = tmp_path / "n.scores.safetensors"
     assert json.loads(path.read_text())["candidate_scores_file"] == sidecar.name
+    assert json.loads(path.read_text())["candidate_scores_sha256"] == hashlib.sha256(sidecar.read_bytes()).hexdigest()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["n.json", sidecar.name]   # no temporary files
     loaded = RegisterNeurons.load(path)
     torch.testing.assert_close(loaded.candidate_scores, neurons.candidate_scores, equal_nan=True)
@@ -86,5 +90,18 @@ def test_candidate_scores_are_saved_beside_the_json_and_read_back(tmp_path):
     sidecar.unlink()   # a neuron file copied without its scores still loads, without them
     assert RegisterNeurons.load(path).candidate_scores is None
     sidecar.write_bytes(b"not safetensors")
-    with pytest.raises(NeuronFileError, match="candidate-score file"):
+    with pytest.raises(NeuronFileError, match="not the candidate-score file .* was saved with"):
         RegisterNeurons.load(path)
+
+
+def test_save_load_save_is_byte_identical(tmp_path):
+    import torch
+
+    neurons = _sample()
+    neurons.candidate_scores = torch.arange(4 * 20, dtype=torch.float32).reshape(4, 20) / 7
+    neurons.candidate_scores[0, 18:] = float("nan")
+    first = neurons.save(tmp_path / "a" / "n.json")
+    second = RegisterNeurons.load(first).save(tmp_path / "b" / "n.json")
+    for name in ("n.json", "n.scores.safetensors"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert RegisterNeurons.load(second) == neurons
