@@ -164,7 +164,7 @@ def test_no_readable_image_names_the_folder_not_a_function(tmp_path, capsys):
         (folder / name).write_bytes(b"not an image")
     assert main(["--images", str(folder), "--quiet", "--out", str(tmp_path / "n.json")]) == 2
     line = error_line(capsys)
-    assert "no readable image among the 2 file(s) tried in" in line and str(folder) in line
+    assert "no readable image among the 4 file(s) in" in line and str(folder) in line
     assert "find_register_neurons" not in line
 
 

@@ -83,7 +83,7 @@ def _folder_with(tmp_path, name, files):
     (lambda t: ["--images", str(t / "missing")], "image folder not found: "),
     (lambda t: ["--images", str(_folder_with(t, "empty", {}))], "image folder is empty: "),
     (lambda t: ["--images", str(_folder_with(t, "junk", {"a.txt": b"text", "b.png": b"broken"}))],
-     "no readable image among the 1 file(s) tried in "),
+     "no readable image among the 2 file(s) in "),
     (lambda t: ["--model", "bogus"], "unknown model spec prefix 'bogus'"),
     (lambda t: ["--model", "openclip:ViT-Nope", "--images", str(_folder_with(t, "imgs", {"a.txt": b""}))],
      "unknown open_clip model 'ViT-Nope'"),

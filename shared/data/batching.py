@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import InvalidArgumentError, check_int
-from .sources import ImageFolder, Reordered, UnreadableImage, image_source, read_image, to_rgb
+from .sources import ImageFolder, Reordered, UnreadableImage, image_source, name_bytes, read_image, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -106,21 +106,24 @@ class _ReadItems:
 class OrderedSource:
     """A source whose items have positions: ``names[i]`` and ``read(i)`` for ``i`` in ``range(len)``.
 
-    ``fingerprint`` identifies the items (their names, and the folder), so that a checkpoint
-    is resumed only on the images it was made from.
+    ``names`` are what batches call the items (printable text); ``keys`` identify them exactly
+    (a folder's file names, which may hold bytes that are not UTF-8; by default the names).
+    ``fingerprint`` hashes the keys' bytes and the folder's, so that a checkpoint is resumed only
+    on the images it was made from.
     """
 
     def __init__(self, names: Sequence[str], read: Callable[[int], object], on_skip=None, origin=None,
-                 on_device: bool = False):
+                 on_device: bool = False, keys: Sequence[str] | None = None):
         self.names, self.read, self.on_skip, self.origin, self.on_device = names, read, on_skip, origin, on_device
+        self.keys = names if keys is None else keys
 
     def __len__(self) -> int:
         return len(self.names)
 
     @property
     def fingerprint(self) -> str:
-        root = str(getattr(self.origin, "root", ""))
-        return hashlib.sha256("\n".join([root, *self.names]).encode()).hexdigest()[:16]
+        root = getattr(self.origin, "root", "")
+        return hashlib.sha256(b"\n".join([name_bytes(root), *map(name_bytes, self.keys)])).hexdigest()[:16]
 
     def batches(self, preprocess, batch_size: int, device, dtype, *, workers: int = 0, shard: Shard = Shard(),
                 start: int = 0) -> Iterator[Batch]:
@@ -149,8 +152,9 @@ def ordered_source(images) -> OrderedSource | None:
     images = image_source(images)
     if isinstance(images, ImageFolder):
         files = images.sample_files()
-        return OrderedSource([images.name_of(path) for path in files], _ReadFiles(files),
-                             on_skip=lambda i, reason: images.record_skip(files[i], reason), origin=images)
+        return OrderedSource([images.shown_name(path) for path in files], _ReadFiles(files),
+                             on_skip=lambda i, reason: images.record_skip(files[i], reason), origin=images,
+                             keys=[images.name_of(path) for path in files])
     items, order = (images.items, images.order) if isinstance(images, Reordered) else (images, None)
     if isinstance(items, torch.Tensor) and items.ndim != 4:
         raise InvalidArgumentError(f"an image tensor must be [N, 3, H, W], got shape {tuple(items.shape)}")

@@ -10,6 +10,7 @@ is an error. Images are read lazily, by picklable readers, so DataLoader workers
 from __future__ import annotations
 
 import logging
+import math
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ImageSourceError, InvalidArgumentError, check_int, first_line
 from .scenes import SHAPES, TEXTURES, demo_scenes
-from .sources import ImageFolder, UnreadableImage, read_image
+from .sources import ImageFolder, UnreadableImage, printable, read_image
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +159,11 @@ def folder_images(root: str | Path, *, limit: int | None = None, seed: int = 0) 
     parts = [path.relative_to(folder.root).parts for path in files]
     classes = sorted({part[0] for part in parts if len(part) > 1})
     index = {name: position for position, name in enumerate(classes)}
-    items = [LabelledImage(folder.name_of(path), _File(path), index[part[0]] if len(part) > 1 else None,
-                           source=str(path)) for path, part in zip(files, parts)]
-    return LabelledImages(items, classes or None, f"{len(files)} images from {root}", skipped=folder.skipped_names())
+    items = [LabelledImage(folder.shown_name(path), _File(path), index[part[0]] if len(part) > 1 else None,
+                           source=printable(path)) for path, part in zip(files, parts)]
+    return LabelledImages(items, [printable(name) for name in classes] or None,
+                          f"{len(files)} images from {printable(folder.root)}",
+                          skipped=[printable(name) for name in folder.skipped_names()])
 
 
 def voc_boxes(annotation: str | Path, *, skip_difficult: bool = False) -> tuple[str, np.ndarray, list[str]]:
@@ -176,6 +179,8 @@ def voc_boxes(annotation: str | Path, *, skip_difficult: bool = False) -> tuple[
                 continue
             box = obj.find("bndbox")
             left, top, right, bottom = (float(box.findtext(key)) for key in ("xmin", "ymin", "xmax", "ymax"))
+            if not all(map(math.isfinite, (left, top, right, bottom))):
+                raise ValueError(f"a box of {obj.findtext('name', '?').strip()!r} is not finite")
             boxes.append([left - 1, top - 1, right, bottom])
             names.append(obj.findtext("name", "").strip())
         filename = root.findtext("filename", "").strip()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
 import random
 import re
+import unicodedata
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -42,11 +45,50 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _reason(error: Exception, path: Path) -> str:
-    """The first line of why PIL could not read ``path``, without the path itself."""
+def printable(text: str | os.PathLike) -> str:
+    """``text`` (a file name or path) as one line of valid text, for logs and messages.
+
+    Bytes that are not UTF-8 in a name (which Python holds as lone surrogates) become ``\\xNN``,
+    and control characters (a newline in a file name) their ``\\xNN`` / ``\\uNNNN`` escapes;
+    everything else is kept. Use it wherever a name is shown, never where a file is opened.
+    """
+    shown = []
+    for char in os.fspath(text):
+        code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:            # a byte that was not UTF-8 (surrogateescape)
+            shown.append(f"\\x{code - 0xDC00:02x}")
+        elif unicodedata.category(char) in ("Cc", "Cs"):
+            shown.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            shown.append(char)
+    return "".join(shown)
+
+
+def name_bytes(name: str | os.PathLike) -> bytes:
+    """The exact bytes of a file name or path (its identity, for fingerprints), whatever its encoding."""
+    return os.fsencode(name)
+
+
+def _reason(error: BaseException, path: Path) -> str:
+    """The first line of why PIL could not read ``path``, without the path itself, as printable text."""
     text = str(error).strip()
     line = text.splitlines()[0] if text else type(error).__name__
-    return re.sub(rf"\s*'?{re.escape(str(path))}'?", "", line) or type(error).__name__
+    line = re.sub(rf"\s*'?{re.escape(str(path))}'?", "", line) or type(error).__name__
+    if isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        line = f"a possible decompression bomb: {line.rstrip('.')} (PIL's Image.MAX_IMAGE_PIXELS)"
+    return printable(line)
+
+
+@contextlib.contextmanager
+def _pil_reading() -> Iterator[None]:
+    """PIL's checks as errors: a decompression bomb warning stops the read; PIL's other notes about a
+    file (odd EXIF, palette transparency) are logged at debug level instead of printed."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+    for warning in caught:
+        log.debug("PIL: %s", printable(str(warning.message)))
 
 
 class UnreadableImage(Exception):
@@ -54,14 +96,20 @@ class UnreadableImage(Exception):
 
 
 def read_image(path: Path) -> Image.Image:
-    """The image at ``path`` as 8-bit RGB, fully loaded and closed; :class:`UnreadableImage` otherwise."""
+    """The image at ``path`` as 8-bit RGB, fully loaded and closed; :class:`UnreadableImage` otherwise.
+
+    Every way PIL can refuse a file is an unreadable image: not an image, truncated, empty, a
+    decoder's ``OSError``/``SyntaxError``/``ValueError``/``EOFError``/``struct.error``, and a
+    decompression bomb (``DecompressionBombError``, which is none of those, and the
+    ``DecompressionBombWarning`` PIL gives below twice its limit). Ctrl-C still interrupts.
+    """
     try:
-        with Image.open(path) as opened:
+        with _pil_reading(), Image.open(path) as opened:
             opened.load()
             image = to_rgb(opened)
             if image is opened:
                 image = opened.copy()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+    except Exception as error:   # noqa: BLE001 - PIL's decoders raise many kinds; each means "cannot read it"
         raise UnreadableImage(_reason(error, path)) from None
     if min(image.size) == 0:
         raise UnreadableImage("the image is empty")
@@ -69,11 +117,14 @@ def read_image(path: Path) -> Image.Image:
 
 
 def _readable_header(path: Path) -> str | None:
-    """``None`` if PIL recognises the file's header, else why not (cheap: nothing is decoded)."""
+    """``None`` if PIL recognises the file's header (and its size is within PIL's limit), else why not.
+
+    Cheap: nothing is decoded, so a file that passes may still be truncated.
+    """
     try:
-        with Image.open(path):
+        with _pil_reading(), Image.open(path):
             return None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+    except Exception as error:   # noqa: BLE001 - as in read_image
         return _reason(error, path)
 
 
@@ -93,19 +144,19 @@ class ImageFolder:
     #: Skipped files named in the log per iteration; later ones are only counted.
     NAMED_SKIPS = 5
 
-    def __init__(self, root: str | os.PathLike, limit: int | None = None, seed: int = 0, *,
+    def __init__(self, root: str | bytes | os.PathLike, limit: int | None = None, seed: int = 0, *,
                  files: list[Path] | None = None, shuffle: bool = False):
-        self.root = Path(root)
+        self.root = Path(os.fsdecode(root))
         if not self.root.exists():
-            raise ImageSourceError(f"image folder not found: {self.root}")
+            raise ImageSourceError(f"image folder not found: {printable(self.root)}")
         if not self.root.is_dir():
-            raise ImageSourceError(f"not a folder: {self.root}")
+            raise ImageSourceError(f"not a folder: {printable(self.root)}")
         if files is None:
             files = sorted(p for p in self.root.rglob("*")
                            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(self.root).parts))
         self.files = sorted(files)
         if not self.files:
-            raise ImageSourceError(f"image folder is empty: {self.root}")
+            raise ImageSourceError(f"image folder is empty: {printable(self.root)}")
         if limit is not None and limit < 1:
             raise InvalidArgumentError(f"limit must be at least 1, got {limit}")
         self.limit = limit
@@ -119,7 +170,8 @@ class ImageFolder:
         return len(self.skipped_files)
 
     def skipped_names(self) -> list[str]:
-        """The unreadable files found so far, relative to the root, sorted."""
+        """The unreadable files found so far, relative to the root, sorted, exactly (for checkpoints;
+        show them with :func:`printable`)."""
         return sorted(self.name_of(path) for path in self.skipped_files)
 
     def shuffled(self) -> "ImageFolder":
@@ -133,21 +185,72 @@ class ImageFolder:
         return min(len(self.files), self.limit) if self.limit else len(self.files)
 
     def hold_out(self, count: int) -> tuple["ImageFolder", "ImageFolder | None"]:
-        """Split off ``count`` files, chosen at random with this folder's seed, for evaluation.
+        """Split off ``count`` readable images, chosen at random with this folder's seed, for evaluation.
 
-        Returns ``(rest, held_out)``; ``rest`` keeps this folder's ``limit``. At most half the
-        files are held out, so that both parts have some; a folder of one file holds out none
-        (``held_out`` is ``None``).
+        Returns ``(rest, held_out)``; ``rest`` keeps this folder's ``limit`` and every other file
+        (its unreadable files are skipped and counted when it is read). The held-out images are
+        decoded once here, so that an evaluation on them cannot find them unreadable after a run has
+        written its files. At most half the readable images are held out, so that both parts have
+        some; a folder with one readable image holds out none (``held_out`` is ``None``).
+
+        Raises:
+            ImageSourceError: no file of the folder is a readable image.
         """
-        count = min(count, len(self.files) // 2)
-        if count < 1:
-            return self, None
         order = list(self.files)
         random.Random(self.seed).shuffle(order)
-        held_out = sorted(order[:count])
-        rest = sorted(order[count:])
+        decoded, readable = self._readable(order, decode=count, stop=2 * count)
+        if not readable:
+            raise ImageSourceError(f"no readable image among the {len(self.files)} file(s) in "
+                                   f"{printable(self.root)}")
+        held_out = decoded[:min(count, len(readable) // 2)]
+        if not held_out:
+            return self, None
+        chosen = set(held_out)
+        rest = [path for path in self.files if path not in chosen]
         return (ImageFolder(self.root, self.limit, self.seed, files=rest),
-                ImageFolder(self.root, None, self.seed, files=held_out))
+                ImageFolder(self.root, None, self.seed, files=sorted(held_out)))
+
+    def readable_sample(self, count: int) -> "ImageFolder":
+        """A seeded sample of up to ``count`` images that decode, in the order :meth:`hold_out` and a
+        ``limit`` draw them, for what must not find a file unreadable halfway (figures, evaluations).
+        The files found unreadable on the way are skipped and counted, in this folder and the sample.
+
+        Raises:
+            ImageSourceError: no file of the folder is a readable image.
+        """
+        order = list(self.files)
+        random.Random(self.seed).shuffle(order)
+        decoded, _ = self._readable(order, decode=count, stop=count, on_skip=self.record_skip)
+        if not decoded:
+            raise ImageSourceError(f"no readable image among the {len(self.files)} file(s) in "
+                                   f"{printable(self.root)}")
+        sample = ImageFolder(self.root, None, self.seed, files=sorted(decoded))
+        sample.skipped_files = self.skipped_files   # one count for both
+        return sample
+
+    @staticmethod
+    def _readable(order: list[Path], decode: int, stop: int, on_skip=None) -> tuple[list[Path], list[Path]]:
+        """Walk ``order`` until ``stop`` files have a readable header; the first ``decode`` of those
+        are decoded too. Returns (the decoded ones that decode, every file that passed); the others
+        go to ``on_skip(path, reason)``."""
+        decoded, readable = [], []
+        for path in order:
+            if len(readable) >= stop:
+                break
+            if len(decoded) < decode:
+                try:
+                    read_image(path)
+                except UnreadableImage as error:
+                    if on_skip is not None:
+                        on_skip(path, str(error))
+                    continue
+                decoded.append(path)
+                readable.append(path)
+            elif (reason := _readable_header(path)) is None:
+                readable.append(path)
+            elif on_skip is not None:
+                on_skip(path, reason)
+        return decoded, readable
 
     def _visit_order(self) -> list[Path]:
         if not self.shuffle and (self.limit is None or self.limit >= len(self.files)):
@@ -174,7 +277,13 @@ class ImageFolder:
         return chosen
 
     def name_of(self, path: Path) -> str:
+        """The file's name relative to the root, exactly (it may hold bytes that are not UTF-8:
+        show it with :func:`printable`)."""
         return str(path.relative_to(self.root))
+
+    def shown_name(self, path: Path) -> str:
+        """The file's name relative to the root, as printable text (see :func:`printable`)."""
+        return printable(self.name_of(path))
 
     def __iter__(self) -> Iterator[tuple[str, Image.Image]]:
         for path in self.sample_files():
@@ -183,7 +292,7 @@ class ImageFolder:
             except UnreadableImage as error:
                 self.record_skip(path, str(error))
                 continue
-            yield self.name_of(path), image
+            yield self.shown_name(path), image
 
     def record_skip(self, path: Path, reason: str) -> None:
         """Count an unreadable file once, and name the first ``NAMED_SKIPS`` in the log."""
@@ -191,13 +300,13 @@ class ImageFolder:
             return
         self.skipped_files.add(path)
         if self.skipped <= self.NAMED_SKIPS:
-            log.warning("skipped %s: %s", self.name_of(path), reason)
+            log.warning("skipped %s: %s", self.shown_name(path), printable(reason))
         elif self.skipped == self.NAMED_SKIPS + 1:
-            log.warning("skipping more unreadable files in %s; they are counted at the end", self.root)
+            log.warning("skipping more unreadable files in %s; they are counted at the end", printable(self.root))
 
     def describe_empty(self) -> str:
         """Why no image came out of this folder, for errors."""
-        return f"no readable image among the {len(self)} file(s) tried in {self.root} ({self.skipped} skipped)"
+        return f"no readable image among the {len(self)} file(s) tried in {printable(self.root)} ({self.skipped} skipped)"
 
 
 def default_transform(size: int = 224):
@@ -214,8 +323,9 @@ def default_transform(size: int = 224):
 
 
 def image_source(images):
-    """A folder path becomes an :class:`ImageFolder`; every other source is returned as it is."""
-    return ImageFolder(images) if isinstance(images, (str, os.PathLike)) else images
+    """A folder path (``str``, ``bytes`` or path-like) becomes an :class:`ImageFolder`; every other
+    source is returned as it is."""
+    return ImageFolder(images) if isinstance(images, (str, bytes, os.PathLike)) else images
 
 
 class Reordered:
