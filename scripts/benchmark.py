@@ -38,7 +38,8 @@ from test_time_registers.data.batching import batches
 from test_time_registers.data.sources import ImageFolder, take
 from test_time_registers.registry import load_model, load_neurons
 from test_time_registers.scripts.common import (Parser, UsageError, add_model_flags, check_device,
-                                                non_negative_int, positive_int, run_main, threshold_value)
+                                                non_negative_int, positive_float, positive_int, run_main,
+                                                threshold_value)
 
 
 DISCOVERY_TARGET = 1.05
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory", type=image_counts, default=(),
                         help="also measure discovery's peak memory over these numbers of images, e.g. 256,2048, "
                              "each in a fresh process")
-    parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 TFLOP/s (default: known for "
+    parser.add_argument("--peak-tflops", type=positive_float, help="the GPU's dense bf16 TFLOP/s (default: known for "
                         f"{', '.join(BF16_PEAK_TFLOPS)})")
     return parser
 
@@ -289,7 +290,7 @@ def _resident_bytes() -> int:
 
 
 def main(argv=None) -> int:
-    return run_main(build_parser(), run, argv)
+    return run_main(build_parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""What the command-line programs share: flags, checks, and one-line errors with exit code 2."""
+"""What the command-line programs share: flags, checks, outputs, and one-line errors with exit code 2.
+
+Each program's ``main`` goes through :func:`run_main`: bad input of any kind is one line on stderr
+and exit code 2, Ctrl-C at any moment after the program's module is imported is one line and exit
+code 130, and a run that fails leaves no new output behind (:func:`new_outputs`).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -75,15 +81,52 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def threshold_value(text: str):
-    if text == "auto":
-        return "auto"
+def finite_float(text: str, *, above: float | None = None, at_least: float | None = None, below: float | None = None,
+                 kind: str = "a number") -> float:
+    """``text`` as a finite float within the bounds given; NaN and infinities are refused."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive number or 'auto', got {text!r}")
+    if not (math.isfinite(value) and (above is None or value > above) and (at_least is None or value >= at_least)
+            and (below is None or value < below)):
+        raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    return finite_float(text, above=0, kind="a positive number")
+
+
+def non_negative_float(text: str) -> float:
+    return finite_float(text, at_least=0, kind="a non-negative number")
+
+
+def ratio_above_one(text: str) -> float:
+    """A ratio of norms, such as largest / median: finite and above 1."""
+    return finite_float(text, above=1, kind="a number above 1")
+
+
+def threshold_value(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        return positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'auto', got {text!r}") from None
+
+
+#: Seeds reach torch, numpy and ``random``; numpy's take 0 .. 2**32 - 1.
+MAX_SEED = 2**32 - 1
+
+
+def seed_value(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected a seed in 0..{MAX_SEED}, got {text!r}")
     return value
 
 
@@ -142,7 +185,8 @@ def add_model_flags(parser: argparse.ArgumentParser, precisions: tuple[str, ...]
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument("--precision", choices=precisions, default="fp32",
                         help="; ".join(f"{PRECISIONS[p].name}: {PRECISIONS[p].description}" for p in precisions))
-    parser.add_argument("--seed", type=int, default=0, help="seed of the demo model, image sampling and register choice")
+    parser.add_argument("--seed", type=seed_value, default=0,
+                        help="seed of the demo model, image sampling and register choice")
 
 
 def check_device(name: str) -> str:
@@ -180,9 +224,11 @@ def checked_neurons(spec: str, hook_manager, force: bool = False) -> RegisterNeu
 
 
 def check_output_paths(**paths: Path | None) -> None:
-    """Fail before any work if an output cannot be written or two flags name one file.
+    """Fail before any work if an output cannot be written or two flags name one file; create nothing.
 
-    ``paths`` maps a flag name (``out``) to its path, or ``None`` when the flag is unused.
+    ``paths`` maps a flag name (``out``) to its path, or ``None`` when the flag is unused. A
+    missing folder is fine if it can be made inside the nearest one that exists; it is made
+    when the output is written (:func:`new_outputs`).
     """
     seen: dict[Path, str] = {}
     for flag, path in paths.items():
@@ -195,12 +241,51 @@ def check_output_paths(**paths: Path | None) -> None:
         if resolved in seen:
             raise UsageError(f"{seen[resolved]} and {option} name the same file {path}; give each its own file")
         seen[resolved] = option
+        existing = path.parent
+        while not (existing.exists() or existing.is_symlink()) and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise UsageError(f"{option} {path}: cannot write there ({existing} is a file, not a folder)")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=path.parent):
+            with tempfile.TemporaryFile(dir=existing):
                 pass
         except OSError as error:
             raise UsageError(f"{option} {path}: cannot write there ({error.strerror or error})") from None
+
+
+@contextlib.contextmanager
+def new_outputs(*paths: Path | None) -> Iterator[None]:
+    """The block writes these files; if it fails (Ctrl-C included), it leaves nothing new behind.
+
+    On entry the missing folders above each path are made. If the block raises, each path that
+    did not exist before is removed, and then each folder made here that is left empty (a
+    discovery checkpoint written there stays, and keeps its folder). A file that existed before is
+    only ever replaced by its writer's atomic rename: if the block fails after that, it holds the
+    new, complete output.
+    """
+    outputs = [Path(path) for path in paths if path is not None]
+    existed = {path: path.exists() or path.is_symlink() for path in outputs}
+    made: list[Path] = []
+    for path in outputs:
+        for folder in path.parents:
+            if folder.exists() or folder.is_symlink():
+                break
+            made.append(folder)
+    try:
+        for folder in sorted(set(made), key=lambda folder: len(folder.parts)):
+            folder.mkdir(exist_ok=True)
+        yield
+    except BaseException:
+        for path in outputs:
+            if not existed[path]:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        for folder in sorted(set(made), key=lambda folder: len(folder.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                folder.rmdir()   # only if empty
+        raise
 
 
 def in_cli_language(message: str, parser: argparse.ArgumentParser) -> str:
@@ -253,19 +338,47 @@ def cli_logging() -> Iterator[None]:
         library.level, images.level, images.propagate, library.propagate = saved
 
 
-def run_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int], argv=None) -> int:
-    """Parse ``argv`` and call ``run``; bad input of any kind is one line on stderr and exit code 2."""
+def run_main(parser: argparse.ArgumentParser | Callable[[], argparse.ArgumentParser],
+             run: Callable[[argparse.Namespace], int], argv=None) -> int:
+    """Build the parser (``parser`` may be a function that makes it), parse ``argv`` and call ``run``.
+
+    Bad input of any kind is one line on stderr and exit code 2; Ctrl-C, wherever it lands (while
+    the parser is built, the model is imported or loaded, or the error is printed), is one line and
+    exit code 130. Names that are not valid text are printed with escapes, never as an error.
+    """
     rank = os.environ.get("RANK", "0") if "LOCAL_RANK" in os.environ else "0"
     prefix = "error: " if rank == "0" else f"error: rank {rank}: "   # under torchrun, say which rank failed
-    with cli_logging():
-        try:
-            return run(parser.parse_args(argv))
-        except (UsageError, TestTimeRegistersError) as error:
-            print(f"{prefix}{in_cli_language(' '.join(str(error).split()), parser)}", file=sys.stderr)
-            return 2
-        except OSError as error:   # a file that vanished or a disk that filled up mid-run
-            print(f"{prefix}{error}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print("error: interrupted", file=sys.stderr)
-            return 130
+    restore = _escape_unprintable(sys.stdout)
+    try:
+        with cli_logging():
+            try:
+                if not isinstance(parser, argparse.ArgumentParser):
+                    parser = parser()
+                return run(parser.parse_args(argv))
+            except (UsageError, TestTimeRegistersError) as error:
+                message = ' '.join(str(error).split())
+                if isinstance(parser, argparse.ArgumentParser):
+                    message = in_cli_language(message, parser)
+                print(f"{prefix}{message}", file=sys.stderr)
+                return 2
+            except OSError as error:   # a file that vanished or a disk that filled up mid-run
+                print(f"{prefix}{' '.join(str(error).split())}", file=sys.stderr)
+                return 2
+    except KeyboardInterrupt:
+        with contextlib.suppress(KeyboardInterrupt):
+            print(f"{prefix}interrupted", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        restore()
+
+
+def _escape_unprintable(stream) -> Callable[[], None]:
+    """Make ``stream`` print text it cannot encode with backslash escapes; returns how to undo it."""
+    errors = getattr(stream, "errors", None)
+    if errors in (None, "backslashreplace") or not hasattr(stream, "reconfigure"):
+        return lambda: None
+    try:
+        stream.reconfigure(errors="backslashreplace")
+    except (ValueError, OSError, AttributeError, TypeError):
+        return lambda: None
+    return lambda: stream.reconfigure(errors=errors)

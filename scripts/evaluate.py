@@ -20,26 +20,27 @@ import json
 import sys
 from pathlib import Path
 
-from open_clip import zero_shot_metadata
-
 from test_time_registers import (InvalidArgumentError, LegacyEdit, ModifiedModel, PaperEdit, find_register_neurons,
                                  load_trained_registers)
 from test_time_registers.analysis.evaluation import (OUTLIER_RATIO, compare_variants, draw_object_discovery,
                                                      zero_shot_classifier)
 from test_time_registers.analysis.figures import require_matplotlib
 from test_time_registers.data.labelled import folder_images, scene_images, voc_images
+from test_time_registers.data.sources import UnreadableImage
 from test_time_registers.errors import first_line
+from test_time_registers.files import write_atomically
 from test_time_registers.intervention import NORMAL_VALUES, calibrate_attention_bias
 from test_time_registers.registry import load_model
 
 from test_time_registers.scripts.common import (Parser, UsageError, add_model_flags, check_device, check_output_paths,
-                                                checked_neurons, non_negative_int, positive_int, run_main)
+                                                checked_neurons, new_outputs, non_negative_int, positive_int,
+                                                ratio_above_one, run_main)
 
 DEMO_IMAGES = 64
 FIGURE_IMAGES = 4
 CALIBRATION_IMAGES = 32
-TEMPLATES = {"simple": zero_shot_metadata.SIMPLE_IMAGENET_TEMPLATES,
-             "openai": zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES}
+#: open_clip's zero-shot prompt templates, by --templates name (open_clip is imported when they are used).
+TEMPLATES = {"simple": "SIMPLE_IMAGENET_TEMPLATES", "openai": "OPENAI_IMAGENET_TEMPLATES"}
 EDITS = ("paper", "legacy", "attention-bias")
 
 
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what the register neurons become away from the registers (the replacement ablations)")
     parser.add_argument("--detect-layer", type=non_negative_int,
                         help="block whose patch norms give the outlier rows (default: the neuron file's)")
-    parser.add_argument("--outlier-ratio", type=float, default=OUTLIER_RATIO,
+    parser.add_argument("--outlier-ratio", type=ratio_above_one, default=OUTLIER_RATIO,
                         help="an image has outliers when its largest patch norm is this many times its median")
     parser.add_argument("--templates", choices=tuple(TEMPLATES), default="simple",
                         help="open_clip's zero-shot prompt templates")
@@ -83,8 +84,6 @@ def run(args: argparse.Namespace) -> int:
     check_output_paths(json=args.json, figure=args.figure)
     if args.figure:
         require_matplotlib()
-    if args.outlier_ratio <= 1:
-        raise UsageError(f"--outlier-ratio must be above 1, got {args.outlier_ratio}")
     if args.edit == "attention-bias" and args.num_registers != 1:
         raise UsageError("--edit attention-bias holds its key and value in one token: use --num-registers 1")
     device = check_device(args.device)
@@ -100,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         hook_manager.check_layer(detect_layer, "--detect-layer")
 
     if args.edit == "attention-bias":
-        calibration = [dataset.image(index) for index in range(min(CALIBRATION_IMAGES, len(dataset)))]
+        calibration = _calibration_images(dataset)
         edit = calibrate_attention_bias(hook_manager, neurons, calibration, preprocess, batch_size=args.batch_size)
         edit = dataclasses.replace(edit, normal_values=args.replace, seed=args.seed)
     else:
@@ -128,15 +127,32 @@ def run(args: argparse.Namespace) -> int:
                                   progress=not args.quiet, keep_maps=FIGURE_IMAGES if args.figure else 0)
     print(f"\non {comparison.images} images ({dataset.description}):")
     print(comparison.format())
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model": hook_manager.name, **comparison.to_dict()}, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    if args.figure:
-        args.figure.parent.mkdir(parents=True, exist_ok=True)
-        draw_object_discovery(comparison.results).savefig(args.figure, dpi=110)
-        print(f"wrote {args.figure}")
+    with new_outputs(args.json, args.figure):   # a failure or Ctrl-C leaves neither
+        if args.json:
+            text = json.dumps({"model": hook_manager.name, **comparison.to_dict()}, indent=2) + "\n"
+            write_atomically(args.json, lambda temporary: Path(temporary).write_text(text))
+        if args.figure:
+            figure = draw_object_discovery(comparison.results)
+            write_atomically(args.figure, lambda temporary: figure.savefig(temporary, dpi=110, format="png"))
+    for path in (args.json, args.figure):
+        if path:
+            print(f"wrote {path}")
     return 0
+
+
+def _calibration_images(dataset) -> list:
+    """The first readable images of ``dataset``, up to CALIBRATION_IMAGES (unreadable ones are skipped)."""
+    images = []
+    for item in dataset.items:
+        if len(images) == CALIBRATION_IMAGES:
+            break
+        try:
+            images.append(item.read())
+        except UnreadableImage:
+            continue
+    if not images:
+        raise UsageError(f"--edit attention-bias: no readable image to calibrate on in {dataset.description}")
+    return images
 
 
 def _dataset(args, loaded):
@@ -184,7 +200,7 @@ def _zero_shot(args, models: dict, dataset, device) -> dict:
                 continue
             try:
                 built[id(loaded)] = zero_shot_classifier(loaded.model, tokenizer, dataset.class_names,
-                                                         TEMPLATES[args.templates], device)
+                                                         _templates(args.templates), device)
             except InvalidArgumentError as error:
                 print(f"no zero-shot row for {column}: {error}")
                 continue
@@ -192,8 +208,14 @@ def _zero_shot(args, models: dict, dataset, device) -> dict:
     return classifiers
 
 
+def _templates(name: str):
+    from open_clip import zero_shot_metadata   # here, not at start-up: open_clip takes seconds to import
+
+    return getattr(zero_shot_metadata, TEMPLATES[name])
+
+
 def main(argv=None) -> int:
-    return run_main(build_parser(), run, argv)
+    return run_main(build_parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -24,13 +24,15 @@ from test_time_registers.analysis.figures import require_matplotlib, save_compar
 from test_time_registers.analysis.metrics import measure_outliers
 from test_time_registers.data.batching import Shard
 from test_time_registers.data.sources import take
+from test_time_registers.neurons import scores_path_for
 from test_time_registers.distributed import device_for_rank, process_group
 from test_time_registers.registry import load_model
 from test_time_registers.statistics import AUTO_TARGET_RATIO, DiscoverySettings
 
 from test_time_registers.scripts.common import (Parser, UsageError, add_model_flags, check_device, check_output_paths,
-                                                checked_neurons, layer_or_auto, non_negative_int, positive_int,
-                                                positive_int_or_auto, run_main, threshold_value)
+                                                checked_neurons, finite_float, layer_or_auto, new_outputs,
+                                                non_negative_int, positive_int, positive_int_or_auto, run_main,
+                                                threshold_value)
 
 DEMO_IMAGES = 64
 DEFAULT_OUT = Path("register_neurons.json")
@@ -40,6 +42,11 @@ FIGURE_ROWS = 4
 #: DiscoverySettings' fields, under the same names.
 DISCOVERY_FLAGS = ("out", "top_k", "target_ratio", "threshold", "detect_layer", "highest_layer", "score", "checkpoint")
 SETTING_FLAGS = tuple(name for name in DISCOVERY_FLAGS if name in DiscoverySettings.names())
+
+
+def target_ratio(text: str) -> float:
+    """A largest / median patch norm to reach: finite and at least 1."""
+    return finite_float(text, at_least=1, kind="a number of at least 1")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=positive_int_or_auto,
                         help="neurons to keep, or 'auto': the fewest that bring the held-out images' largest / median "
                              "patch norm to --target-ratio (default: the planted count for the demo, else 10)")
-    parser.add_argument("--target-ratio", type=float,
+    parser.add_argument("--target-ratio", type=target_ratio,
                         help=f"with --top-k auto: the largest / median patch norm to reach (default: {AUTO_TARGET_RATIO})")
     parser.add_argument("--threshold", type=threshold_value,
                         help="outlier norm threshold at the detection layer, or 'auto' (default: auto)")
@@ -149,35 +156,41 @@ def discover_and_compare(args: argparse.Namespace, device: str, shard: Shard) ->
             hook_manager, images, preprocess, **held_out, **dataclasses.asdict(settings),
             batch_size=args.batch_size, seed=args.seed, workers=args.workers, checkpoint=args.checkpoint,
             checkpoint_every=args.checkpoint_every, resume=args.resume, progress=not args.quiet)
-        if shard.rank != 0:   # every rank holds the merged result; rank 0 writes and reports it
-            return 0
-        neurons.save(args.out)
-        print(f"found {len(neurons)} register neurons in {neurons.images_seen} images "
-              f"({neurons.images_with_outliers} with outliers): threshold {neurons.threshold:.4g} "
-              f"({neurons.extra['threshold_mode']}), detect layer {neurons.detect_layer}, "
-              f"highest layer {neurons.highest_layer}")
-        if "top_k_auto" in neurons.extra:
-            sweep = neurons.extra["top_k_auto"]
-            tried = ", ".join(f"k={k}: {ratio:.2f}x" for k, ratio in sweep["ratio_by_k"])
-            verdict = "met" if sweep["met"] else "not met even with all candidates"
-            print(f"top-k auto: {len(neurons)} neurons; largest / median patch norm on {sweep['held_out_images']} "
-                  f"held-out images with one register: {tried} (target {sweep['target_ratio']:g}x, {verdict})")
-        print_neurons(neurons, loaded.planted)
-        print(f"wrote {args.out}")
-        if neurons.extra.get("files_skipped"):
-            print(f"skipped {neurons.extra['files_skipped']} unreadable or non-image file(s) in {args.images}")
-    if shard.rank != 0:   # the table and the files are rank 0's
+    if shard.rank != 0:   # every rank holds the merged result; rank 0 writes and reports it
         return 0
 
-    if args.log:
-        log_activations(hook_manager, images, neurons, args.log, preprocess, batch_size=args.batch_size,
-                        workers=args.workers, progress=not args.quiet)
-        print(f"wrote {args.log}")
-
-    compare(args, hook_manager, preprocess, evaluation if evaluation is not None else images, neurons,
-            held_out=evaluation is not None)
+    # Every file this run writes: a failure or Ctrl-C from here on leaves none that is new (the
+    # checkpoint is the exception by design: it is there to resume from).
+    outputs = (args.out, scores_path_for(args.out) if args.out else None, args.log, args.figure)
+    with new_outputs(*outputs):
+        if not args.neurons:
+            neurons.save(args.out)
+            report_discovery(args, neurons, loaded.planted)
+        if args.log:
+            log_activations(hook_manager, images, neurons, args.log, preprocess, batch_size=args.batch_size,
+                            workers=args.workers, progress=not args.quiet)
+            print(f"wrote {args.log}")
+        compare(args, hook_manager, preprocess, evaluation if evaluation is not None else images, neurons,
+                held_out=evaluation is not None)
     print(f"done in {time.perf_counter() - started:.1f} s")
     return 0
+
+
+def report_discovery(args: argparse.Namespace, neurons: RegisterNeurons, planted) -> None:
+    print(f"found {len(neurons)} register neurons in {neurons.images_seen} images "
+          f"({neurons.images_with_outliers} with outliers): threshold {neurons.threshold:.4g} "
+          f"({neurons.extra['threshold_mode']}), detect layer {neurons.detect_layer}, "
+          f"highest layer {neurons.highest_layer}")
+    if "top_k_auto" in neurons.extra:
+        sweep = neurons.extra["top_k_auto"]
+        tried = ", ".join(f"k={k}: {ratio:.2f}x" for k, ratio in sweep["ratio_by_k"])
+        verdict = "met" if sweep["met"] else "not met even with all candidates"
+        print(f"top-k auto: {len(neurons)} neurons; largest / median patch norm on {sweep['held_out_images']} "
+              f"held-out images with one register: {tried} (target {sweep['target_ratio']:g}x, {verdict})")
+    print_neurons(neurons, planted)
+    print(f"wrote {args.out}")
+    if neurons.extra.get("files_skipped"):
+        print(f"skipped {neurons.extra['files_skipped']} unreadable or non-image file(s) in {args.images}")
 
 
 def _image_sets(args, folder: ImageFolder | None, loaded):
@@ -187,7 +200,7 @@ def _image_sets(args, folder: ImageFolder | None, loaded):
         scenes = list(loaded.generate_images(count + args.eval_images, args.seed))
         return scenes[:count], scenes[count:], f"{count} generated scenes"
     if args.neurons:   # nothing is discovered, so every image is held out
-        return folder, ImageFolder(folder.root, args.eval_images, args.seed), f"images from {args.images}"
+        return folder, folder.readable_sample(args.eval_images), f"images from {args.images}"
     rest, held_out = folder.hold_out(args.eval_images)
     return rest, held_out, f"images from {args.images}"
 
@@ -255,7 +268,7 @@ def _cell(value, unit: str) -> str:
 
 
 def main(argv=None) -> int:
-    return run_main(build_parser(), run, argv)
+    return run_main(build_parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -26,42 +26,26 @@ import argparse
 import sys
 from pathlib import Path
 
-import timm
 import torch
 
 from test_time_registers.analysis.evaluation import input_size
 from test_time_registers.data.labelled import cifar_images, folder_images, scene_images
 from test_time_registers.distributed import device_for_rank, process_group
+from test_time_registers.files import output_folder
 from test_time_registers.registry import load_model
 from test_time_registers.training.registers import METADATA_FILE, WEIGHTS_FILE, save_trained_registers
 from test_time_registers.training.train import (OBJECTIVES, VITRGTS_TO_TIMM, TrainingOptions, fine_tuning_setup,
                                                 from_scratch_setup, parameter_digest, train)
 
 from test_time_registers.scripts.common import (Parser, UsageError, add_model_flags, check_device, check_output_paths,
-                                                non_negative_int, positive_int, run_main)
+                                                finite_float, non_negative_float, non_negative_int, positive_float,
+                                                positive_int, run_main)
 
 DEFAULT_SCENES = 256
 DEFAULT_OUT = Path("trained_registers")
 SCRATCH_MODEL = "timm:vit_small_patch16_224"
 #: Precisions training runs in: float32 weights, optionally under bfloat16 autocast.
 TRAINING_PRECISIONS = ("fp32", "amp_bf16")   # training keeps float32 weights
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not (value >= 0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def vit_config(text: str) -> dict:
@@ -72,8 +56,11 @@ def vit_config(text: str) -> dict:
         if not equals or key not in VITRGTS_TO_TIMM:
             raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY one of {', '.join(VITRGTS_TO_TIMM)}, "
                                              f"got {item!r}")
+        if key in ("dropout", "emb_dropout"):
+            config[key] = finite_float(value, at_least=0, below=1, kind=f"{key} as a rate in [0, 1)")
+            continue
         try:
-            config[key] = float(value) if key in ("dropout", "emb_dropout") else int(value)
+            config[key] = int(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{key} needs a number, got {value!r}") from None
     return config
@@ -126,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_flags(args: argparse.Namespace) -> None:
     if args.from_scratch:
+        import timm   # here, not at start-up: timm takes seconds to import
+
         given = [flag for flag, value in (("--freeze-layers", args.freeze_layers), ("--l2-weight", args.l2_weight))
                  if value]
         if given:
@@ -175,6 +164,8 @@ def train_and_save(args: argparse.Namespace, device: str, shard) -> int:
                               weight_decay=args.weight_decay if args.weight_decay is not None
                               else (0.05 if args.from_scratch else 0.0), seed=args.seed, progress=not args.quiet)
     if args.from_scratch:
+        import timm
+
         timm_name = (args.model or SCRATCH_MODEL).split(":")[1]
         size = args.vit.get("image_size") or timm.models.get_pretrained_cfg(timm_name).input_size[-1]
         data = load_data(args, size)   # the classes set the head, so the images come first
@@ -212,9 +203,10 @@ def train_and_save(args: argparse.Namespace, device: str, shard) -> int:
     extra = {"options": options_json, "data": data.description, "world_size": shard.world,
              "history": {"epoch_losses": history.epoch_losses, "epoch_accuracy": history.epoch_accuracy,
                          "seconds": round(history.seconds, 2)}}
-    weights = save_trained_registers(args.out, registered, base_model=setup.base_model, parameters=plan.trainable,
-                                     seed=args.seed, head_classes=setup.head_classes,
-                                     from_scratch=setup.from_scratch, extra=extra)
+    with output_folder(args.out):   # made only now; a failed save removes it again if it is new
+        weights = save_trained_registers(args.out, registered, base_model=setup.base_model,
+                                         parameters=plan.trainable, seed=args.seed, head_classes=setup.head_classes,
+                                         from_scratch=setup.from_scratch, extra=extra)
     say(f"wrote {weights}")
     say(f"wrote {args.out / METADATA_FILE}")
     say(f"load it with test_time_registers.load_trained_registers({str(args.out)!r}); compare it with "
@@ -223,7 +215,7 @@ def train_and_save(args: argparse.Namespace, device: str, shard) -> int:
 
 
 def main(argv=None) -> int:
-    return run_main(build_parser(), run, argv)
+    return run_main(build_parser, run, argv)
 
 
 if __name__ == "__main__":

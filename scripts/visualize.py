@@ -21,6 +21,7 @@ from test_time_registers import ImageFolder, NoOutliersError, find_register_neur
 from test_time_registers.registry import load_model
 from test_time_registers.analysis.figures import require_matplotlib
 from test_time_registers.analysis.visualize import collect_views, draw_pages, save_pages
+from test_time_registers.files import output_folder
 
 from test_time_registers.scripts.common import (Parser, UsageError, add_model_flags, check_device, checked_neurons,
                                                 non_negative_int, positive_int, run_main)
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         scenes = list(loaded.generate_images(max(DEMO_IMAGES, args.num_images), args.seed))
         shown, discovery_images, described = scenes[:args.num_images], scenes[:DEMO_IMAGES], "generated scenes"
     else:
-        shown = ImageFolder(folder.root, limit=args.num_images, seed=args.seed)
+        shown = folder.readable_sample(args.num_images)   # images that decode: none turns unreadable halfway
         discovery_images, described = folder, f"images from {args.images}"
     if loaded.synthetic:
         print(f"SYNTHETIC DEMO: a small random OpenCLIP ViT with planted register neurons, on {described}. "
@@ -123,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     pages, notes = draw_pages(views, neurons)
     for note in notes:
         print(f"note: {note}")
-    paths = save_pages(pages, args.out, pdf_name=PDF_NAME)
+    with output_folder(args.out):   # made only now; a failure or Ctrl-C removes it again if it is new
+        paths = save_pages(pages, args.out, pdf_name=PDF_NAME)
     print(f"wrote {len(pages)} figures of {views.num_images} image(s) to {args.out}:")
     for path in paths[:-1]:
         print(f"  {path}")
@@ -152,7 +154,7 @@ def _neurons(args: argparse.Namespace, loaded, discovery_images):
 
 
 def main(argv=None) -> int:
-    return run_main(build_parser(), run, argv)
+    return run_main(build_parser, run, argv)
 
 
 if __name__ == "__main__":
