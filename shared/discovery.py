@@ -14,10 +14,12 @@ batch's activations are held, and the forward pass stops right after the detecti
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,19 +29,24 @@ from tqdm.auto import tqdm
 from . import distributed, measures
 from .data.batching import Shard, batches, ordered_source
 from .data.sources import ImageFolder, calibration_first, count_hint, image_source, no_images_message
-from .errors import CheckpointError, ImageSourceError, InvalidArgumentError, check_int
-from .files import write_atomically
+from .errors import CheckpointError, ImageSourceError, InvalidArgumentError, check_int, first_line
+from .files import parse_json, read_bounded, write_atomically
 from .hooks import HookManager, StopForward
 from .intervention import ModifiedModel
 from .neurons import RegisterNeurons
-from .statistics import (AUTO, AUTO_CALIBRATION_IMAGES, AUTO_TARGET_RATIO, DiscoverySettings, DiscoveryStatistics,
-                         auto_threshold, check_target_ratio)
+from .statistics import (AUTO, AUTO_CALIBRATION_IMAGES, AUTO_TARGET_RATIO, STATE_TENSORS, DiscoverySettings,
+                         DiscoveryStatistics, auto_threshold, check_state, check_target_ratio)
 
 log = logging.getLogger(__name__)
 
-#: Version of discovery checkpoints.
-CHECKPOINT_FORMAT = 1
-
+#: Version of discovery checkpoints: 2 is safetensors with JSON metadata (1 was a torch.save file).
+CHECKPOINT_FORMAT = 2
+#: The safetensors metadata key holding a checkpoint's JSON.
+CHECKPOINT_KEY = "test_time_registers.discovery"
+#: The largest checkpoint read (its sums are a few MB for the largest models).
+MAX_CHECKPOINT_BYTES = 2**30
+#: The most skipped file names a checkpoint may list.
+MAX_SKIPPED = 10**7
 
 
 def find_register_neurons(hook_manager: HookManager, images, preprocess: Callable | None = None, *,
@@ -359,6 +366,126 @@ class _Pass:
         self.held_buffers = {}
 
 
+@dataclass
+class DiscoveryCheckpoint:
+    """What a discovery checkpoint holds.
+
+    Attributes:
+        settings: the run's recorded settings (model, layers, flags, the images' fingerprint), compared on resume.
+        statistics: :meth:`DiscoveryStatistics.state_dict` (checked by :func:`~test_time_registers.statistics.check_state`).
+        consumed: how many of this shard's image positions were done.
+        skipped: the names of unreadable files met so far (relative to the folder).
+        complete: the run reached the end of its images.
+    """
+
+    settings: dict[str, Any]
+    statistics: dict[str, Any]
+    consumed: int
+    skipped: list[str]
+    complete: bool = False
+
+
+def _json_number(value):
+    """A float for JSON, or ``None`` where it is not finite (an infinite threshold: no image anywhere)."""
+    return value if value is None or math.isfinite(value) else None
+
+
+def write_checkpoint(path: str | os.PathLike, checkpoint: DiscoveryCheckpoint) -> None:
+    """Write ``checkpoint`` to ``path`` atomically: the sums as safetensors, the rest as JSON in its metadata.
+
+    The same checkpoint always gives the same bytes.
+    """
+    from safetensors.torch import save_file
+
+    state = dict(checkpoint.statistics)
+    tensors = {f"score_sums.{layer}": total.detach().cpu().contiguous() for layer, total in state.pop("score_sums").items()}
+    tensors.update({name: state.pop(name).detach().cpu().contiguous() for name in STATE_TENSORS})
+    state["threshold"] = _json_number(state["threshold"])
+    state["reference_median"] = _json_number(state["reference_median"])
+    text = json.dumps({"format": CHECKPOINT_FORMAT, "settings": checkpoint.settings, "statistics": state,
+                       "consumed": checkpoint.consumed, "skipped": list(checkpoint.skipped),
+                       "complete": checkpoint.complete}, sort_keys=True, allow_nan=False, separators=(",", ":"))
+    write_atomically(Path(path), lambda temporary: save_file(tensors, temporary, metadata={CHECKPOINT_KEY: text}))
+
+
+def _safetensors_metadata(data: bytes, path: Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's bytes, read as strict JSON; nothing is unpickled."""
+    not_one = f"{path} is not a discovery checkpoint (a safetensors file that find-register-neurons writes)"
+    if data[:4] == b"PK\x03\x04":
+        raise CheckpointError(f"{not_one}: it is a zip archive, like a torch.save file (checkpoints of format 1 were), "
+                              "which this version never unpickles; start the run again without resume")
+    if data[:1] == b"\x80":
+        raise CheckpointError(f"{not_one}: it is a Python pickle, which this version never unpickles; "
+                              "start the run again without resume")
+    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else None
+    if size is None or size > len(data) - 8 or size < 2:
+        raise CheckpointError(f"{not_one}: its first 8 bytes do not give the length of a header inside the file")
+    header = parse_json(data[8:8 + size], CheckpointError, f"the header of {path}")
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or not isinstance(metadata.get(CHECKPOINT_KEY), str):
+        raise CheckpointError(f"{not_one}: its safetensors header has no {CHECKPOINT_KEY!r} metadata")
+    return metadata
+
+
+def read_checkpoint(path: str | os.PathLike) -> DiscoveryCheckpoint:
+    """Read and check a discovery checkpoint, without unpickling anything.
+
+    Raises:
+        CheckpointError: the file is missing, larger than :data:`MAX_CHECKPOINT_BYTES`, not a
+            safetensors file with this library's metadata (a pickle, a torch.save zip, random
+            bytes), of another format, or any field is of the wrong type, shape or range (see
+            :func:`~test_time_registers.statistics.check_state`); one line naming the file and the field.
+    """
+    from safetensors.torch import load as load_tensors
+
+    path = Path(path)
+    data = read_bounded(path, MAX_CHECKPOINT_BYTES, CheckpointError, "discovery checkpoint")
+    text = _safetensors_metadata(data, path)[CHECKPOINT_KEY]
+    content = parse_json(text, CheckpointError, f"the metadata of {path}")
+    fields = {"format", "settings", "statistics", "consumed", "skipped", "complete"}
+    if not isinstance(content, dict) or content.get("format") != CHECKPOINT_FORMAT:
+        found = content.get("format") if isinstance(content, dict) else None
+        raise CheckpointError(f"{path}: format must be {CHECKPOINT_FORMAT}, the discovery checkpoint format this "
+                              f"version reads, got {str(found)[:40]!r}")
+    if set(content) != fields:
+        raise CheckpointError(f"{path}: the metadata must have exactly the fields {', '.join(sorted(fields))}, got "
+                              f"{', '.join(sorted(str(key)[:40] for key in content)[:10])}")
+    consumed, skipped = content["consumed"], content["skipped"]
+    if isinstance(consumed, bool) or not isinstance(consumed, int) or not 0 <= consumed <= 2**53:
+        raise CheckpointError(f"{path}: consumed must be an int of at least 0 (images done), got {str(consumed)[:40]}")
+    if not isinstance(skipped, list) or len(skipped) > MAX_SKIPPED or not all(isinstance(n, str) for n in skipped):
+        raise CheckpointError(f"{path}: skipped must be a list of file names (strings)")
+    if not isinstance(content["complete"], bool):
+        raise CheckpointError(f"{path}: complete must be true or false, got {str(content['complete'])[:40]}")
+    if not isinstance(content["settings"], dict):
+        raise CheckpointError(f"{path}: settings must be a JSON object, got {str(content['settings'])[:40]}")
+    state = content["statistics"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: statistics must be a JSON object, got {str(state)[:40]}")
+    try:
+        tensors = load_tensors(data)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as error:   # safetensors' own errors, and a panic of its parser (a BaseException)
+        raise CheckpointError(f"{path} is not a readable safetensors file ({first_line(error)[:200]})") from None
+    layers = sum(name.startswith("score_sums.") for name in tensors)
+    expected = {*(f"score_sums.{layer}" for layer in range(layers)), *STATE_TENSORS}
+    if set(tensors) != expected:
+        odd = sorted(set(tensors) ^ expected)
+        raise CheckpointError(f"{path}: the tensors must be score_sums.0..score_sums.N-1, "
+                              f"{', '.join(STATE_TENSORS)}; the file differs in {', '.join(n[:40] for n in odd[:5])}")
+    overlap = set(state) & {"score_sums", *STATE_TENSORS}
+    if overlap:
+        raise CheckpointError(f"{path}: statistics must not hold {', '.join(sorted(overlap))} in its JSON")
+    state = {**state, "score_sums": {layer: tensors[f"score_sums.{layer}"] for layer in range(layers)},
+             **{name: tensors[name] for name in STATE_TENSORS}}
+    check_state(state, str(path))
+    if consumed < state["counts"][0]:
+        raise CheckpointError(f"{path}: consumed must be at least the images counted ({int(state['counts'][0])}), "
+                              f"got {consumed}")
+    return DiscoveryCheckpoint(content["settings"], state, consumed, skipped, content["complete"])
+
+
 class _Checkpoints:
     """Discovery's statistics on disk, written atomically, checked against the run that reads them."""
 
@@ -366,15 +493,13 @@ class _Checkpoints:
         path = Path(path)
         if shard.world > 1:
             path = path.with_name(f"{path.stem}.rank{shard.rank}-of-{shard.world}{path.suffix}")
-        self.path, self.settings, self.images = path, settings, images
+        self.path, self.settings, self.images, self.shard = path, settings, images, shard
 
     def save(self, stats: DiscoveryStatistics, consumed: int, complete: bool = False) -> None:
         skipped = self.images.skipped_names() if isinstance(self.images, ImageFolder) else []
-        state = {"format": CHECKPOINT_FORMAT, "settings": self.settings, "statistics": stats.state_dict(),
-                 "consumed": consumed, "skipped": skipped, "complete": complete}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.remove_stale()
-        write_atomically(self.path, lambda temporary: torch.save(state, temporary))
+        write_checkpoint(self.path, DiscoveryCheckpoint(self.settings, stats.state_dict(), consumed, skipped, complete))
         log.info("checkpoint: %d images done, saved to %s", consumed, self.path)
 
     def remove_stale(self) -> None:
@@ -385,25 +510,35 @@ class _Checkpoints:
     def restore(self, stats: DiscoveryStatistics) -> int:
         """Load the statistics into ``stats``; returns how many of this shard's positions were done."""
         self.remove_stale()
-        if not self.path.is_file():
+        if not self.path.exists():
             raise CheckpointError(f"no checkpoint to resume from at {self.path}")
-        try:
-            state = torch.load(self.path, weights_only=True)
-        except Exception as error:  # truncated or foreign files
-            raise CheckpointError(f"{self.path} is not a readable discovery checkpoint ({error})") from None
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{self.path} is not a discovery checkpoint of format {CHECKPOINT_FORMAT}")
-        differences = [f"{key} {state['settings'].get(key)!r}, not {value!r}"
-                       for key, value in self.settings.items() if state["settings"].get(key) != value]
+        checkpoint = read_checkpoint(self.path)
+        recorded = checkpoint.settings
+        differences = [f"{key} {_short(recorded.get(key))}, not {_short(value)}"
+                       for key, value in self.settings.items() if recorded.get(key) != value]
         if differences:
             raise InvalidArgumentError(f"{self.path} was written by a run with other settings ({'; '.join(differences)}); "
                                        "resume with the same model, images and flags, or start again without resume")
-        stats.load_state_dict(state["statistics"])
+        try:
+            stats.load_state_dict(checkpoint.statistics, origin=str(self.path))
+        except InvalidArgumentError as error:   # its settings are this run's, so its statistics contradict them
+            raise CheckpointError(f"{self.path}: its statistics do not fit the settings it records "
+                                  f"({first_line(error)})") from None
+        images = self.settings.get("images")
+        if images is not None:
+            positions = len(range(self.shard.rank, images, self.shard.world))
+            if checkpoint.consumed > positions:
+                raise CheckpointError(f"{self.path}: consumed must be at most {positions}, the images of this run, "
+                                      f"got {checkpoint.consumed}")
         if isinstance(self.images, ImageFolder):
-            self.images.skipped_files.update(self.images.root / name for name in state["skipped"])
-        log.info("resuming from %s: %d images done", self.path, state["consumed"])
-        return int(state["consumed"])
+            self.images.skipped_files.update(self.images.root / name for name in checkpoint.skipped)
+        log.info("resuming from %s: %d images done", self.path, checkpoint.consumed)
+        return checkpoint.consumed
 
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 def _same_device(wanted: torch.device, actual: torch.device) -> bool:

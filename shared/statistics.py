@@ -12,13 +12,16 @@ loop that feeds them is :mod:`test_time_registers.discovery`.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import torch
 
 from . import distributed
-from .errors import ImageSourceError, InvalidArgumentError, NonFiniteActivationsError, NoOutliersError, check_int
+from .errors import (CheckpointError, ImageSourceError, InvalidArgumentError, NonFiniteActivationsError, NoOutliersError,
+                     check_int)
+from .files import finite_number
 from .layout import TokenLayout
 from .neurons import UNKNOWN_MODEL, RegisterNeuron, RegisterNeurons
 
@@ -297,7 +300,11 @@ class DiscoveryStatistics:
 
     # ---- saving ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Tensors and plain values only, so that ``torch.load(weights_only=True)`` reads it."""
+        """Tensors (float32, on the CPU) and plain values only; :func:`check_state` says what each field holds.
+
+        A discovery checkpoint stores the tensors as safetensors and the rest as JSON, so nothing
+        is unpickled when it is read back.
+        """
         return {
             "detect_layer": self.detect_layer, "score": self.score, "model": self.model,
             "threshold_mode": self.threshold_mode,
@@ -309,7 +316,14 @@ class DiscoveryStatistics:
             "image_size": list(self.image_size) if self.image_size else None,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], *, origin: str = "the statistics") -> None:
+        """Restore a :meth:`state_dict`.
+
+        Raises:
+            CheckpointError: ``state`` is not a state of this kind (see :func:`check_state`); names ``origin``.
+            InvalidArgumentError: it is one, but of another model or other discovery settings.
+        """
+        state = check_state(state, origin)
         settings = (state["detect_layer"], state["score"], tuple(state["sparsity"]) if state["sparsity"] else None,
                     state["num_cls"], state["num_trained_registers"],
                     {layer: len(total) for layer, total in state["score_sums"].items()})
@@ -318,9 +332,10 @@ class DiscoveryStatistics:
         device = self.counts.device
         self.threshold, self.threshold_mode, self.model = state["threshold"], state["threshold_mode"], state["model"]
         for layer, total in state["score_sums"].items():
-            self.score_sums[layer] = total.to(device)
-        self.ratio_sums, self.counts = state["ratio_sums"].to(device), state["counts"].to(device)
-        self.norm_sums, self.norm_max = state["norm_sums"].to(device), state["norm_max"].to(device)
+            self.score_sums[layer] = total.to(device, copy=True)
+        self.ratio_sums, self.counts = state["ratio_sums"].to(device, copy=True), state["counts"].to(device, copy=True)
+        self.norm_sums = state["norm_sums"].to(device, copy=True)
+        self.norm_max = state["norm_max"].to(device, copy=True)
         self.reference_median = state["reference_median"]
         self.image_size = tuple(state["image_size"]) if state["image_size"] else None
 
@@ -400,3 +415,102 @@ def _stand_out_layer(ratios: list[float], detect_layer: int) -> int:
             return layer
     log.warning("the outliers never reach %.1fx the median norm; using highest_layer=%d", bar, detect_layer)
     return detect_layer
+
+
+#: The fields of :meth:`DiscoveryStatistics.state_dict`, and its tensors.
+STATE_FIELDS = ("detect_layer", "score", "model", "threshold_mode", "sparsity", "threshold", "num_cls",
+                "num_trained_registers", "score_sums", "ratio_sums", "counts", "norm_sums", "norm_max",
+                "reference_median", "image_size")
+STATE_TENSORS = ("ratio_sums", "counts", "norm_sums", "norm_max")
+#: Bounds of what a state may declare (far above any real model).
+MAX_LAYERS = 4096
+MAX_NEURONS = 2**22
+MAX_COUNT = 2**24    # float32 counts are exact up to here
+
+
+def _shown(value: Any) -> str:
+    """A short, printable description of a value from a file."""
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {list(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def _non_negative_int(value: Any, limit: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= limit
+
+
+def check_state(state: Any, origin: str) -> dict[str, Any]:
+    """``state`` if it is a :meth:`DiscoveryStatistics.state_dict`, field by field; else :class:`CheckpointError`.
+
+    Every field must be present with its type and range; every tensor float32, of the shape its
+    fields imply (``score_sums``: ``{0..n-1: [width]}`` with n at most ``detect_layer + 1``;
+    ``ratio_sums`` [detect_layer + 1]; ``counts`` [4] of whole numbers with no more images with
+    outliers than images; ``norm_sums`` [2]; ``norm_max`` []) and finite. The message names
+    ``origin`` (the file), the field and what was expected.
+    """
+    def refuse(name: str, expected: str, got: Any) -> None:
+        raise CheckpointError(f"{origin}: {name} must be {expected}, got {_shown(got)}")
+
+    if not isinstance(state, dict):
+        refuse("the statistics", "a dict of DiscoveryStatistics.state_dict()'s fields", state)
+    missing = [name for name in STATE_FIELDS if name not in state]
+    unknown = sorted(str(name) for name in state if name not in STATE_FIELDS)
+    if missing or unknown:
+        raise CheckpointError(f"{origin}: the statistics lack {', '.join(missing) or 'nothing'} and have unknown "
+                              f"fields {', '.join(_shown(name) for name in unknown[:5]) or 'none'}")
+    if not _non_negative_int(state["detect_layer"], MAX_LAYERS - 1):
+        refuse("detect_layer", f"an int in 0..{MAX_LAYERS - 1}", state["detect_layer"])
+    if state["score"] not in ("raw", "abs"):
+        refuse("score", "'raw' or 'abs'", state["score"])
+    if not isinstance(state["model"], str):
+        refuse("model", "a string", state["model"])
+    if state["threshold_mode"] not in ("given", AUTO):
+        refuse("threshold_mode", "'given' or 'auto'", state["threshold_mode"])
+    sparsity = state["sparsity"]
+    if sparsity is not None and not (isinstance(sparsity, (list, tuple)) and len(sparsity) == 2
+                                     and all(finite_number(value) for value in sparsity)):
+        refuse("sparsity", "null or two finite numbers", sparsity)
+    threshold = state["threshold"]
+    if threshold is not None and not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+                                      and threshold > 0):   # math.inf: no image anywhere
+        refuse("threshold", "null or a positive number", threshold)
+    if state["threshold_mode"] == "given" and threshold is None:
+        refuse("threshold", "a number when threshold_mode is 'given'", threshold)
+    for name in ("num_cls", "num_trained_registers"):
+        if not _non_negative_int(state[name], MAX_LAYERS):
+            refuse(name, f"an int in 0..{MAX_LAYERS}", state[name])
+    median = state["reference_median"]
+    if median is not None and not finite_number(median):
+        refuse("reference_median", "null or a finite number", median)
+    size = state["image_size"]
+    if size is not None and not (isinstance(size, (list, tuple)) and len(size) == 2
+                                 and all(_non_negative_int(side, 2**20) and side > 0 for side in size)):
+        refuse("image_size", "null or two positive ints", size)
+
+    detect_layer = state["detect_layer"]
+    sums = state["score_sums"]
+    if not isinstance(sums, dict) or not 1 <= len(sums) <= detect_layer + 1 or \
+            not all(_non_negative_int(layer, MAX_LAYERS) for layer in sums) or set(sums) != set(range(len(sums))):
+        refuse("score_sums", f"a dict of layers 0..n-1, n in 1..{detect_layer + 1} (up to detect_layer)",
+               sorted(map(str, sums))[:8] if isinstance(sums, dict) else sums)
+    shapes = {**{f"score_sums[{layer}]": None for layer in sums}, "ratio_sums": [detect_layer + 1], "counts": [4],
+              "norm_sums": [2], "norm_max": []}
+    tensors = {**{f"score_sums[{layer}]": total for layer, total in sums.items()},
+               **{name: state[name] for name in STATE_TENSORS}}
+    for name, tensor in tensors.items():
+        expected = shapes[name]
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.float32 or \
+                (expected is None and not (tensor.dim() == 1 and 1 <= len(tensor) <= MAX_NEURONS)) or \
+                (expected is not None and list(tensor.shape) != expected):
+            shape = f"[{', '.join(map(str, expected))}]" if expected is not None else f"[neurons], 1..{MAX_NEURONS}"
+            refuse(name, f"a float32 tensor of shape {shape}", tensor)
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{origin}: {name} holds NaN or infinite values; sums must be finite (a run "
+                                  "whose model overflowed cannot be resumed: run it in float32)")
+    counts = state["counts"].tolist()
+    if any(value < 0 or value != math.floor(value) or value > MAX_COUNT * 2**10 for value in counts) or \
+            counts[1] > counts[0]:
+        refuse("counts", "whole numbers >= 0 (images, images with outliers <= images, non-finite norms, "
+               "patch norms)", counts)
+    return state

@@ -16,6 +16,8 @@ from test_time_registers import (ImageFolder, InvalidArgumentError, LegacyEdit, 
                                  RegisterNeurons, find_register_neurons, gather_statistics, load_model)
 from test_time_registers.analysis.metrics import measure_outliers
 from test_time_registers.clip import ClipHookManager
+from test_time_registers.discovery import read_checkpoint
+from test_time_registers.errors import CheckpointError
 from tests.tiny_models import hook_count
 
 
@@ -252,8 +254,8 @@ def test_resume_after_sigkill_writes_the_neuron_file_of_an_uninterrupted_run(tmp
             pytest.fail(f"the run ended before it could be killed: {process.stderr.read().decode()}")
         if checkpoint.is_file():
             try:
-                done = torch.load(checkpoint, weights_only=True)["consumed"]
-            except Exception:  # noqa: BLE001 - the file is replaced atomically, but may vanish between calls
+                done = read_checkpoint(checkpoint).consumed
+            except CheckpointError:   # the file is replaced atomically, but may vanish between calls
                 continue
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
@@ -308,7 +310,100 @@ def test_a_missing_or_unreadable_checkpoint_is_a_checkpoint_error_not_a_bad_argu
     with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
         gather_statistics(hm, scenes[:4], preprocess, checkpoint=tmp_path / "none.ckpt", resume=True, progress=False)
     (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="is not a readable discovery checkpoint") as raised:
+    with pytest.raises(CheckpointError, match="is not a discovery checkpoint") as raised:
         gather_statistics(hm, scenes[:4], preprocess, checkpoint=tmp_path / "garbage.ckpt", resume=True,
                           progress=False)
     assert not isinstance(raised.value, InvalidArgumentError)
+
+
+# ---------------------------------------------------------------------------- Algorithm 1 where only some images
+# have outliers, and checkpoints that are read without unpickling
+
+
+def naive_algorithm_1(hook_manager, pixels, threshold, detect_layer, highest_layer, score="raw"):
+    """Algorithm 1 one image at a time: {(layer, neuron): mean over the images with outliers of the
+    neuron's mean activation over that image's outlier patches}, and the number of those images."""
+    totals, with_outliers = None, 0
+    for image in pixels:
+        _, captured = hook_manager.run_with_capture(image[None], neurons=list(range(highest_layer + 1)),
+                                                    residual=[detect_layer])
+        norms = captured.patches("residual", detect_layer)[0].norm(dim=-1)            # [P]
+        outliers = (norms > threshold).nonzero()[:, 0]
+        if not len(outliers):
+            continue
+        with_outliers += 1
+        per_layer = []
+        for layer in range(highest_layer + 1):
+            acts = captured.neurons[layer][0]                                          # [L, N]
+            patches = acts[captured.layout.patches(acts.shape[0])]                     # [P, N]
+            values = patches[outliers].double()
+            per_layer.append((values.abs() if score == "abs" else values).mean(dim=0))
+        image_scores = torch.stack(per_layer)                                          # [layers, N]
+        totals = image_scores if totals is None else totals + image_scores
+    return totals / with_outliers, with_outliers
+
+
+@pytest.mark.parametrize("score", ["raw", "abs"])
+def test_only_some_images_have_outliers_and_the_scores_are_the_naive_algorithm_1s(clip_hm, score):
+    pixels = torch.randn(12, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    _, captured = clip_hm.run_with_capture(pixels, residual=[2])
+    largest = captured.patches("residual", 2).norm(dim=-1).amax(dim=1).sort().values    # [12]
+    threshold = float((largest[5] + largest[6]) / 2)     # 6 images have an outlier, 6 have none
+    expected, with_outliers = naive_algorithm_1(clip_hm, pixels, threshold, 2, 2, score)
+    assert with_outliers == 6
+    found = find_register_neurons(clip_hm, pixels, threshold=threshold, highest_layer=2, top_k=20, score=score,
+                                  batch_size=5, progress=False)
+    assert (found.images_seen, found.images_with_outliers) == (12, 6)
+    torch.testing.assert_close(found.candidate_scores.double(), expected, rtol=1e-4, atol=1e-5)
+    best = expected.flatten().topk(20)
+    width = expected.shape[1]
+    assert [(n.layer, n.neuron) for n in found] == [divmod(int(index), width) for index in best.indices]
+    torch.testing.assert_close(torch.tensor([n.score for n in found], dtype=torch.float64), best.values,
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_a_checkpoint_round_trip_is_byte_identical(tmp_path, demo_model, scenes):
+    from test_time_registers.discovery import write_checkpoint
+
+    hm, preprocess = demo_model.hook_manager, demo_model.preprocess
+    stats = gather_statistics(hm, scenes[:10], preprocess, checkpoint=tmp_path / "run.ckpt", progress=False)
+    checkpoint = read_checkpoint(tmp_path / "run.ckpt")
+    assert checkpoint.complete and checkpoint.consumed == 10 and checkpoint.skipped == []
+    write_checkpoint(tmp_path / "again.ckpt", checkpoint)
+    assert (tmp_path / "again.ckpt").read_bytes() == (tmp_path / "run.ckpt").read_bytes()
+    restored = gather_statistics(hm, scenes[:10], preprocess, checkpoint=tmp_path / "again.ckpt", resume=True,
+                                 progress=False)
+    assert restored.finalize(top_k=4).to_dict() == stats.finalize(top_k=4).to_dict()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.ckpt", "run.ckpt"]   # no temporary left
+
+
+class WritesAMarker:
+    """Unpickling this creates the file ``path`` (a stand-in for any code a hostile pickle runs)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+@pytest.mark.parametrize("kind", ["pickle", "torch.save"])
+def test_a_checkpoint_that_would_run_code_if_unpickled_is_refused_unrun(tmp_path, demo_model, scenes, kind):
+    import pickle
+    import warnings
+
+    marker = tmp_path / "unpickled"
+    payload = {"format": 1, "settings": WritesAMarker(marker), "consumed": 0}
+    if kind == "pickle":
+        (tmp_path / "run.ckpt").write_bytes(pickle.dumps(payload))
+    else:
+        torch.save(payload, tmp_path / "run.ckpt")
+    assert not marker.exists()
+    hm, preprocess = demo_model.hook_manager, demo_model.preprocess
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(CheckpointError) as raised:
+        warnings.simplefilter("always")
+        gather_statistics(hm, scenes[:4], preprocess, checkpoint=tmp_path / "run.ckpt", resume=True, progress=False)
+    assert not marker.exists()
+    assert not caught, [str(warning.message) for warning in caught]
+    message = str(raised.value)
+    assert "never unpickles" in message and "weights_only" not in message and "\n" not in message
