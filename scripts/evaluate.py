@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from test_time_registers import (InvalidArgumentError, LegacyEdit, ModifiedModel, PaperEdit, find_register_neurons,
+from test_time_registers import (ImageSourceError, InvalidArgumentError, LegacyEdit, ModifiedModel, PaperEdit, find_register_neurons,
                                  load_trained_registers)
 from test_time_registers.analysis.evaluation import (OUTLIER_RATIO, compare_variants, draw_object_discovery,
                                                      zero_shot_classifier)
@@ -162,11 +162,23 @@ def _dataset(args, loaded):
         dataset = folder_images(args.images)
         if args.num_images and args.num_images < len(dataset):
             dataset = dataset.subset(range(args.num_images), f"the first {args.num_images} of {dataset.description}")
+        _check_readable(dataset)
         return dataset
     if loaded.generate_images is None:
         raise UsageError(f"--images DIR or --voc DIR is required for {args.model}; only the demo generates its own scenes")
     # Scenes with another seed than the ones discovery sees.
     return scene_images(args.num_images or DEMO_IMAGES, seed=args.seed + 1)
+
+
+def _check_readable(dataset) -> None:
+    """Fail before any work if no image of ``dataset`` decodes (reading stops at the first that does)."""
+    for item in dataset.items:
+        try:
+            item.read()
+            return
+        except UnreadableImage:
+            continue
+    raise ImageSourceError(f"no readable image among the {len(dataset)} image file(s) of {dataset.description}")
 
 
 def _neurons(args, loaded):

@@ -73,7 +73,9 @@ def _reason(error: BaseException, path: Path) -> str:
     """The first line of why PIL could not read ``path``, without the path itself, as printable text."""
     text = str(error).strip()
     line = text.splitlines()[0] if text else type(error).__name__
-    line = re.sub(rf"\s*'?{re.escape(str(path))}'?", "", line) or type(error).__name__
+    for shown in (repr(str(path)), str(path)):   # PIL names the file as it is, or as its repr
+        line = line.replace(f" {shown}", "").replace(shown, "")
+    line = line.strip() or type(error).__name__
     if isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         line = f"a possible decompression bomb: {line.rstrip('.')} (PIL's Image.MAX_IMAGE_PIXELS)"
     return printable(line)
