@@ -1,7 +1,11 @@
 """An HDF5 log of per-image patch-norm maps and register-neuron activations.
 
-The file is written batch by batch and flushed after each one, so an interrupted run leaves
-a readable file holding the images done so far (attribute ``complete`` stays false).
+The file is written batch by batch in HDF5's SWMR mode (single writer, multiple readers) and
+flushed after each batch, so the file on disk is consistent at every moment: a run that is
+interrupted, even by SIGKILL, leaves a file holding the images of its last flushed batch
+(attribute ``complete`` stays false). Such a file is still marked as open for SWMR writing, so
+plain ``h5py.File(path, "r")`` refuses it; open it with ``h5py.File(path, "r", swmr=True)``, or
+with :func:`open_activation_log`, which does so and checks what it reads.
 
 Layout of the file::
 
@@ -15,20 +19,25 @@ Layout of the file::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .. import measures
 from ..data.batching import batches
 from ..data.sources import count_hint, image_source, no_images_message
-from ..errors import ImageSourceError, InvalidArgumentError
+from ..errors import ActivationLogError, ImageSourceError, InvalidArgumentError
+from ..files import parse_json
 from ..hooks import HookManager
 from ..neurons import RegisterNeurons
 
@@ -68,9 +77,8 @@ def log_activations(hook_manager: HookManager, images, neurons, path: str | os.P
         return keep
 
     written = 0
-    handle = h5py.File(path, "w", libver="latest")
+    handle = None     # made with the first batch: a run killed before it leaves no file
     try:
-        _describe(handle, hook_manager, neurons)
         bar = tqdm(total=count_hint(images), unit="img", desc="logging activations", disable=not progress)
         with hook_manager.hooks() as hooks, torch.no_grad():
             for layer in range(num_layers):
@@ -91,7 +99,9 @@ def log_activations(hook_manager: HookManager, images, neurons, path: str | os.P
                     for position, neuron in enumerate(layer_neurons):
                         columns[order[(layer, neuron)]] = picked[layer][:, :, position]
                 activations = torch.stack(columns, dim=1)                                  # [B, K, L]
-                if written == 0:
+                if handle is None:
+                    handle = h5py.File(path, "w", libver="latest")
+                    _describe(handle, hook_manager, neurons)
                     _create_datasets(handle, num_layers, grid, layout.num_prefix, len(neurons), seq_len)
                 _append(handle, written, batch.names, patch_maps.cpu().numpy(),
                         stacked[:, :, layout.prefix()].cpu().numpy(),
@@ -101,11 +111,11 @@ def log_activations(hook_manager: HookManager, images, neurons, path: str | os.P
                 handle.flush()
                 bar.update(len(batch.names))
         bar.close()
-        handle.attrs["complete"] = True
+        if handle is not None:
+            handle.attrs["complete"] = True
     finally:
-        handle.close()
-        if written == 0:
-            path.unlink(missing_ok=True)
+        if handle is not None:
+            handle.close()
     if written == 0:
         raise ImageSourceError(f"{no_images_message(images)}; {path} was not written")
     log.info("logged %d images to %s", written, path)
@@ -146,3 +156,165 @@ def _append(handle: h5py.File, start: int, names, patch_maps, prefix_norms, acti
         dataset.resize(stop, axis=0)
         dataset[start:stop] = values
 
+
+
+#: The datasets of a log, after the first image.
+DATASETS = ("names", "patch_norms", "prefix_norms", "neuron_activations")
+#: Bounds of what a log may declare (far above any real model).
+MAX_LOG_LAYERS = 4096
+MAX_LOG_NEURONS = 2**16
+
+
+@dataclass
+class ActivationLog:
+    """An open, checked activation log (see :func:`open_activation_log`); its arrays are read on demand.
+
+    Attributes:
+        path: the file.
+        model, neurons, num_cls, num_trained_registers, detect_layer, threshold: as logged
+            (``detect_layer`` is None and ``threshold`` NaN where the neurons did not say).
+        grid: ``(rows, cols)`` of the patch maps, or None for a log without images.
+        images: the images fully written (at most ``images_written``, and no more than every dataset holds).
+        complete: the run finished; False for an interrupted log.
+    """
+
+    path: Path
+    handle: h5py.File
+    model: str
+    neurons: list[tuple[int, int]]
+    num_cls: int
+    num_trained_registers: int
+    detect_layer: int | None
+    threshold: float
+    grid: tuple[int, int] | None
+    images: int
+    complete: bool
+
+    def _rows(self, name: str, start: int, stop: int | None):
+        stop = self.images if stop is None else min(stop, self.images)
+        if self.grid is None:
+            raise ActivationLogError(f"{self.path} holds no image")
+        return self.handle[name][start:stop]
+
+    def names(self, start: int = 0, stop: int | None = None) -> list[str]:
+        """Image names of rows ``start:stop``."""
+        return [name.decode("utf-8", "surrogateescape") if isinstance(name, bytes) else str(name)
+                for name in self._rows("names", start, stop)]
+
+    def patch_norms(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """[images, layers, rows, cols] block-output norm of every patch."""
+        return torch.from_numpy(self._rows("patch_norms", start, stop))
+
+    def prefix_norms(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """[images, layers, num_prefix] the same for CLS and trained registers."""
+        return torch.from_numpy(self._rows("prefix_norms", start, stop))
+
+    def neuron_activations(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """[images, K, tokens] the K register neurons (in ranked order) at every token."""
+        return torch.from_numpy(self._rows("neuron_activations", start, stop))
+
+
+def _whole(value, low: int, high: int) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and low <= value <= high
+
+
+@contextlib.contextmanager
+def open_activation_log(path: str | os.PathLike) -> Iterator[ActivationLog]:
+    """Open an activation log, complete or interrupted, read-only (with ``swmr=True``), and check it.
+
+    Raises:
+        ActivationLogError: the file is missing, not HDF5, or an attribute or dataset is missing or
+            of the wrong type, shape or range; the message names the file, the field and what was expected.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ActivationLogError(f"no activation log at {path} (expected an HDF5 file that --log writes)")
+    try:
+        handle = h5py.File(path, "r", swmr=True)
+    except (OSError, ValueError) as error:
+        raise ActivationLogError(f"{path} is not a readable HDF5 activation log ({str(error).splitlines()[0][:200]})") \
+            from None
+    try:
+        yield _checked(path, handle)
+    finally:
+        handle.close()
+
+
+def _checked(path: Path, handle: h5py.File) -> ActivationLog:
+    def refuse(field: str, expected: str, got) -> None:
+        shown = repr(got)
+        raise ActivationLogError(f"{path}: {field} must be {expected}, got "
+                                 f"{shown if len(shown) <= 60 else shown[:57] + '...'}")
+
+    attrs = dict(handle.attrs)
+    missing = [key for key in ("model", "neurons", "num_cls", "num_trained_registers", "detect_layer", "threshold",
+                               "images_written", "complete") if key not in attrs]
+    if missing:
+        raise ActivationLogError(f"{path}: the attributes lack {', '.join(missing)}; not an activation log this "
+                                 "version writes")
+    model = attrs["model"]
+    model = model.decode("utf-8", "replace") if isinstance(model, bytes) else model
+    if not isinstance(model, str):
+        refuse("attribute model", "a string", model)
+    text = attrs["neurons"]
+    if not isinstance(text, (str, bytes)):
+        refuse("attribute neurons", "a JSON string", text)
+    neurons = parse_json(text, ActivationLogError, f"the attribute neurons of {path}")
+    if not (isinstance(neurons, list) and 1 <= len(neurons) <= MAX_LOG_NEURONS and all(
+            isinstance(pair, list) and len(pair) == 2 and all(_whole(v, 0, 2**31) for v in pair) for pair in neurons)):
+        refuse("attribute neurons", "a JSON list of [layer, neuron] pairs of non-negative ints", neurons)
+    for name in ("num_cls", "num_trained_registers"):
+        if not _whole(attrs[name], 0, MAX_LOG_LAYERS):
+            refuse(f"attribute {name}", f"an int in 0..{MAX_LOG_LAYERS}", attrs[name])
+    if not _whole(attrs["detect_layer"], -1, MAX_LOG_LAYERS):
+        refuse("attribute detect_layer", f"an int in -1..{MAX_LOG_LAYERS}", attrs["detect_layer"])
+    threshold = attrs["threshold"]
+    if not isinstance(threshold, (float, int, np.floating, np.integer)) or isinstance(threshold, (bool, np.bool_)) or \
+            not (math.isnan(threshold) or 0 < threshold < math.inf):
+        refuse("attribute threshold", "a positive number, or NaN for none", threshold)
+    if not _whole(attrs["images_written"], 0, 2**53):
+        refuse("attribute images_written", "an int of at least 0", attrs["images_written"])
+    if not isinstance(attrs["complete"], (bool, np.bool_)):
+        refuse("attribute complete", "true or false", attrs["complete"])
+    written = int(attrs["images_written"])
+    num_prefix = int(attrs["num_cls"]) + int(attrs["num_trained_registers"])
+    grid, images = None, 0
+    present = [name for name in DATASETS if name in handle]
+    if present:
+        if len(present) != len(DATASETS):
+            raise ActivationLogError(f"{path}: the datasets must be {', '.join(DATASETS)}; it has only "
+                                     f"{', '.join(present)}")
+        raw_grid = attrs.get("grid")
+        grid = tuple(int(side) for side in raw_grid) if isinstance(raw_grid, np.ndarray) and raw_grid.shape == (2,) \
+            and all(_whole(side, 1, 2**16) for side in raw_grid) else None
+        if grid is None:
+            refuse("attribute grid", "two positive ints (patch rows, cols)", raw_grid)
+        datasets = {name: handle[name] for name in DATASETS}
+        for name, dataset in datasets.items():
+            if not isinstance(dataset, h5py.Dataset):
+                refuse(f"dataset {name}", "a dataset", type(dataset).__name__)
+        layers = datasets["patch_norms"].shape[1] if datasets["patch_norms"].ndim == 4 else None
+        if layers is None or not 1 <= layers <= MAX_LOG_LAYERS:
+            refuse("dataset patch_norms", "of shape [images, layers, rows, cols]", datasets["patch_norms"].shape)
+        expected = {"patch_norms": (layers, *grid), "prefix_norms": (layers, num_prefix)}
+        for name, shape in expected.items():
+            dataset = datasets[name]
+            if dataset.shape[1:] != shape or dataset.dtype != np.float32:
+                refuse(f"dataset {name}", f"float32 of shape [images, {', '.join(map(str, shape))}]",
+                       f"{dataset.dtype} {list(dataset.shape)}")
+        activations = datasets["neuron_activations"]
+        if activations.ndim != 3 or activations.shape[1] != len(neurons) or activations.dtype != np.float32 or \
+                activations.shape[2] < num_prefix + grid[0] * grid[1]:
+            refuse("dataset neuron_activations", f"float32 of shape [images, {len(neurons)}, tokens >= "
+                   f"{num_prefix + grid[0] * grid[1]}]", f"{activations.dtype} {list(activations.shape)}")
+        if datasets["names"].ndim != 1 or datasets["names"].dtype.kind not in "OSU":
+            refuse("dataset names", "a 1-D dataset of strings", f"{datasets['names'].dtype} {datasets['names'].shape}")
+        images = min(written, *(dataset.shape[0] for dataset in datasets.values()))
+        if attrs["complete"] and images != written:
+            refuse("attribute images_written", f"the rows every dataset holds ({images}) in a complete log", written)
+    elif written:
+        refuse("attribute images_written", "0 in a log without datasets", written)
+    detect_layer = int(attrs["detect_layer"])
+    return ActivationLog(path, handle, model, [tuple(pair) for pair in neurons], int(attrs["num_cls"]),
+                         int(attrs["num_trained_registers"]), None if detect_layer < 0 else detect_layer,
+                         float(threshold), grid, images, bool(attrs["complete"]))
