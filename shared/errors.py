@@ -76,3 +76,7 @@ def first_line(error: BaseException) -> str:
 
 class ActivationLogError(TestTimeRegistersError, ValueError):
     """An activation log cannot be read, or is not one this version writes."""
+
+
+class TrainedRegistersError(ModelLoadError, ValueError):
+    """A trained-register folder (registers.json + registers.safetensors) is missing, damaged, or its two files disagree."""
