@@ -45,16 +45,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import InvalidArgumentError, ModelLoadError, UnsupportedModelError, check_int
+from ..errors import (InvalidArgumentError, ModelLoadError, TrainedRegistersError, UnsupportedModelError, check_int,
+                      first_line)
+from ..files import (MAX_JSON_BYTES, finite_number, output_folder, parse_json, read_bounded, sha256, write_unit)
 from ..hooks import Extension, HookManager, TensorFn
 from ..layout import TokenLayout
-from ..errors import first_line
 from ..loading import LoadedModel
-from ..files import write_atomically
 from ..registry import load_model
 
 log = logging.getLogger(__name__)
@@ -390,6 +389,19 @@ class _LearnedRegisters(Extension):
 
 # ---------------------------------------------------------------------------- checkpoints
 
+#: Size limits of a trained-register folder's files.
+MAX_WEIGHTS_BYTES = 64 * 2**30
+MAX_HEADER_BYTES = 100 * 2**20
+#: Bounds of the metadata's counts (far above any real model).
+MAX_REGISTERS = 4096
+MAX_LAYER = 4096
+MAX_FEATURES = 2**24
+#: The metadata's keys, and the key of registers.json that names the weights' digest.
+METADATA_KEYS = ("format", "base_model", "seed", "learned_registers", "registers_in_layout", "insert_at", "cls_pos",
+                 "head_classes", "classifier", "from_scratch", "parameters")
+DIGEST_KEY = "weights_sha256"
+
+
 def save_trained_registers(folder: str | os.PathLike, registered: RegisteredModel, *, base_model: str,
                            parameters: Sequence[str], seed: int = 0, head_classes: int | None = None,
                            from_scratch: dict | None = None, extra: dict | None = None) -> Path:
@@ -405,17 +417,22 @@ def save_trained_registers(folder: str | os.PathLike, registered: RegisteredMode
         from_scratch: ``{"timm_model": NAME, "kwargs": {...}}`` for a model built by ``timm.create_model``.
         extra: more JSON metadata (the training options, the loss curve).
 
-    Both files are written atomically, the weights first: a failure leaves neither half-written.
+    The two files are written as a unit (:func:`~test_time_registers.files.write_unit`): the
+    weights, with the metadata inside them, then ``registers.json``, which repeats the metadata
+    and names the weights' SHA-256, so that a reader detects a mismatched pair. A failed save
+    replaces nothing, leaves no temporary file, and removes the folder if it made it.
     Returns the path of the weights.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     state = registered.state_dict(keep_vars=False)
     unknown = [name for name in parameters if name not in state]
     if unknown:
         raise InvalidArgumentError(f"not tensors of the registered model: {', '.join(unknown[:5])}")
     registers = registered.registers
     classifier = registered.classifier
+    clashes = sorted(set(extra or {}) & {*METADATA_KEYS, DIGEST_KEY})
+    if clashes:
+        raise InvalidArgumentError(f"extra metadata cannot replace {', '.join(clashes)}")
     metadata = {
         "format": CHECKPOINT_FORMAT,
         "base_model": base_model,
@@ -431,33 +448,165 @@ def save_trained_registers(folder: str | os.PathLike, registered: RegisteredMode
         "parameters": list(parameters),
         **(extra or {}),
     }
-    text = json.dumps(metadata, indent=2, allow_nan=False)
+    try:
+        text = json.dumps(metadata, indent=2, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise InvalidArgumentError(f"the metadata of trained registers must be finite JSON ({error})") from None
     tensors = {name: state[name].detach().cpu().contiguous() for name in parameters}
-    weights = folder / WEIGHTS_FILE
-    write_atomically(weights, lambda temporary: save_file(tensors, temporary, metadata={METADATA_KEY: text}))
-    write_atomically(folder / METADATA_FILE, lambda temporary: Path(temporary).write_text(text + "\n"))
-    return weights
+    digest: dict[str, str] = {}
+
+    def write_weights(temporary: str) -> None:
+        save_file(tensors, temporary, metadata={METADATA_KEY: text})
+        digest["sha256"] = sha256(temporary)
+
+    def write_metadata(temporary: str) -> None:
+        Path(temporary).write_text(json.dumps({**metadata, DIGEST_KEY: digest["sha256"]}, indent=2) + "\n")
+
+    with output_folder(folder):
+        write_unit({folder / WEIGHTS_FILE: write_weights, folder / METADATA_FILE: write_metadata})
+    return folder / WEIGHTS_FILE
+
+
+def _refuse(origin: Path | str, field: str, expected: str, got: Any) -> None:
+    shown = repr(got)
+    shown = shown if len(shown) <= 60 else f"{shown[:57]}..."
+    raise TrainedRegistersError(f"{origin}: {field} must be {expected}, got {shown}")
+
+
+def _whole(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def check_trained_metadata(metadata: Any, origin: Path | str) -> dict[str, Any]:
+    """``metadata`` if every field of trained registers' metadata has its type and range; else
+    :class:`TrainedRegistersError` naming ``origin`` and the field. Keys beyond :data:`METADATA_KEYS`
+    (the training options, the loss curve) are kept unchecked."""
+    if not isinstance(metadata, dict):
+        _refuse(origin, "the metadata", "a JSON object", type(metadata).__name__)
+    missing = [key for key in METADATA_KEYS if key not in metadata]
+    if missing:
+        raise TrainedRegistersError(f"{origin}: the metadata lacks {', '.join(missing)}")
+    if not _whole(metadata["format"], 0, 2**31):
+        _refuse(origin, "format", f"an int (this version reads {CHECKPOINT_FORMAT})", metadata["format"])
+    if metadata["format"] > CHECKPOINT_FORMAT:
+        raise TrainedRegistersError(f"{origin} has format {metadata['format']}, newer than the {CHECKPOINT_FORMAT} "
+                                    "this version reads; upgrade test-time-registers")
+    if metadata["format"] != CHECKPOINT_FORMAT:
+        _refuse(origin, "format", str(CHECKPOINT_FORMAT), metadata["format"])
+    if not isinstance(metadata["base_model"], str) or not metadata["base_model"] or len(metadata["base_model"]) > 1000:
+        _refuse(origin, "base_model", "a model spec (a non-empty string)", metadata["base_model"])
+    if not _whole(metadata["seed"], 0, 2**63 - 1):
+        _refuse(origin, "seed", "an int in 0..2**63-1", metadata["seed"])
+    if not _whole(metadata["learned_registers"], 0, MAX_REGISTERS):
+        _refuse(origin, "learned_registers", f"an int in 0..{MAX_REGISTERS}", metadata["learned_registers"])
+    if not _whole(metadata["registers_in_layout"], metadata["learned_registers"], MAX_REGISTERS + 64):
+        _refuse(origin, "registers_in_layout", "an int of at least learned_registers", metadata["registers_in_layout"])
+    if not _whole(metadata["insert_at"], 0, MAX_LAYER):
+        _refuse(origin, "insert_at", f"an int in 0..{MAX_LAYER}", metadata["insert_at"])
+    if metadata["cls_pos"] is not None and not _whole(metadata["cls_pos"], 0, MAX_LAYER):
+        _refuse(origin, "cls_pos", f"null or an int in 0..{MAX_LAYER}", metadata["cls_pos"])
+    if metadata["head_classes"] is not None and not _whole(metadata["head_classes"], 1, MAX_FEATURES):
+        _refuse(origin, "head_classes", f"null or an int in 1..{MAX_FEATURES}", metadata["head_classes"])
+    classifier = metadata["classifier"]
+    if classifier is not None and not (isinstance(classifier, dict) and set(classifier) == {"in_features", "out_features"}
+                                       and all(_whole(value, 1, MAX_FEATURES) for value in classifier.values())):
+        _refuse(origin, "classifier", 'null or {"in_features": int, "out_features": int}', classifier)
+    scratch = metadata["from_scratch"]
+    if scratch is not None:
+        if not (isinstance(scratch, dict) and set(scratch) == {"timm_model", "kwargs"}
+                and isinstance(scratch["timm_model"], str) and scratch["timm_model"]
+                and isinstance(scratch["kwargs"], dict)):
+            _refuse(origin, "from_scratch", 'null or {"timm_model": NAME, "kwargs": {...}}', scratch)
+        for key, value in scratch["kwargs"].items():
+            plain = value is None or isinstance(value, (bool, str)) or finite_number(value)
+            if not key.isidentifier() or not plain:
+                _refuse(origin, f"from_scratch.kwargs[{key[:40]!r}]", "a keyword with a number, string, bool or null",
+                        value)
+    parameters = metadata["parameters"]
+    if not (isinstance(parameters, list) and all(isinstance(name, str) for name in parameters)
+            and len(set(parameters)) == len(parameters)):
+        _refuse(origin, "parameters", "a list of distinct tensor names", parameters)
+    return metadata
+
+
+def _safetensors_header(weights: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file, read strictly (size, nesting, repeated keys) before anything else."""
+    try:
+        info = weights.stat()
+        with open(weights, "rb") as handle:
+            start = handle.read(8)
+            size = int.from_bytes(start, "little") if len(start) == 8 else None
+            if size is None or not 2 <= size <= min(MAX_HEADER_BYTES, info.st_size - 8):
+                raise TrainedRegistersError(f"{weights} is not a safetensors file: its first 8 bytes do not give the "
+                                            "length of a header inside the file")
+            header = handle.read(size)
+    except OSError as error:
+        raise TrainedRegistersError(f"cannot read {weights}: {error.strerror or error}") from None
+    parsed = parse_json(header, TrainedRegistersError, f"the safetensors header of {weights}")
+    if not isinstance(parsed, dict):
+        _refuse(weights, "the safetensors header", "a JSON object", type(parsed).__name__)
+    return parsed
 
 
 def read_trained_registers(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(metadata, tensors)`` of a checkpoint: its folder or its ``.safetensors`` file."""
+    """``(metadata, tensors)`` of trained registers: their folder, or the ``.safetensors`` file alone.
+
+    Every file is size-limited before it is read and parsed as strict JSON; every metadata field is
+    checked (:func:`check_trained_metadata`). A folder's ``registers.json`` must repeat the
+    metadata inside the weights and name their SHA-256 (the file alone is read from its own
+    metadata). The tensors must be exactly the metadata's ``parameters``, floating point and finite.
+
+    Raises:
+        TrainedRegistersError: (a :class:`ModelLoadError`) naming the file, the field and what was expected.
+    """
     path = Path(path)
-    weights = path / WEIGHTS_FILE if path.is_dir() else path
+    folder_form = path.is_dir()
+    weights = path / WEIGHTS_FILE if folder_form else path
+    if not weights.exists():
+        raise TrainedRegistersError(f"no trained registers at {path} (expected a folder with {WEIGHTS_FILE} and "
+                                    f"{METADATA_FILE}, or the {WEIGHTS_FILE} file)")
     if not weights.is_file():
-        raise ModelLoadError(f"no trained registers at {path} (expected a folder with {WEIGHTS_FILE}, or the file)")
+        raise TrainedRegistersError(f"{weights} is not a regular file")
+    size = weights.stat().st_size
+    if size > MAX_WEIGHTS_BYTES:
+        raise TrainedRegistersError(f"{weights} has {size} bytes, more than the {MAX_WEIGHTS_BYTES} trained "
+                                    "registers may have")
+    header = _safetensors_header(weights)
+    embedded = header.get("__metadata__")
+    if not isinstance(embedded, dict) or not isinstance(embedded.get(METADATA_KEY), str):
+        raise TrainedRegistersError(f"{weights} was not written by test-time-registers-train: it has no "
+                                    f"{METADATA_KEY!r} metadata")
+    metadata = check_trained_metadata(parse_json(embedded[METADATA_KEY], TrainedRegistersError,
+                                                 f"the metadata inside {weights}"), weights)
+    if folder_form:
+        described = path / METADATA_FILE
+        listed = parse_json(read_bounded(described, MAX_JSON_BYTES, TrainedRegistersError, "trained-register metadata"),
+                            TrainedRegistersError, str(described))
+        check_trained_metadata(listed, described)
+        digest = listed.get(DIGEST_KEY)
+        if not isinstance(digest, str):
+            _refuse(described, DIGEST_KEY, f"the SHA-256 of {WEIGHTS_FILE} (hex)", digest)
+        if {key: value for key, value in listed.items() if key != DIGEST_KEY} != metadata:
+            differ = sorted(key for key in {*listed, *metadata} - {DIGEST_KEY} if listed.get(key) != metadata.get(key))
+            raise TrainedRegistersError(f"{described} disagrees with the metadata inside {weights} (in "
+                                        f"{', '.join(str(key)[:40] for key in differ[:5])}); the pair is not one save")
+        if digest != sha256(weights):
+            raise TrainedRegistersError(f"{described}: {DIGEST_KEY} does not match {weights}; the weights were "
+                                        "replaced or damaged after the save")
     try:
         tensors = load_file(weights)
-        with safe_open(weights, "pt") as handle:
-            text = (handle.metadata() or {}).get(METADATA_KEY)
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ModelLoadError(f"{weights} is not a readable safetensors file ({first_line(error)})") from None
-    if text is None:
-        raise ModelLoadError(f"{weights} was not written by test-time-registers-train: it has no "
-                             f"{METADATA_KEY!r} metadata")
-    metadata = json.loads(text)
-    if metadata.get("format", 0) > CHECKPOINT_FORMAT:
-        raise ModelLoadError(f"{weights} has format {metadata['format']}, newer than the {CHECKPOINT_FORMAT} this "
-                             "version reads; upgrade test-time-registers")
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as error:   # safetensors' errors, and a panic of its parser (a BaseException)
+        raise TrainedRegistersError(f"{weights} is not a readable safetensors file ({first_line(error)[:200]})") \
+            from None
+    if set(tensors) != set(metadata["parameters"]):
+        odd = sorted(set(tensors) ^ set(metadata["parameters"]))
+        raise TrainedRegistersError(f"{weights}: parameters must name exactly its tensors; they differ in "
+                                    f"{', '.join(name[:60] for name in odd[:5])}")
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+            _refuse(weights, name, "a finite floating-point tensor", f"{tensor.dtype} {list(tensor.shape)}")
     return metadata, tensors
 
 
@@ -467,31 +616,42 @@ def apply_trained_registers(path: str | os.PathLike, base: LoadedModel, *, name:
     Returns a :class:`LoadedModel` whose model is a :class:`RegisteredModel` in eval mode and whose
     hook manager is its view (``registered.hook_manager``); the rest (preprocess, demo scenes,
     tokenizer) is the base's.
+
+    Raises:
+        TrainedRegistersError: the checkpoint is damaged (see :func:`read_trained_registers`), or
+            does not fit the base model (a layer, a width or a tensor shape it does not have).
     """
     metadata, tensors = read_trained_registers(path)
     hook_manager = base.hook_manager
     model = hook_manager.model
-    if metadata.get("head_classes"):
+    base_name = metadata["base_model"]
+    if metadata["head_classes"]:
         if not hasattr(model, "reset_classifier"):
-            raise ModelLoadError(f"{path}: its head was reset to {metadata['head_classes']} classes, but "
-                                 f"{type(model).__name__} has no reset_classifier")
+            raise TrainedRegistersError(f"{path}: its head was reset to {metadata['head_classes']} classes, but "
+                                        f"{type(model).__name__} has no reset_classifier")
         model.reset_classifier(metadata["head_classes"])
-    registers = LearnableRegisters.for_model(hook_manager, metadata["learned_registers"], insert_at=metadata["insert_at"],
-                                             cls_pos=metadata["cls_pos"])
-    classifier = None
-    if metadata.get("classifier"):
-        weight = hook_manager.patch_embedding.weight
-        classifier = nn.Linear(metadata["classifier"]["in_features"], metadata["classifier"]["out_features"],
-                               device=weight.device, dtype=weight.dtype)
-    registered = RegisteredModel(model, hook_manager, registers, classifier, name=name or f"registers:{path}")
+    try:
+        registers = LearnableRegisters.for_model(hook_manager, metadata["learned_registers"],
+                                                 insert_at=metadata["insert_at"], cls_pos=metadata["cls_pos"])
+        classifier = None
+        if metadata["classifier"]:
+            weight = hook_manager.patch_embedding.weight
+            classifier = nn.Linear(metadata["classifier"]["in_features"], metadata["classifier"]["out_features"],
+                                   device=weight.device, dtype=weight.dtype)
+        registered = RegisteredModel(model, hook_manager, registers, classifier, name=name or f"registers:{path}")
+    except (InvalidArgumentError, UnsupportedModelError) as error:
+        raise TrainedRegistersError(f"{path}: its metadata does not fit {base_name} ({first_line(error)})") from None
+    if registered.hook_manager.layout.num_trained_registers != metadata["registers_in_layout"]:
+        _refuse(path, "registers_in_layout", f"{registered.hook_manager.layout.num_trained_registers} on {base_name}",
+                metadata["registers_in_layout"])
     targets = dict(registered.named_parameters()) | dict(registered.named_buffers())
     with torch.no_grad():
         for key, value in tensors.items():
             if key not in targets:
-                raise ModelLoadError(f"{path}: the checkpoint has {key}, which {metadata['base_model']} does not")
+                raise TrainedRegistersError(f"{path}: the checkpoint has {key[:80]}, which {base_name} does not")
             if targets[key].shape != value.shape:
-                raise ModelLoadError(f"{path}: {key} is {list(value.shape)} in the checkpoint but "
-                                     f"{list(targets[key].shape)} in {metadata['base_model']}")
+                raise TrainedRegistersError(f"{path}: {key} is {list(value.shape)} in the checkpoint but "
+                                            f"{list(targets[key].shape)} in {base_name}")
             targets[key].copy_(value)
     return LoadedModel(registered.eval(), base.preprocess, registered.hook_manager, synthetic=base.synthetic,
                        planted=base.planted, generate_images=base.generate_images, tokenizer=base.tokenizer)
@@ -499,16 +659,27 @@ def apply_trained_registers(path: str | os.PathLike, base: LoadedModel, *, name:
 
 def load_trained_registers(path: str | os.PathLike, *, device: torch.device | str = "cpu",
                            precision: str = "fp32") -> LoadedModel:
-    """Load a checkpoint's base model (named in its metadata) and put the trained registers on it."""
+    """Load a checkpoint's base model (named in its metadata) and put the trained registers on it.
+
+    Raises:
+        TrainedRegistersError: the checkpoint is damaged or does not fit its base model.
+        ModelLoadError: the base model cannot be loaded.
+    """
     metadata, _ = read_trained_registers(path)
-    scratch = metadata.get("from_scratch")
+    scratch = metadata["from_scratch"]
     if scratch:
-        base = load_model(f"timm:{scratch['timm_model']}:random", device=device, precision=precision,
-                          **scratch["kwargs"])
+        try:
+            base = load_model(f"timm:{scratch['timm_model']}:random", device=device, precision=precision,
+                              **scratch["kwargs"])
+        except (InvalidArgumentError, TypeError, ValueError, KeyError, AssertionError, RuntimeError) as error:
+            if isinstance(error, ModelLoadError):
+                raise
+            raise TrainedRegistersError(f"{path}: from_scratch does not build a timm model "
+                                        f"({type(error).__name__}: {first_line(error)[:200]})") from None
     else:
         # A base with random weights (openclip:NAME:random, timm:NAME:random) comes back from the seed, drawn first
         # as test-time-registers-train draws it.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(metadata.get("seed", 0))
-            base = load_model(metadata["base_model"], device=device, precision=precision, seed=metadata.get("seed", 0))
+            torch.manual_seed(metadata["seed"])
+            base = load_model(metadata["base_model"], device=device, precision=precision, seed=metadata["seed"])
     return apply_trained_registers(path, base)
