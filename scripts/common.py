@@ -346,10 +346,11 @@ def run_main(parser: argparse.ArgumentParser | Callable[[], argparse.ArgumentPar
     the parser is built, the model is imported or loaded, or the error is printed), is one line and
     exit code 130. Names that are not valid text are printed with escapes, never as an error.
     """
-    rank = os.environ.get("RANK", "0") if "LOCAL_RANK" in os.environ else "0"
-    prefix = "error: " if rank == "0" else f"error: rank {rank}: "   # under torchrun, say which rank failed
-    restore = _escape_unprintable(sys.stdout)
+    prefix, restore = "error: ", _nothing   # first, so that a Ctrl-C from here on is caught below
     try:
+        rank = os.environ.get("RANK", "0") if "LOCAL_RANK" in os.environ else "0"
+        prefix = "error: " if rank == "0" else f"error: rank {rank}: "   # under torchrun, say which rank failed
+        restore = _escape_unprintable(sys.stdout)
         with cli_logging():
             try:
                 if not isinstance(parser, argparse.ArgumentParser):
@@ -372,13 +373,17 @@ def run_main(parser: argparse.ArgumentParser | Callable[[], argparse.ArgumentPar
         restore()
 
 
+def _nothing() -> None:
+    pass
+
+
 def _escape_unprintable(stream) -> Callable[[], None]:
     """Make ``stream`` print text it cannot encode with backslash escapes; returns how to undo it."""
     errors = getattr(stream, "errors", None)
     if errors in (None, "backslashreplace") or not hasattr(stream, "reconfigure"):
-        return lambda: None
+        return _nothing
     try:
         stream.reconfigure(errors="backslashreplace")
     except (ValueError, OSError, AttributeError, TypeError):
-        return lambda: None
+        return _nothing
     return lambda: stream.reconfigure(errors=errors)
