@@ -43,11 +43,23 @@ MAX_IMAGE_SIDE = 2**16
 MAX_COUNT = 2**53              # image counts: exact in any JSON reader
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RegisterNeuron:
+    """One register neuron; ``score`` is NaN when none is known. Two are equal when their layer, neuron and
+    score are, a NaN score equal to a NaN score (so that a file without scores loads equal to itself)."""
+
     layer: int
     neuron: int
     score: float = float("nan")
+
+    def _key(self) -> tuple:
+        return self.layer, self.neuron, None if self.score != self.score else self.score
+
+    def __eq__(self, other: object) -> bool:
+        return self._key() == other._key() if isinstance(other, RegisterNeuron) else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._key())
 
 
 @dataclass
@@ -413,7 +425,7 @@ def _read_fields(data: Any, origin: str) -> dict[str, Any]:
 
 
 def _read_scores(path: Path, digest: str, origin: Path, neurons: RegisterNeurons) -> torch.Tensor | None:
-    """The candidate scores [layers, neurons] saved beside ``origin``, or ``None`` (logged) if they are gone.
+    """The candidate scores [layers, neurons] (float32) saved beside ``origin``, or ``None`` (logged) if gone.
 
     Raises:
         NeuronFileError: not the file the JSON names (another digest), not safetensors, or scores that
@@ -436,13 +448,16 @@ def _read_scores(path: Path, digest: str, origin: Path, neurons: RegisterNeurons
         raise NeuronFileError(f"{path}: a candidate-score file holds one tensor 'scores', got "
                               f"{_show(sorted(tensors))}")
     scores = tensors[SCORES_KEY]
+    if scores.dtype.is_floating_point:
+        scores = scores.float()       # float32, as they are saved (a float64 1e300 becomes inf, and is refused)
     _check_scores(scores, neurons, str(path))
     return scores
 
 
 def _check_scores(scores: torch.Tensor, neurons: RegisterNeurons, origin: str) -> None:
     """Raise :class:`NeuronFileError` unless ``scores`` are [layers, neurons] floats, finite or NaN, that fit
-    ``neurons``: rows for layers 0..highest_layer at least and 0..detect_layer at most, a column for every listed neuron."""
+    ``neurons``: rows for layers 0..highest_layer at least and 0..detect_layer at most, a column for every
+    listed neuron."""
     shape = list(scores.shape)
     if scores.ndim != 2 or not scores.dtype.is_floating_point:
         raise NeuronFileError(f"{origin}: candidate scores must be a 2-D float tensor [layers, neurons], got "

@@ -105,3 +105,9 @@ def test_save_load_save_is_byte_identical(tmp_path):
     for name in ("n.json", "n.scores.safetensors"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert RegisterNeurons.load(second) == neurons
+
+
+def test_neurons_without_scores_load_equal_to_themselves(tmp_path):
+    hand = RegisterNeurons.coerce([(1, 2), (0, 5)])               # scores NaN: none known
+    assert RegisterNeurons.load(hand.save(tmp_path / "hand.json")) == hand
+    assert len({RegisterNeuron(1, 2), RegisterNeuron(1, 2)}) == 1 and RegisterNeuron(1, 2) != RegisterNeuron(1, 2, 0.5)
