@@ -387,7 +387,7 @@ class DiscoveryCheckpoint:
 
 def _json_number(value):
     """A float for JSON, or ``None`` where it is not finite (an infinite threshold: no image anywhere)."""
-    return value if value is None or math.isfinite(value) else None
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def write_checkpoint(path: str | os.PathLike, checkpoint: DiscoveryCheckpoint) -> None:
@@ -411,14 +411,14 @@ def write_checkpoint(path: str | os.PathLike, checkpoint: DiscoveryCheckpoint) -
 def _safetensors_metadata(data: bytes, path: Path) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file's bytes, read as strict JSON; nothing is unpickled."""
     not_one = f"{path} is not a discovery checkpoint (a safetensors file that find-register-neurons writes)"
-    if data[:4] == b"PK\x03\x04":
-        raise CheckpointError(f"{not_one}: it is a zip archive, like a torch.save file (checkpoints of format 1 were), "
-                              "which this version never unpickles; start the run again without resume")
-    if data[:1] == b"\x80":
-        raise CheckpointError(f"{not_one}: it is a Python pickle, which this version never unpickles; "
-                              "start the run again without resume")
     size = int.from_bytes(data[:8], "little") if len(data) >= 8 else None
     if size is None or size > len(data) - 8 or size < 2:
+        if data[:4] == b"PK\x03\x04":
+            raise CheckpointError(f"{not_one}: it is a zip archive, like a torch.save file (checkpoints of format 1 "
+                                  "were), which this version never unpickles; start the run again without resume")
+        if data[:1] == b"\x80":
+            raise CheckpointError(f"{not_one}: it is a Python pickle, which this version never unpickles; "
+                                  "start the run again without resume")
         raise CheckpointError(f"{not_one}: its first 8 bytes do not give the length of a header inside the file")
     header = parse_json(data[8:8 + size], CheckpointError, f"the header of {path}")
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
