@@ -45,6 +45,35 @@ def test_linear_probe_is_exact_on_separable_features_and_wants_integer_labels():
         linear_probe(features, labels.to(torch.bfloat16))
 
 
+
+def test_a_linear_probe_on_random_features_and_labels_scores_chance():
+    """Random features, random labels of 4 classes: nothing generalises, so held-out accuracy is chance, 1/4.
+
+    With 256 feature dimensions and ~280 training images per draw the probe can fit its training split
+    perfectly, so a probe that also trained on (or was scored on) its test split would score near 1.0: the
+    twin check below shows what memorising gives here. Over 5 draws ~600 images are held out; under chance
+    the pooled accuracy has a standard deviation of sqrt(0.25 * 0.75 / 600) ~ 0.018, so 0.25 +- 0.08 is over
+    4 standard deviations wide and still far below what memorising scores.
+    """
+    classes, images, dimensions = 4, 400, 256
+    correct = held_out = 0
+    for draw in range(5):
+        generator = torch.Generator().manual_seed(draw)
+        features = torch.randn(images, dimensions, generator=generator)
+        labels = torch.randint(0, classes, (images,), generator=generator)
+        accuracy = linear_probe(features, labels, seed=draw)
+        tested = sum(math.ceil(0.3 * int((labels == label).sum())) for label in range(classes))
+        correct += accuracy * tested
+        held_out += tested
+    assert abs(correct / held_out - 1 / classes) < 0.08, correct / held_out
+    # the power of the check: each image twice, so ~70% of the held-out images have their twin in the training
+    # split and are answered from memory; expected accuracy ~0.7 + 0.3 / 4 ~ 0.78 (a probe trained on its test
+    # split scores 1.00 on the random draws above)
+    generator = torch.Generator().manual_seed(9)
+    features = torch.randn(images // 2, dimensions, generator=generator)
+    labels = torch.randint(0, classes, (images // 2,), generator=generator)
+    assert linear_probe(features.repeat(2, 1), labels.repeat(2), seed=0) > 0.6
+
 def test_zero_shot_over_more_than_256_classes_keeps_integer_labels():
     """The reference notebook cast labels to bf16, which rounds 257 to 256: an off-by-one answer counted as right."""
     classes = 300
