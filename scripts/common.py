@@ -292,15 +292,16 @@ def in_cli_language(message: str, parser: argparse.ArgumentParser) -> str:
     """Rewrite the library's parameter names as this program's flags.
 
     ``threshold=53.5`` becomes ``--threshold 53.5`` and ``detect_layer`` becomes ``--detect-layer``,
-    for every flag the parser has.
+    for every flag the parser has. A name in single quotes (a file's field, ``'detect_layer'``) is
+    quoted from a file, not a parameter, and stays as it is.
     """
     for action in parser._actions:
         flag = next((option for option in action.option_strings if option.startswith("--")), None)
         if flag is None or action.dest == "help":
             continue
-        message = re.sub(rf"\b{action.dest}=(\S+?)(?=[\s,;)]|$)", rf"{flag} \1", message)
+        message = re.sub(rf"(?<![\w'.\[]){action.dest}=(\S+?)(?=[\s,;)]|$)", rf"{flag} \1", message)
         if "_" in action.dest:   # plain words like 'images' stay prose
-            message = re.sub(rf"\b{action.dest}\b", flag, message)
+            message = re.sub(rf"(?<![\w'.\[]){action.dest}\b(?!['\]])", flag, message)
     return message
 
 

@@ -11,34 +11,55 @@ imports none of open_clip, timm or transformers.
 
 __version__ = "0.3.0"
 
-from .discovery import check_discovery_arguments, find_register_neurons, gather_statistics  # noqa: E402
-from .statistics import DiscoverySettings, DiscoveryStatistics, auto_threshold  # noqa: E402
-from .edits import Edit, EditContext, LegacyEdit, PaperEdit, legacy_edit, paper_edit  # noqa: E402
-from .errors import (CheckpointError, ImageSourceError, IncompatibleNeuronsError, InvalidArgumentError,  # noqa: E402
-                     MissingDependencyError, ModelLoadError, NeuronFileError, NonFiniteActivationsError,
-                     NonFiniteLossError, NoOutliersError, RegisterLeakError, TestTimeRegistersError,
-                     UnsupportedModelError)
-from .hooks import Capture, Extension, HookManager, Hooks, HookSite, StopForward  # noqa: E402
-from .data.sources import ImageFolder  # noqa: E402
-from .intervention import ModifiedModel  # noqa: E402
-from .layout import TokenLayout  # noqa: E402
-from .loading import LoadedModel  # noqa: E402
-from .neurons import RegisterNeuron, RegisterNeurons  # noqa: E402
-from .precision import PRECISIONS, Precision  # noqa: E402
-from .registry import (Architecture, Preset, architectures, hook_manager_for, load_model, load_neurons,  # noqa: E402
-                       load_preset, register_architecture, register_model, supported_models)
-from .sites import At, EagerAttention, NeedWeights, Sites, Unfused  # noqa: E402
-from .training.registers import (LearnableRegisters, RegisteredModel, load_trained_registers,  # noqa: E402
-                                save_trained_registers)
+import importlib  # noqa: E402
+
+#: Every public name, and the module that defines it; each module is imported when one of its names is first used.
+_EXPORTS = {
+    **dict.fromkeys(("ImageFolder",), "data.sources"),
+    **dict.fromkeys(("check_discovery_arguments", "find_register_neurons", "gather_statistics"), "discovery"),
+    **dict.fromkeys(("Edit", "EditContext", "LegacyEdit", "PaperEdit", "legacy_edit", "paper_edit"), "edits"),
+    **dict.fromkeys(("CheckpointError", "ImageSourceError", "IncompatibleNeuronsError", "InvalidArgumentError",
+                     "MissingDependencyError", "ModelLoadError", "NeuronFileError", "NoOutliersError",
+                     "NonFiniteActivationsError", "NonFiniteLossError", "RegisterLeakError",
+                     "TestTimeRegistersError", "UnsupportedModelError"), "errors"),
+    **dict.fromkeys(("Capture", "Extension", "HookManager", "HookSite", "Hooks", "StopForward"), "hooks"),
+    **dict.fromkeys(("ModifiedModel",), "intervention"),
+    **dict.fromkeys(("TokenLayout",), "layout"),
+    **dict.fromkeys(("LoadedModel",), "loading"),
+    **dict.fromkeys(("RegisterNeuron", "RegisterNeurons"), "neurons"),
+    **dict.fromkeys(("PRECISIONS", "Precision"), "precision"),
+    **dict.fromkeys(("Architecture", "Preset", "architectures", "hook_manager_for", "load_model", "load_neurons",
+                     "load_preset", "register_architecture", "register_model", "supported_models"), "registry"),
+    **dict.fromkeys(("At", "EagerAttention", "NeedWeights", "Sites", "Unfused"), "sites"),
+    **dict.fromkeys(("DiscoverySettings", "DiscoveryStatistics", "auto_threshold"), "statistics"),
+    **dict.fromkeys(("LearnableRegisters", "RegisteredModel", "load_trained_registers", "save_trained_registers"), "training.registers"),
+}
+
+
+def __getattr__(name: str):
+    """Import the module that defines ``name`` on first use (PEP 562), so that ``import test_time_registers``
+    costs almost nothing and a command-line program can catch Ctrl-C from its first instant."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
 
 __all__ = [
-    "CheckpointError", "DiscoverySettings", "MissingDependencyError", "NonFiniteLossError", "At", "EagerAttention", "Extension", "NeedWeights", "RegisterLeakError", "Sites", "Unfused", "hook_manager_for",
-    "register_model", "supported_models",
-    "PRECISIONS", "Architecture", "Capture", "DiscoveryStatistics", "Edit", "EditContext", "LegacyEdit", "PaperEdit", "HookManager", "HookSite", "Hooks", "ImageFolder", "ImageSourceError",
-    "IncompatibleNeuronsError", "InvalidArgumentError", "LearnableRegisters", "LoadedModel", "ModelLoadError", "ModifiedModel",
-    "NeuronFileError", "NonFiniteActivationsError", "NoOutliersError", "Precision", "Preset", "RegisterNeuron",
-    "RegisterNeurons", "RegisteredModel", "StopForward", "TestTimeRegistersError", "TokenLayout", "UnsupportedModelError",
-    "__version__", "architectures", "auto_threshold", "check_discovery_arguments", "find_register_neurons", "gather_statistics",
-    "legacy_edit", "load_model", "load_neurons", "load_preset", "load_trained_registers", "paper_edit", "register_architecture",
-    "save_trained_registers",
+    "Architecture", "At", "Capture", "CheckpointError", "DiscoverySettings", "DiscoveryStatistics", "EagerAttention",
+    "Edit", "EditContext", "Extension", "HookManager", "HookSite", "Hooks", "ImageFolder", "ImageSourceError",
+    "IncompatibleNeuronsError", "InvalidArgumentError", "LearnableRegisters", "LegacyEdit", "LoadedModel",
+    "MissingDependencyError", "ModelLoadError", "ModifiedModel", "NeedWeights", "NeuronFileError", "NoOutliersError",
+    "NonFiniteActivationsError", "NonFiniteLossError", "PRECISIONS", "PaperEdit", "Precision", "Preset",
+    "RegisterLeakError", "RegisterNeuron", "RegisterNeurons", "RegisteredModel", "Sites", "StopForward",
+    "TestTimeRegistersError", "TokenLayout", "Unfused", "UnsupportedModelError", "__version__", "architectures",
+    "auto_threshold", "check_discovery_arguments", "find_register_neurons", "gather_statistics", "hook_manager_for",
+    "legacy_edit", "load_model", "load_neurons", "load_preset", "load_trained_registers", "paper_edit",
+    "register_architecture", "register_model", "save_trained_registers", "supported_models",
 ]

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from .errors import first_line
+
 #: Writes one file: ``write(temporary_path)``.
 Writer = Callable[[str], None]
 
@@ -107,6 +109,8 @@ def parse_json(data: bytes | str, error: type[Exception], origin: str, *, max_de
             from None
     except RecursionError:
         raise error(f"{origin} nests JSON too deeply") from None
+    except ValueError as problem:   # an integer of more digits than Python converts (sys.int_info)
+        raise error(f"{origin} holds a value JSON cannot give ({first_line(problem)})") from None
 
 
 def finite_number(value: Any) -> bool:

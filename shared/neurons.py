@@ -288,14 +288,8 @@ def scores_path_for(path: str | os.PathLike) -> Path:
     return path.with_name(f"{path.stem}.scores.safetensors")
 
 
-
 def _parse(data: bytes | str, origin: str) -> Any:
-    try:
-        return parse_json(data, NeuronFileError, origin)
-    except NeuronFileError:
-        raise
-    except ValueError as error:       # an integer of more digits than Python converts
-        raise NeuronFileError(f"{origin} is not a readable JSON neuron file ({first_line(error)})") from None
+    return parse_json(data, NeuronFileError, origin)
 
 
 def _show(value: Any) -> str:

@@ -326,3 +326,20 @@ def test_ctrl_c_at_any_moment_is_one_line_exit_130_and_leaves_nothing(tmp_path, 
     assert result.returncode == 130, result.stderr
     assert result.stderr.strip().splitlines() == ["error: interrupted"], result.stderr
     assert listing(tmp_path) == set()
+
+
+@pytest.mark.parametrize("delay", [0.3, 0.7])
+def test_ctrl_c_while_the_console_script_imports_torch_is_one_line_exit_130(tmp_path, delay):
+    """The installed console script enters through scripts/launch.py; a SIGINT while its modules import
+    (torch alone takes over a second here) is caught there, before main runs."""
+    script = Path(sys.executable).parent / "find-register-neurons"
+    assert script.exists(), script
+    process = subprocess.Popen([str(script), "--out", "new/n.json"], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    time.sleep(delay)
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert err.strip().splitlines() == ["error: interrupted"], err
+    assert listing(tmp_path) == set()
