@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .. import measures
 from ..data.labelled import LabelledImage, LabelledImages
+from ..data import sources
 from ..data.sources import UnreadableImage
 from ..errors import ImageSourceError, InvalidArgumentError, UnsupportedModelError
 from ..hooks import HookManager
@@ -259,7 +260,7 @@ def evaluate_variant(name: str, hook_manager: HookManager, dataset: LabelledImag
                     image = item.read()
                 except UnreadableImage as error:
                     dataset.skipped.append(item.name)
-                    log.warning("skipped %s: %s", item.name, error)
+                    sources.log.warning("skipped %s: %s", item.name, error)   # where every skipped image is told
                     continue
                 scale = np.array([width / image.width, height / image.height] * 2)
                 truths.append(None if item.boxes is None else item.boxes * scale)
