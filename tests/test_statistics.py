@@ -74,3 +74,22 @@ def test_the_settings_are_checked_once_and_name_discoverys_keywords(demo_model):
         DiscoverySettings(detect_layer=5, highest_layer=6).layers(hm)
     with pytest.raises(TypeError):
         gather_statistics(hm, [], top_kk=3)   # an unknown keyword is no setting
+
+
+def test_load_state_dict_checks_every_field_before_it_restores(demo_model, scenes):
+    from test_time_registers import CheckpointError
+
+    hm = demo_model.hook_manager
+    stats = gather_statistics(hm, scenes[:4], demo_model.preprocess, threshold=40.0, progress=False)
+    state = stats.state_dict()
+    for change, message in (({"counts": torch.zeros(3)}, r"counts must be a float32 tensor of shape \[4\]"),
+                            ({"counts": torch.tensor([1.0, 2.0, 0.0, 9.0])}, "counts must be whole numbers"),
+                            ({"norm_max": torch.tensor(float("nan"))}, "norm_max holds NaN"),
+                            ({"score": 3}, "score must be 'raw' or 'abs'"),
+                            ({"score_sums": {1: state["score_sums"][1]}}, "score_sums must be a dict of layers"),
+                            ({"threshold": float("nan")}, "threshold must be null or a positive number")):
+        target = DiscoveryStatistics({layer: 768 for layer in range(8)}, 7, hm.layout)
+        before = target.state_dict()
+        with pytest.raises(CheckpointError, match=message):
+            target.load_state_dict({**state, **change}, origin="stats.pt")
+        assert torch.equal(target.counts, before["counts"])     # nothing restored
