@@ -49,8 +49,8 @@ AUTO_MAX_TOP_K = 64
 
 
 def check_target_ratio(target_ratio) -> float:
-    if isinstance(target_ratio, bool) or not isinstance(target_ratio, (int, float)) or not target_ratio >= 1:
-        raise InvalidArgumentError(f"target_ratio must be a number of at least 1 (a largest / median patch norm), "
+    if not finite_number(target_ratio) or not target_ratio >= 1:
+        raise InvalidArgumentError(f"target_ratio must be a finite number of at least 1 (a largest / median patch norm), "
                                    f"got {target_ratio!r}")
     return float(target_ratio)
 

@@ -91,9 +91,11 @@ def test_version_is_the_installed_distributions():
 def test_console_scripts_point_at_the_scripts():
     scripts = {entry.name: entry.value for entry in metadata.entry_points(group="console_scripts")
                if entry.value.startswith("test_time_registers.")}
-    expected = {"find-register-neurons": "test_time_registers.scripts.find_register_neurons:main",
-                "test-time-registers-benchmark": "test_time_registers.scripts.benchmark:main",
-                "test-time-registers-visualize": "test_time_registers.scripts.visualize:main"}
+    expected = {"find-register-neurons": "test_time_registers.scripts.launch:find_register_neurons",
+                "test-time-registers-benchmark": "test_time_registers.scripts.launch:benchmark",
+                "test-time-registers-visualize": "test_time_registers.scripts.launch:visualize",
+                "test-time-registers-evaluate": "test_time_registers.scripts.launch:evaluate",
+                "test-time-registers-train": "test_time_registers.scripts.launch:train_registers"}
     assert expected.items() <= scripts.items()   # others may be declared beside these
     for value in expected.values():
         assert callable(metadata.EntryPoint(name="x", value=value, group="console_scripts").load())

@@ -66,7 +66,7 @@ def test_the_settings_are_checked_once_and_name_discoverys_keywords(demo_model):
     assert DiscoverySettings(sparsity_filter=True).sparsity == (0.5, 0.5) and DiscoverySettings().sparsity is None
     for bad, message in (({"top_k": 0}, "top_k must be a positive int"), ({"threshold": -1}, "threshold must be"),
                          ({"score": "mean"}, "score must be 'raw' or 'abs'"),
-                         ({"top_k": "auto", "target_ratio": 0.5}, "target_ratio must be a number of at least 1"),
+                         ({"top_k": "auto", "target_ratio": 0.5}, "target_ratio must be a finite number of at least 1"),
                          ({"sparsity_frac_threshold": "half"}, "sparsity_frac_threshold must be a number")):
         with pytest.raises(InvalidArgumentError, match=message):
             DiscoverySettings(**bad)
@@ -93,3 +93,11 @@ def test_load_state_dict_checks_every_field_before_it_restores(demo_model, scene
         with pytest.raises(CheckpointError, match=message):
             target.load_state_dict({**state, **change}, origin="stats.pt")
         assert torch.equal(target.counts, before["counts"])     # nothing restored
+
+
+def test_an_infinite_target_ratio_is_refused():
+    from test_time_registers.statistics import check_target_ratio
+
+    for value in (float("inf"), float("nan")):
+        with pytest.raises(InvalidArgumentError, match="finite number of at least 1"):
+            check_target_ratio(value)
