@@ -342,19 +342,13 @@ def run_cli(command, path: Path, folder: Path, capsys) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("case", CLI_CASES)
-def test_find_register_neurons_refuses_each_kind_in_one_line(tmp_path, monkeypatch, capsys, case):
+@pytest.mark.parametrize("command, case", [*((find_register_neurons, case) for case in CLI_CASES),
+                                           *((visualize, case) for case in VISUALIZE_CASES)],
+                         ids=lambda value: value if isinstance(value, str) else value.__name__.rsplit(".", 1)[-1])
+def test_each_program_refuses_each_kind_in_one_line(tmp_path, monkeypatch, capsys, command, case):
     monkeypatch.chdir(tmp_path)
     make, message = BY_ID[case]
-    line = run_cli(find_register_neurons, make(tmp_path), tmp_path, capsys)
-    assert re.search(message, line), line
-
-
-@pytest.mark.parametrize("case", VISUALIZE_CASES)
-def test_visualize_refuses_each_kind_in_one_line(tmp_path, monkeypatch, capsys, case):
-    monkeypatch.chdir(tmp_path)
-    make, message = BY_ID[case]
-    line = run_cli(visualize, make(tmp_path), tmp_path, capsys)
+    line = run_cli(command, make(tmp_path), tmp_path, capsys)
     assert re.search(message, line), line
 
 
