@@ -16,6 +16,7 @@ What it found while it was written:
 import hashlib
 import json
 import math
+import os
 import random
 import tempfile
 from pathlib import Path
@@ -28,8 +29,10 @@ from safetensors.torch import save as safetensors_bytes
 from test_time_registers import NeuronFileError, RegisterNeurons
 from test_time_registers.neurons import scores_path_for
 
-FUZZ = settings(max_examples=120, deadline=2000, suppress_health_check=[HealthCheck.too_slow],
-                derandomize=True)
+#: 120 fixed examples per test in the suite (a few seconds); FUZZ_EXAMPLES=N runs N random ones instead.
+EXAMPLES = os.environ.get("FUZZ_EXAMPLES")
+FUZZ = settings(max_examples=int(EXAMPLES or 120), deadline=2000, suppress_health_check=[HealthCheck.too_slow],
+                derandomize=EXAMPLES is None)
 
 finite = st.floats(allow_nan=False, allow_infinity=False, width=32)
 text = st.text(max_size=12)
