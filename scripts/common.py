@@ -14,8 +14,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -352,7 +354,7 @@ def run_main(parser: argparse.ArgumentParser | Callable[[], argparse.ArgumentPar
         rank = os.environ.get("RANK", "0") if "LOCAL_RANK" in os.environ else "0"
         prefix = "error: " if rank == "0" else f"error: rank {rank}: "   # under torchrun, say which rank failed
         restore = _escape_unprintable(sys.stdout)
-        with cli_logging():
+        with _ctrl_c_outside_import_callbacks(), cli_logging():
             try:
                 if not isinstance(parser, argparse.ArgumentParser):
                     parser = parser()
@@ -372,6 +374,29 @@ def run_main(parser: argparse.ArgumentParser | Callable[[], argparse.ArgumentPar
         return 130
     finally:
         restore()
+
+
+@contextlib.contextmanager
+def _ctrl_c_outside_import_callbacks() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt, but never inside the import machinery, whose callbacks would
+    swallow it (the run would go on); there it is raised again a moment later, once they are left."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        if frame is not None and frame.f_code.co_filename.startswith("<frozen importlib"):
+            signal.setitimer(signal.ITIMER_REAL, 0.01)
+            return
+        raise KeyboardInterrupt
+
+    previous = {number: signal.signal(number, interrupt) for number in (signal.SIGINT, signal.SIGALRM)}
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _nothing() -> None:
