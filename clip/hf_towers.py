@@ -11,7 +11,7 @@ import torch
 from test_time_registers.hooks import HookManager, Hooks
 from test_time_registers.layout import TokenLayout, extend_pairwise
 from test_time_registers.registry import register_model
-from test_time_registers.sites import At, EagerAttention, Sites
+from test_time_registers.sites import At, EagerAttention, SeparateProjections, Sites
 
 
 _TOWER = Sites(
@@ -23,6 +23,7 @@ _TOWER = Sites(
     remove=At("post_layernorm", "input"),
     attention=EagerAttention("self_attn"),
     attention_input="layer_norm1",
+    projections=SeparateProjections(),
 )
 
 

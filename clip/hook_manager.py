@@ -12,7 +12,7 @@ from test_time_registers import deit   # noqa: F401 - registers the timm trunks'
 from test_time_registers.hooks import HookManager
 from test_time_registers.layout import TokenLayout
 from test_time_registers.registry import register_model
-from test_time_registers.sites import At, NeedWeights, Sites
+from test_time_registers.sites import At, FusedProjections, NeedWeights, Sites
 
 
 class ClipHookManager(HookManager):
@@ -34,6 +34,7 @@ class ClipHookManager(HookManager):
         remove=At("transformer", "output"),
         attention=NeedWeights("attn"),
         attention_input="ln_1",
+        projections=FusedProjections("in_proj_weight", "in_proj_bias"),
         layout=TokenLayout(num_cls=1),
     )
     intermediate_methods = {"forward_intermediates": ("x", "image")}

@@ -18,7 +18,8 @@ from test_time_registers.errors import UnsupportedModelError
 from test_time_registers.hooks import HookManager, Hooks
 from test_time_registers.layout import TokenLayout, extend_pairwise
 from test_time_registers.registry import register_model
-from test_time_registers.sites import At, MlpInputs, Sites, Unfused
+from test_time_registers.sites import (At, FirstPresent, FusedProjections, MlpInputs, SeparateProjections, Sites,
+                                       Unfused)
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class DeitHookManager(HookManager):
         remove=At("norm", "input"),
         attention=Unfused("attn", probabilities="attn_drop", switch="fused_attn"),
         attention_input="norm1",
+        projections=FusedProjections("qkv.weight", "qkv.bias"),
         layout=_prefix_layout,
     )
     forward_methods = ("forward_features",)
@@ -108,6 +110,11 @@ class DeitHookManager(HookManager):
         return tuple(to_2tuple(self.root.patch_embed.feat_ratio(as_scalar=False)))
 
 
+#: Eva and BEiT call ``F.linear`` on ``qkv.weight`` with their own ``q_bias``/``k_bias``/``v_bias``; Eva built with
+#: ``qkv_fused=False`` has three linear layers instead.
+_EVA_PROJECTIONS = FirstPresent((FusedProjections("qkv.weight", ("q_bias", "k_bias", "v_bias")), SeparateProjections()))
+
+
 class EvaHookManager(DeitHookManager):
     """Sites of an unmodified timm ``Eva`` (EVA02, EVA-CLIP): rotary positions, gated MLPs.
 
@@ -118,7 +125,7 @@ class EvaHookManager(DeitHookManager):
     are those of a timm ViT.
     """
 
-    sites = replace(DeitHookManager.sites, layout=lambda model: replace(
+    sites = replace(DeitHookManager.sites, projections=_EVA_PROJECTIONS, layout=lambda model: replace(
         TokenLayout(num_cls=model.num_prefix_tokens - _eva_registers(model), num_trained_registers=_eva_registers(model)),
         registers_after_prefix=True))
 
@@ -144,7 +151,8 @@ class BeitHookManager(DeitHookManager):
     out at the input of ``norm``, before pooling.
     """
 
-    sites = replace(DeitHookManager.sites, insert=At("blocks.0", "input"), layout=TokenLayout(num_cls=1))
+    sites = replace(DeitHookManager.sites, insert=At("blocks.0", "input"), projections=_EVA_PROJECTIONS,
+                    layout=TokenLayout(num_cls=1))
 
     def prepare_for_registers(self, num_registers: int, hooks: Hooks) -> None:
         pad = lambda bias: extend_pairwise(bias, num_registers)  # noqa: E731

@@ -5,7 +5,7 @@ from __future__ import annotations
 from test_time_registers.hooks import HookManager
 from test_time_registers.layout import TokenLayout
 from test_time_registers.registry import register_model
-from test_time_registers.sites import At, EagerAttention, Sites
+from test_time_registers.sites import At, EagerAttention, SeparateProjections, Sites
 
 from .hook_manager import _gated_or_plain
 
@@ -30,6 +30,7 @@ class Dinov3HookManager(HookManager):
         remove=At("norm", "input"),
         attention=EagerAttention("attention"),
         attention_input="norm1",
+        projections=SeparateProjections(),
         layout=lambda model: TokenLayout(num_cls=1, num_trained_registers=model.config.num_register_tokens,
                                          registers_after_prefix=True),
     )

@@ -7,7 +7,7 @@ from torch import nn
 from test_time_registers.hooks import HookManager
 from test_time_registers.layout import TokenLayout
 from test_time_registers.registry import register_model
-from test_time_registers.sites import At, EagerAttention, Sites
+from test_time_registers.sites import At, EagerAttention, SeparateProjections, Sites
 
 
 class Dinov2HookManager(HookManager):
@@ -34,6 +34,7 @@ class Dinov2HookManager(HookManager):
         remove=At("layernorm", "input"),
         attention=EagerAttention("attention"),
         attention_input="norm1",
+        projections=SeparateProjections(),
         layout=lambda model: TokenLayout(num_cls=1,
                                          num_trained_registers=getattr(model.config, "num_register_tokens", 0)),
     )

@@ -22,7 +22,7 @@ from torch.utils.hooks import RemovableHandle
 from .errors import InvalidArgumentError, RegisterLeakError, UnsupportedModelError
 from .layout import TokenLayout
 from .registry import check_described_by, placement
-from .sites import Sites, resolve
+from .sites import PROJECTION_KINDS, ProjectionKind, Sites, resolve
 
 TensorFn = Callable[[torch.Tensor], "torch.Tensor | None"]
 
@@ -169,6 +169,11 @@ class Hooks:
         """``fn(residual [B, L, hidden_size])`` at the output of block ``layer``."""
         self.on(self.hook_manager.block_output_site(layer), fn, prepend=prepend)
 
+    def on_projection(self, layer: int, kind: ProjectionKind, fn: Callable[[torch.Tensor], None]) -> None:
+        """``fn(projection [B, L, heads * head_dim])`` for block ``layer``'s ``"queries"``, ``"keys"`` or
+        ``"values"``, heads concatenated; read-only."""
+        self.hook_manager.attach_projection(layer, kind, fn, self)
+
     def on_attention(self, layer: int, fn: Callable[[torch.Tensor], None]) -> None:
         """``fn(probabilities [B, heads, L, L])`` for block ``layer``; read-only."""
         self.hook_manager.attach_attention_probe(layer, fn, self)
@@ -185,16 +190,20 @@ class Hooks:
 class Capture:
     """Detached tensors from the most recent forward pass, keyed by layer.
 
-    ``neurons[l]`` is [B, L, num_neurons], ``residual[l]`` is [B, L, hidden_size] and
-    ``attention[l]`` is [B, heads, L, L]. ``layout`` says which positions are which.
+    ``neurons[l]`` is [B, L, num_neurons], ``residual[l]`` is [B, L, hidden_size],
+    ``attention[l]`` is [B, heads, L, L] and ``queries[l]``, ``keys[l]``, ``values[l]`` are
+    [B, L, heads * head_dim]. ``layout`` says which positions are which.
     """
 
     layout: TokenLayout
     neurons: dict[int, torch.Tensor] = field(default_factory=dict)
     residual: dict[int, torch.Tensor] = field(default_factory=dict)
     attention: dict[int, torch.Tensor] = field(default_factory=dict)
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
 
-    def patches(self, site: Literal["neurons", "residual"], layer: int) -> torch.Tensor:
+    def patches(self, site: Literal["neurons", "residual", "queries", "keys", "values"], layer: int) -> torch.Tensor:
         """The patch tokens of a captured sequence: [B, num_patches, features]."""
         tensor = getattr(self, site)[layer]
         return tensor[:, self.layout.patches(tensor.shape[1])]
@@ -293,6 +302,9 @@ class HookManager:
         self.blocks: Sequence[nn.Module] = blocks
         self._neurons = [resolve(block, sites.neurons, what="MLP output projection", owner=owner) for block in blocks]
         self._attention = [resolve(block, sites.attention.path, what="attention", owner=owner) for block in blocks]
+        if sites.projections is not None:
+            for attention in self._attention:
+                sites.projections.check(attention, owner)
         self._attention_inputs = None if sites.attention_input is None else [
             resolve(block, sites.attention_input, what="attention input", owner=owner) for block in blocks]
         self.patch_embedding: nn.Module = _first_weighted(
@@ -416,6 +428,21 @@ class HookManager:
         self.sites.attention.attach(self._attention[layer], self._adapt(fn, dims=(2, 3)), hooks,
                                     [*self.outer_modules, self.blocks[layer]])
 
+    def attach_projection(self, layer: int, kind: ProjectionKind, fn: Callable[[torch.Tensor], None],
+                          hooks: Hooks) -> None:
+        """Arrange for ``fn(projection [B, L, heads * head_dim])``, block ``layer``'s queries, keys or values
+        as :attr:`sites` declares them; every handle goes to ``hooks``.
+
+        Raises:
+            UnsupportedModelError: the architecture declares no ``projections``.
+        """
+        if kind not in PROJECTION_KINDS:
+            raise InvalidArgumentError(f"kind must be one of {', '.join(PROJECTION_KINDS)}, got {kind!r}")
+        if self.sites.projections is None:
+            raise UnsupportedModelError(f"{type(self).__name__} does not declare projections (where its attention's "
+                                        "queries, keys and values are read)")
+        self.sites.projections.attach(self._attention[self.check_layer(layer)], kind, self._adapt(fn), hooks)
+
     def refuse_intermediate_methods(self, hooks: Hooks, advice: str) -> None:
         """While ``hooks`` is open, the :attr:`intermediate_methods` of the model and of every module around the
         described one raise :class:`RegisterLeakError`: they would read block outputs that hold tokens the
@@ -508,7 +535,8 @@ class HookManager:
         return Hooks(self)
 
     def capture(self, *, neurons: Iterable[int] = (), residual: Iterable[int] = (),
-                attention: Iterable[int] = (), device: torch.device | str | None = None,
+                attention: Iterable[int] = (), queries: Iterable[int] = (), keys: Iterable[int] = (),
+                values: Iterable[int] = (), device: torch.device | str | None = None,
                 layout: TokenLayout | None = None) -> "_CaptureContext":
         """Capture detached tensors at the chosen layers and sites while the context is open.
 
@@ -521,7 +549,8 @@ class HookManager:
         ...     hm.forward_images(pixel_values)
         >>> cap.residual[11].shape   # [B, L, hidden_size]
         """
-        return _CaptureContext(self, list(neurons), list(residual), list(attention), device,
+        projections = {"queries": list(queries), "keys": list(keys), "values": list(values)}
+        return _CaptureContext(self, list(neurons), list(residual), list(attention), projections, device,
                                layout or self.layout)
 
     def run_with_capture(self, pixel_values: torch.Tensor, **sites):
@@ -547,11 +576,12 @@ def _first_weighted(module: nn.Module, owner: str) -> nn.Module:
 
 class _CaptureContext:
     def __init__(self, hook_manager: HookManager, neurons: list[int], residual: list[int],
-                 attention: list[int], device, layout: TokenLayout):
-        for layer in (*neurons, *residual, *attention):
+                 attention: list[int], projections: dict[str, list[int]], device, layout: TokenLayout):
+        for layer in (*neurons, *residual, *attention, *(layer for layers in projections.values() for layer in layers)):
             hook_manager.check_layer(layer)
         self._hooks = hook_manager.hooks()
         self._plan = (neurons, residual, attention)
+        self._projections = projections
         self._device = device
         self.captured = Capture(layout)
 
@@ -570,6 +600,9 @@ class _CaptureContext:
                 self._hooks.on_block_output(layer, self._store(self.captured.residual, layer))
             for layer in attention:
                 self._hooks.on_attention(layer, self._store(self.captured.attention, layer))
+            for kind, layers in self._projections.items():
+                for layer in layers:
+                    self._hooks.on_projection(layer, kind, self._store(getattr(self.captured, kind), layer))
         except BaseException:
             self._hooks.close()
             raise

@@ -14,6 +14,7 @@ when it is built, against the module it describes, and a path that is missing ra
             remove=At("layernorm", "input"),                   # where they come out, before any pooling
             attention=EagerAttention("attention"),             # per block: how probabilities are read
             attention_input="layernorm_before",                # per block: what queries, keys and values read
+            projections=SeparateProjections(),                 # per block: where queries, keys and values are read
             layout=TokenLayout(num_cls=1),
         )
 
@@ -136,6 +137,115 @@ class EagerAttention(AttentionProbe):
         hooks.keep(attention.register_forward_hook(read_weights))
 
 
+ProjectionKind = Literal["queries", "keys", "values"]
+PROJECTION_KINDS: tuple[ProjectionKind, ...] = ("queries", "keys", "values")
+
+
+class Projections:
+    """How one block's queries, keys or values [B, L, heads * head_dim] (heads concatenated, as
+    projected: before any q/k norm or rotary embedding) are read from its attention module."""
+
+    def attach(self, attention: nn.Module, kind: ProjectionKind, fn: Callable[[torch.Tensor], None],
+               hooks: "Hooks") -> None:
+        """Arrange for ``fn(projection [B, L, heads * head_dim])`` at every call of ``attention``."""
+        raise NotImplementedError
+
+    def check(self, attention: nn.Module, owner: str) -> None:
+        """Raise :class:`UnsupportedModelError` when ``attention`` lacks what this declaration names."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class SeparateProjections(Projections):
+    """Three linear layers inside the attention module (transformers' ``q_proj``, ``k_proj``, ``v_proj``)."""
+
+    queries: str = "q_proj"
+    keys: str = "k_proj"
+    values: str = "v_proj"
+
+    def attach(self, attention, kind, fn, hooks) -> None:
+        projection = attention.get_submodule(getattr(self, kind))
+        hooks.keep(projection.register_forward_hook(lambda module, args, output: fn(output)))
+
+    def check(self, attention, owner) -> None:
+        for kind in PROJECTION_KINDS:
+            resolve(attention, getattr(self, kind), what=f"{kind} projection", owner=owner)
+
+
+@dataclass(frozen=True)
+class FusedProjections(Projections):
+    """One weight [3 * D, hidden_size] holding queries, keys and values in that order, applied to the
+    attention module's input: timm's ``qkv`` (its bias, or ``q_bias``/``k_bias``/``v_bias`` as in
+    BEiT and Eva, which call ``F.linear`` on the weight themselves) and ``nn.MultiheadAttention``'s
+    ``in_proj_weight`` (open_clip). The projection is recomputed from the input with the model's own
+    weight and bias; the model's forward is untouched."""
+
+    weight: str = "qkv.weight"
+    bias: str | tuple[str, str, str] | None = "qkv.bias"
+
+    def _parameter(self, attention: nn.Module, path: str) -> torch.Tensor | None:
+        owner_path, _, name = path.rpartition(".")
+        owner = attention.get_submodule(owner_path) if owner_path else attention
+        return getattr(owner, name, None)
+
+    def attach(self, attention, kind, fn, hooks) -> None:
+        part = PROJECTION_KINDS.index(kind)
+        batch_first = getattr(attention, "batch_first", True)
+
+        def project(module, args, kwargs):
+            tokens = args[0] if args else next(iter(kwargs.values()))
+            if not batch_first:                                   # nn.MultiheadAttention's [L, B, D]
+                tokens = tokens.transpose(0, 1)
+            weight = self._parameter(attention, self.weight)
+            width = weight.shape[0] // 3
+            if isinstance(self.bias, tuple):
+                bias = self._parameter(attention, self.bias[part])
+            else:
+                bias = self._parameter(attention, self.bias) if self.bias else None
+                bias = None if bias is None else bias[part * width:(part + 1) * width]
+            fn(torch.nn.functional.linear(tokens, weight[part * width:(part + 1) * width], bias))
+
+        hooks.keep(attention.register_forward_pre_hook(project, with_kwargs=True))
+
+    def check(self, attention, owner) -> None:
+        weight = self._parameter(attention, self.weight) if _has_path(attention, self.weight) else None
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or weight.shape[0] % 3:
+            raise UnsupportedModelError(f"{owner} has no fused query-key-value weight [3 * D, hidden] at "
+                                        f"{self.weight!r} (in {type(attention).__name__})")
+
+
+@dataclass(frozen=True)
+class FirstPresent(Projections):
+    """The first of several declarations that the attention module fits (Eva: fused or separate)."""
+
+    options: tuple[Projections, ...]
+
+    def _chosen(self, attention: nn.Module, owner: str) -> Projections:
+        failures = []
+        for option in self.options:
+            try:
+                option.check(attention, owner)
+                return option
+            except UnsupportedModelError as error:
+                failures.append(str(error))
+        raise UnsupportedModelError("; ".join(failures))
+
+    def attach(self, attention, kind, fn, hooks) -> None:
+        self._chosen(attention, type(attention).__name__).attach(attention, kind, fn, hooks)
+
+    def check(self, attention, owner) -> None:
+        self._chosen(attention, owner)
+
+
+def _has_path(module: nn.Module, path: str) -> bool:
+    owner_path, _, name = path.rpartition(".")
+    try:
+        owner = module.get_submodule(owner_path) if owner_path else module
+    except AttributeError:
+        return False
+    return hasattr(owner, name)
+
+
 @dataclass(frozen=True)
 class Sites:
     """Where everything lives in one architecture (see the module docstring).
@@ -149,6 +259,8 @@ class Sites:
         attention: per block, how attention probabilities are read.
         attention_input: per block, the module whose output is the attention's input (the
             pre-attention norm); the attention-bias edit writes it. ``None``: not declared.
+        projections: where the attention module's queries, keys and values are read (LOST and
+            the paper's object-discovery protocol use them). ``None``: not declared.
         mlp_inputs: per block, the input projections that feed the neurons and their row
             blocks, or a function of the block giving them; only planting needs them.
         layout: the token layout (CLS, trained registers) or a function of the described module.
@@ -161,6 +273,7 @@ class Sites:
     remove: At
     attention: AttentionProbe
     attention_input: str | None = None
+    projections: Projections | None = None
     mlp_inputs: MlpInputs | Callable[[nn.Module], MlpInputs] = ()
     layout: TokenLayout | Callable[[nn.Module], TokenLayout] = TokenLayout(num_cls=1)
 

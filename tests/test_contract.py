@@ -173,6 +173,34 @@ def test_the_no_op_wrapper_is_bit_identical_everywhere(built):
     assert all(torch.equal(a, b) for a, b in zip(tensors(plain), tensors(wrapped), strict=True))
 
 
+#: Architectures whose attention logits are queries . keys alone (no rotary position, no relative bias).
+PLAIN_LOGITS = {"openclip", "dinov2", "dinov2-registers", "deit3", "timm-reg4-no-embed-class", "openclip-timm-trunk",
+                "openclip-siglip-trunk", "openclip-vitamin-trunk", "hf-clip", "hf-siglip", "hf-siglip2", "hf-vit"}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=lambda a: a.name)
+def test_every_architecture_declares_where_queries_keys_and_values_are_read(arch):
+    """LOST reads them: [B, L, heads * head_dim], the attention's own; where the logits are q . k alone,
+    softmax(q kᵀ / sqrt(d)) is the model's attention. Under test-time registers they carry the register."""
+    model, hook_manager, pixels = build(arch)
+    last = hook_manager.num_layers - 1
+    with torch.no_grad(), hook_manager.capture(queries=[last], keys=[last], values=[last], attention=[last]) as cap:
+        hook_manager.forward_images(pixels)
+    attention = cap.attention[last]
+    batch, heads, length, _ = attention.shape
+    for kind in ("queries", "keys", "values"):
+        assert getattr(cap, kind)[last].shape[:2] == (batch, length)
+    if arch.name in PLAIN_LOGITS:
+        q, k = (getattr(cap, kind)[last].reshape(batch, length, heads, -1).transpose(1, 2) for kind in ("queries", "keys"))
+        torch.testing.assert_close((q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1), attention,
+                                   atol=1e-5, rtol=1e-4)
+    view = ModifiedModel(model, hook_manager, NEURONS).hook_manager
+    with torch.no_grad(), view.capture(keys=[last]) as cap:
+        view.forward_images(pixels)
+    assert cap.keys[last].shape[1] == length + 1
+    assert cap.patches("keys", last).shape[1] == view.layout.num_patches(length + 1)
+
+
 @torch.no_grad()
 def test_returned_attention_maps_lose_the_registers_rows_and_columns():
     """What ``output_attentions`` gives under the intervention: the unmodified [B, heads, L, L], without the

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from test_time_registers import InvalidArgumentError, ModifiedModel
-from test_time_registers.analysis.evaluation import (Comparison, box_iou, compare_variants, linear_probe, lost_box,
+from test_time_registers.analysis.evaluation import (Comparison, box_iou, compare_variants, linear_probe,
                                                      zero_shot_accuracy, zero_shot_classifier)
 from test_time_registers.data.labelled import scene_images
 from test_time_registers.scripts import evaluate
@@ -20,18 +20,6 @@ from tests.test_labelled import classes  # noqa: F401 - a fixture
 def test_box_iou_by_hand():
     boxes = np.array([[0, 0, 10, 10], [5, 5, 15, 15], [20, 20, 30, 30]])
     np.testing.assert_allclose(box_iou((0, 0, 10, 10), boxes), [1.0, 25 / 175, 0.0])
-
-
-def test_lost_finds_the_object_the_least_connected_patch_belongs_to():
-    """A 6 x 6 grid: background patches share one direction; a 2 x 3 object and a 1-patch speck oppose it.
-    The speck is not connected to the object, so the box is the seed's part of the mask only."""
-    torch.manual_seed(0)
-    background, thing = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([-1.0, 1.0, 0.0])
-    features = background.repeat(36, 1) + 0.01 * torch.randn(36, 3)
-    grid = torch.arange(36).reshape(6, 6)
-    features[grid[1:3, 2:5].flatten()] = thing
-    features[grid[5, 0]] = thing + torch.tensor([0.0, 0.0, 0.5])   # fewer positive links: it is not the seed
-    assert lost_box(features, (6, 6)) == (2, 1, 5, 3)
 
 
 def test_linear_probe_is_exact_on_separable_features_and_wants_integer_labels():
@@ -124,7 +112,11 @@ def test_the_comparison_on_the_demo_has_every_row_and_the_register_helps(demo):
     assert rows["linear probe on registers features"][0] is None      # the original has no register
     assert 0 <= min(rows["LOST CorLoc"]) <= max(rows["LOST CorLoc"]) <= 1
     text = comparison.format()
-    assert "100.0%" in text and text.count("\n") == len(comparison.rows)
+    assert "100.0%" in text and text.count("\n") == len(comparison.rows) + 1       # header, rows, the interval legend
+    for row in comparison.rows:                       # every number has its 95% interval around it
+        for value, interval in zip(row.values, row.intervals):
+            assert (value is None) == (interval is None)
+            assert value is None or interval[0] - 1e-9 <= value <= interval[1] + 1e-9
     assert Comparison(**{**comparison.__dict__}).to_dict()["rows"][0]["values"] == [1.0, 0.0]
 
 
@@ -157,7 +149,7 @@ def test_the_attention_bias_edit_and_the_ablations_run_from_the_cli(capsys):
     printed = capsys.readouterr().out
     assert "with 0 test-time registers (shuffled elsewhere)" in printed
     outliers = next(line for line in printed.splitlines() if line.startswith("images with outliers"))
-    assert outliers.split()[-2:] == ["100.0%", "100.0%"]     # shuffling moves the outliers, it does not remove them
+    assert outliers.split()[-6:] == ["100.0%", "[100.0,", "100.0]"] * 2     # shuffling moves the outliers, it does not remove them
 
 
 def test_the_readme_flag_table_lists_every_flag():

@@ -6,13 +6,15 @@ test-time registers, a model with trained registers) gathers, per image:
 * the largest / median patch norm at the detection layer (outlier statistics);
 * the CLS attention over the patches at the last layer, head mean (its entropy, and the share
   that falls on the objects where boxes or masks are known);
-* a LOST box (Siméoni et al., BMVC 2021) from the last block's attention input, scored as
-  CorLoc against the known boxes;
+* a LOST box (Siméoni et al., BMVC 2021; :mod:`~test_time_registers.analysis.lost`), by default
+  from the last block's keys as the official code runs it, scored as CorLoc against the known boxes;
 * CLS, mean-patch and register-token features of the last block, for linear probes;
 * the image embedding, for zero-shot classification with CLIP's text tower.
 
-Images are resized to the model's square input before preprocessing, so boxes map to patches
-by scaling alone. Labels are int64 end to end.
+Each image goes through the model's own preprocessing as it is, and its boxes and masks follow
+the same resizes, crops and pads (:mod:`~test_time_registers.analysis.geometry`); boxes the
+crop removes are dropped and counted. Every number comes with a 95% interval
+(:mod:`~test_time_registers.analysis.intervals`). Labels are int64 end to end.
 """
 
 from __future__ import annotations
@@ -31,60 +33,25 @@ from .. import measures
 from ..data.labelled import LabelledImage, LabelledImages
 from ..data import sources
 from ..data.sources import UnreadableImage
-from ..errors import ImageSourceError, InvalidArgumentError, UnsupportedModelError
+from ..errors import ImageSourceError, InvalidArgumentError
 from ..hooks import HookManager
 from .figures import new_figure
+from .geometry import Geometry, preprocess_geometry
+from .intervals import Interval, bootstrap_interval, median, quantile, seed_interval
+from .lost import LOST_PRESETS, LostSettings, LostSweep, lost_boxes
 
 log = logging.getLogger(__name__)
 
 #: An image "has outliers" when its largest patch norm is at least this many times its median.
 OUTLIER_RATIO = 4.0
-#: LOST: the number of lowest-degree patches that may join the seed.
-LOST_POTENTIAL_SEEDS = 100
 #: CorLoc: a box is correct when its intersection over union with a true box is at least this.
 CORLOC_IOU = 0.5
 PROBE_TEST_FRACTION = 0.3
+#: Linear probes are repeated over this many seeded splits, for their interval.
+PROBE_SEEDS = 5
 
 
-# ---------------------------------------------------------------------------- LOST and CorLoc
-
-def lost_box(features: torch.Tensor, grid: tuple[int, int], potential_seeds: int = LOST_POTENTIAL_SEEDS
-             ) -> tuple[int, int, int, int]:
-    """LOST's box for one image, in patches: (left, top, right, bottom), right/bottom exclusive.
-
-    Args:
-        features: patch features [P, D] (row-major over ``grid``).
-
-    The seed is the patch with the fewest positive similarities (dot products); the seeds are
-    the ``potential_seeds`` lowest-degree patches that correlate positively with it; the mask is
-    every patch whose summed similarity to the seeds is non-negative; the box bounds the
-    4-connected part of the mask that holds the seed.
-    """
-    rows, cols = grid
-    similarity = features.float() @ features.float().T                   # [P, P]
-    degree = (similarity >= 0).sum(dim=1)
-    seed = int(degree.argmin())
-    lowest = degree.argsort()[:min(potential_seeds, len(degree))]
-    seeds = lowest[similarity[lowest, seed] >= 0]
-    mask = (similarity[:, seeds].sum(dim=1) >= 0).reshape(rows, cols).cpu().numpy()
-    component = _component(mask, divmod(seed, cols))
-    ys, xs = np.nonzero(component)
-    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-
-
-def _component(mask: np.ndarray, start: tuple[int, int]) -> np.ndarray:
-    """The 4-connected part of ``mask`` [rows, cols] that contains ``start`` (which is always in it)."""
-    reached = np.zeros_like(mask, dtype=bool)
-    reached[start] = True
-    frontier = [start]
-    while frontier:
-        row, col = frontier.pop()
-        for r, c in ((row - 1, col), (row + 1, col), (row, col - 1), (row, col + 1)):
-            if 0 <= r < mask.shape[0] and 0 <= c < mask.shape[1] and mask[r, c] and not reached[r, c]:
-                reached[r, c] = True
-                frontier.append((r, c))
-    return reached
-
+# ---------------------------------------------------------------------------- CorLoc
 
 def box_iou(box: Sequence[float], boxes: np.ndarray) -> np.ndarray:
     """Intersection over union of one box with each of ``boxes`` [K, 4] (left, top, right, bottom)."""
@@ -172,13 +139,19 @@ def zero_shot_classifier(model, tokenizer, class_names: Sequence[str], templates
                                           num_classes_per_batch=16, device=device, use_tqdm=False)
 
 
-def zero_shot_accuracy(image_embeddings: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 accuracy of ``image_embeddings`` [N, E] against ``classifier`` [E, C]; ``labels`` int64 [N]."""
+def zero_shot_correct(image_embeddings: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Whether each of ``image_embeddings`` [N, E] is classified right by ``classifier`` [E, C]: bool [N].
+    ``labels`` int64 [N]."""
     if labels.dtype != torch.int64:
         raise InvalidArgumentError(f"labels must be int64 class indices, got {labels.dtype}")
     embeddings = torch.nn.functional.normalize(image_embeddings.float(), dim=-1)
     predictions = (embeddings @ classifier.float().to(embeddings.device)).argmax(dim=1)
-    return float((predictions == labels.to(predictions.device)).float().mean())
+    return (predictions == labels.to(predictions.device)).cpu()
+
+
+def zero_shot_accuracy(image_embeddings: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy of ``image_embeddings`` [N, E] against ``classifier`` [E, C]; ``labels`` int64 [N]."""
+    return float(zero_shot_correct(image_embeddings, classifier, labels).float().mean())
 
 
 # ---------------------------------------------------------------------------- the pass
@@ -191,8 +164,8 @@ class VariantResult:
     ratios: torch.Tensor                        # [N] largest / median patch norm at the detection layer
     cls_entropy: torch.Tensor | None            # [N] entropy (nats) of CLS attention over the patches
     cls_on_objects: torch.Tensor | None         # [N] share of CLS attention on object patches
-    lost_boxes: torch.Tensor | None             # [N, 4] in pixels of the model's input
-    corloc_hits: torch.Tensor | None            # [N] bool
+    lost_boxes: torch.Tensor | None             # [N, 4] in pixels of the model's input, the chosen layer and bias
+    corloc_hits: torch.Tensor | None            # [M] bool, the images with a box left after preprocessing
     features: dict[str, torch.Tensor]           # "CLS", "mean patch", "registers" -> [N, D]
     embeddings: torch.Tensor | None             # [N, E] the model's image output, when it is one vector per image
     labels: torch.Tensor | None                 # [N] int64
@@ -200,6 +173,11 @@ class VariantResult:
     cls_maps: torch.Tensor | None = None        # [K, rows, cols] CLS attention over the patches, first K images
     shown: list[tuple[Image.Image, np.ndarray | None]] = field(default_factory=list)   # those K images as the
     #                                            model saw them, with their boxes in its pixels
+    lost: LostSettings | None = None            # how LOST ran
+    lost_choice: tuple[int, float] | None = None   # the (layer, bias) kept, when LOST swept
+    lost_seed_only: int = 0                     # images where LOST's box is its seed alone
+    boxes_dropped: int = 0                      # true boxes the preprocessing cropped away entirely
+    images_without_boxes: int = 0               # images left with no box (not scored by CorLoc)
 
 
 def input_size(preprocess: Callable) -> tuple[int, int]:
@@ -207,72 +185,119 @@ def input_size(preprocess: Callable) -> tuple[int, int]:
     return tuple(preprocess(Image.new("RGB", (64, 48))).shape[-2:])
 
 
-def _patch_coverage(item: LabelledImage, boxes: np.ndarray | None, size: tuple[int, int],
-                    grid: tuple[int, int]) -> torch.Tensor | None:
-    """The fraction of each patch covered by objects [rows * cols], from the item's mask or else
-    ``boxes`` [K, 4] (in the pixels of the model's input, ``size``)."""
-    height, width = size
+def _object_pixels(item: LabelledImage, geometry: Geometry, boxes: np.ndarray | None) -> torch.Tensor | None:
+    """[height, width] float: 1 on the objects in the model's input, from the item's mask (through the
+    preprocessing) or else from ``boxes`` [K, 4] (already in input pixels); None when neither is known."""
+    height, width = geometry.size
     if item.object_mask is not None:
-        mask = Image.fromarray(item.object_mask.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)
-        pixels = torch.from_numpy(np.asarray(mask) > 127).float()
-    elif boxes is not None and len(boxes):
-        pixels = torch.zeros(height, width)
-        for left, top, right, bottom in boxes:
-            pixels[int(top):math.ceil(bottom), int(left):math.ceil(right)] = 1
-    else:
+        return torch.from_numpy(geometry.mask(item.object_mask.astype(bool))).float()
+    if boxes is None:
         return None
-    rows, cols = grid
-    return torch.nn.functional.adaptive_avg_pool2d(pixels[None], (rows, cols))[0].reshape(-1)
+    pixels = torch.zeros(height, width)
+    for left, top, right, bottom in boxes:
+        pixels[int(top):math.ceil(bottom), int(left):math.ceil(right)] = 1
+    return pixels
+
+
+def _patch_coverage(pixels: torch.Tensor, grid: tuple[int, int], patch: tuple[int, int]) -> torch.Tensor:
+    """The fraction of each patch [rows * cols] that ``pixels`` [height, width] covers."""
+    (rows, cols), (patch_h, patch_w) = grid, patch
+    covered = pixels[:rows * patch_h, :cols * patch_w]
+    return covered.reshape(rows, patch_h, cols, patch_w).mean(dim=(1, 3)).reshape(-1)
+
+
+@dataclass
+class _Batch:
+    """The readable images of one batch: their items, pixels, geometry and true boxes in input pixels."""
+
+    items: list[LabelledImage] = field(default_factory=list)
+    pixels: list[torch.Tensor] = field(default_factory=list)
+    geometries: list[Geometry] = field(default_factory=list)
+    images: list[Image.Image] = field(default_factory=list)
+    truths: list[np.ndarray | None] = field(default_factory=list)
+
+
+def _read_batch(dataset: LabelledImages, items: Sequence[LabelledImage], preprocess: Callable,
+                geometries: dict[tuple[int, int], Geometry]) -> tuple[_Batch, int]:
+    """Read, preprocess and place the boxes of ``items``; returns the batch and how many boxes were cropped away."""
+    batch, dropped = _Batch(), 0
+    for item in items:
+        try:
+            image = item.read()
+        except UnreadableImage as error:
+            dataset.skipped.append(item.name)
+            sources.log.warning("skipped %s: %s", item.name, error)   # where every skipped image is told
+            continue
+        if image.size not in geometries:
+            geometries[image.size] = preprocess_geometry(preprocess, image.size)
+        geometry = geometries[image.size]
+        truth = None
+        if item.boxes is not None:
+            truth, kept = geometry.boxes(item.boxes)
+            dropped += int((~kept).sum())
+        batch.items.append(item)
+        batch.pixels.append(preprocess(image))
+        batch.geometries.append(geometry)
+        batch.images.append(image)
+        batch.truths.append(truth)
+    sizes = {tuple(pixels.shape) for pixels in batch.pixels}
+    if len(sizes) > 1:
+        raise InvalidArgumentError(f"the preprocessing makes images of different sizes ({', '.join(map(str, sizes))}): "
+                                   "evaluation needs one that ends in a fixed size (a resize and a centre crop)")
+    return batch, dropped
+
+
+def _lost_sites(hook_manager: HookManager, settings: LostSettings) -> tuple[str, tuple[int, ...]] | None:
+    """(capture site, layers) for LOST, or None (with a warning) when the architecture declares no projections."""
+    layers = settings.resolved_layers(hook_manager.num_layers)
+    if settings.features == "tokens":
+        return "residual", layers
+    if hook_manager.sites.projections is None:
+        log.warning("%s declares no projections (queries, keys, values): no LOST row", type(hook_manager).__name__)
+        return None
+    return settings.features, layers
 
 
 def evaluate_variant(name: str, hook_manager: HookManager, dataset: LabelledImages, preprocess: Callable, *,
                      detect_layer: int | None = None, batch_size: int = 32, progress: bool = False,
-                     keep_maps: int = 0) -> VariantResult:
+                     keep_maps: int = 0, lost: LostSettings | None = None) -> VariantResult:
     """One pass of ``hook_manager``'s model over ``dataset``; the first ``keep_maps`` images' CLS attention
     maps are kept for :func:`draw_object_discovery`.
 
     ``hook_manager`` describes the unmodified model, or is the view of a model with test-time
     registers (``ModifiedModel(...).hook_manager``) or trained ones, whose layout says where they are.
+    Each image goes through ``preprocess`` as it is; its boxes and mask follow the same resizes,
+    crops and pads (:func:`~test_time_registers.analysis.geometry.preprocess_geometry`). ``lost``
+    says which features LOST reads (default: the official algorithm, last block's keys).
     """
+    lost = LOST_PRESETS["lost"] if lost is None else lost
     layout = hook_manager.layout
     last = hook_manager.num_layers - 1
     detect_layer = hook_manager.default_detect_layer if detect_layer is None else hook_manager.check_layer(detect_layer)
-    height, width = input_size(preprocess)
     has_cls = layout.num_cls > 0
     registers = layout.num_test_time_registers or layout.num_trained_registers
-    collected: dict[str, list] = {key: [] for key in ("ratios", "entropy", "objects", "boxes", "hits", "cls", "mean",
+    collected: dict[str, list] = {key: [] for key in ("ratios", "entropy", "objects", "cls", "mean",
                                                       "registers", "embeddings", "labels")}
-    lost_inputs = {}
-    cls_maps, shown = [], []
-    try:
-        lost_site = hook_manager.attention_input_site(last)
-    except UnsupportedModelError:   # an architecture that declares no attention input gets no LOST row
-        log.warning("%s declares no attention_input: no LOST row", type(hook_manager).__name__)
-        lost_site = None
+    lost_sites = _lost_sites(hook_manager, lost) if dataset.has_boxes else None
+    sweep = LostSweep([(layer, bias) for layer in lost_sites[1] for bias in lost.biases]) if lost_sites else None
+    seed_only = [0] * len(sweep.combinations) if sweep else []
+    geometries: dict[tuple[int, int], Geometry] = {}
+    cls_maps, shown, dropped, boxless = [], [], 0, 0
     bar = tqdm(total=len(dataset), unit="img", desc=f"evaluating: {name}", disable=not progress)
-    with torch.no_grad(), hook_manager.hooks() as hooks:
-        if lost_site is not None and dataset.has_boxes:
-            hooks.on(lost_site, lambda tokens: lost_inputs.__setitem__("tokens", tokens.detach()))
+    with torch.no_grad():
         for start in range(0, len(dataset), batch_size):
-            items, resized, truths = [], [], []   # per readable image: its item, itself as the model sees it,
-            for item in dataset.items[start:start + batch_size]:   # and its boxes in those pixels
-                try:
-                    image = item.read()
-                except UnreadableImage as error:
-                    dataset.skipped.append(item.name)
-                    sources.log.warning("skipped %s: %s", item.name, error)   # where every skipped image is told
-                    continue
-                scale = np.array([width / image.width, height / image.height] * 2)
-                truths.append(None if item.boxes is None else item.boxes * scale)
-                resized.append(image.resize((width, height), Image.BICUBIC))
-                items.append(item)
+            batch, batch_dropped = _read_batch(dataset, dataset.items[start:start + batch_size], preprocess, geometries)
+            dropped += batch_dropped
             bar.update(min(batch_size, len(dataset) - start))
-            if not items:
+            if not batch.items:
                 continue
-            pixels = torch.stack([preprocess(image) for image in resized])
+            pixels = torch.stack(batch.pixels)
             grid = hook_manager.grid_shape(pixels)
-            sites = {"residual": sorted({detect_layer, last}), "attention": [last] if has_cls else []}
-            with hook_manager.capture(**sites) as captured:
+            height, width = pixels.shape[-2:]
+            sites = {"residual": {detect_layer, last}, "attention": [last] if has_cls else []}
+            if lost_sites:
+                sites[lost_sites[0]] = set(sites.get(lost_sites[0], ())) | set(lost_sites[1])
+            with hook_manager.capture(**{site: sorted(layers) for site, layers in sites.items()}) as captured:
                 output = hook_manager.forward_images(pixels)
             detect = captured.residual[detect_layer]
             seq_len = detect.shape[1]
@@ -287,28 +312,38 @@ def evaluate_variant(name: str, hook_manager: HookManager, dataset: LabelledImag
             collected["registers"].append(final[:, register_slice].mean(dim=1).cpu() if registers else None)
             embedding = output if isinstance(output, torch.Tensor) and output.ndim == 2 else None
             collected["embeddings"].append(embedding.float().cpu() if embedding is not None else None)
-            collected["labels"].append(torch.tensor([item.label if item.label is not None else -1 for item in items],
-                                                    dtype=torch.int64))
+            collected["labels"].append(torch.tensor([item.label if item.label is not None else -1
+                                                     for item in batch.items], dtype=torch.int64))
             if has_cls:
                 cls_row = measures.cls_patch_attention(captured.attention[last], layout).double()   # [B, H, P]
                 attention = cls_row.mean(dim=1)       # [B, P], in float64: what is left for the patches may be subnormal
                 attention = attention / attention.sum(dim=1, keepdim=True)
                 if len(shown) < keep_maps:
-                    kept = min(keep_maps - len(shown), len(items))
+                    kept = min(keep_maps - len(shown), len(batch.items))
                     cls_maps.append(attention[:kept].float().reshape(-1, *grid).cpu())
-                    shown.extend(zip(resized[:kept], truths[:kept]))
+                    shown.extend((geometry.view(image), truth) for geometry, image, truth
+                                 in zip(batch.geometries[:kept], batch.images[:kept], batch.truths[:kept]))
                 collected["entropy"].append(-(attention * attention.clamp_min(1e-300).log()).sum(dim=1).float().cpu())
-                coverage = [_patch_coverage(item, truth, (height, width), grid) for item, truth in zip(items, truths)]
-                if all(c is not None for c in coverage):
-                    collected["objects"].append((attention.cpu() * torch.stack(coverage)).sum(dim=1).float())
-            if "tokens" in lost_inputs:
-                tokens = lost_inputs.pop("tokens")[:, layout.patches(seq_len)]
+                objects = [_object_pixels(item, geometry, truth)
+                           for item, geometry, truth in zip(batch.items, batch.geometries, batch.truths)]
+                if all(pixels is not None for pixels in objects):
+                    coverage = torch.stack([_patch_coverage(pixels, grid, hook_manager.patch_size) for pixels in objects])
+                    collected["objects"].append((attention.cpu() * coverage.double()).sum(dim=1).float())
+            if sweep:
+                boxless += sum(1 for truth in batch.truths if truth is None or not len(truth))
+                store = captured.residual if lost_sites[0] == "residual" else getattr(captured, lost_sites[0])
                 patch_h, patch_w = height / grid[0], width / grid[1]
-                for truth, features in zip(truths, tokens):
-                    left, top, right, bottom = lost_box(features, grid)
-                    box = (left * patch_w, top * patch_h, right * patch_w, bottom * patch_h)
-                    collected["boxes"].append(torch.tensor(box))
-                    collected["hits"].append(bool(box_iou(box, truth).max() >= CORLOC_IOU))
+                for index, (layer, bias) in enumerate(sweep.combinations):
+                    features = store[layer][:, layout.patches(store[layer].shape[1])]
+                    answers = lost_boxes(features, grid, bias=bias, normalize=lost.normalize,
+                                         potential_seeds=lost.potential_seeds)
+                    for answer, truth in zip(answers, batch.truths):
+                        left, top, right, bottom = answer.box
+                        box = (left * patch_w, top * patch_h, min(right * patch_w, width), min(bottom * patch_h, height))
+                        sweep.boxes[index].append(box)
+                        seed_only[index] += answer.seed_only
+                        if truth is not None and len(truth):
+                            sweep.hits[index].append(bool(box_iou(box, truth).max() >= CORLOC_IOU))
     bar.close()
     if not collected["ratios"]:
         raise ImageSourceError(f"no readable image in {dataset.description or 'the evaluation set'}")
@@ -320,34 +355,58 @@ def evaluate_variant(name: str, hook_manager: HookManager, dataset: LabelledImag
     labels = torch.cat(collected["labels"])
     features = {label: joined(key) for label, key in (("CLS", "cls"), ("mean patch", "mean"),
                                                        ("registers", "registers"))}
+    chosen = sweep.best() if sweep else None
     return VariantResult(
         name=name, ratios=torch.cat(collected["ratios"]), cls_entropy=joined("entropy"),
         cls_on_objects=joined("objects") if len(collected["objects"]) == len(collected["ratios"]) else None,
-        lost_boxes=torch.stack(collected["boxes"]) if collected["boxes"] else None,
-        corloc_hits=torch.tensor(collected["hits"]) if collected["hits"] else None,
+        lost_boxes=torch.tensor(sweep.boxes[chosen]) if sweep else None,
+        corloc_hits=torch.tensor(sweep.hits[chosen], dtype=torch.bool) if sweep and sweep.hits[chosen] else None,
         features={label: value for label, value in features.items() if value is not None},
         embeddings=joined("embeddings"), labels=labels if bool((labels >= 0).all()) else None, patches=patches,
-        cls_maps=torch.cat(cls_maps) if cls_maps else None, shown=shown)
+        cls_maps=torch.cat(cls_maps) if cls_maps else None, shown=shown, lost=lost if sweep else None,
+        lost_choice=sweep.combinations[chosen] if sweep and lost.sweeps else None,
+        lost_seed_only=seed_only[chosen] if sweep else 0, boxes_dropped=dropped, images_without_boxes=boxless)
 
 
 # ---------------------------------------------------------------------------- the table
 
 @dataclass
 class Row:
-    """One row of the comparison: a label and one value per variant (``None``: does not apply)."""
+    """One row of the comparison: a label, one value per variant (``None``: does not apply) and each
+    value's 95% interval (``None``: none could be had, e.g. from one image)."""
 
     label: str
     values: list[float | None]
     unit: str = ""
+    intervals: list[Interval | None] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.intervals:
+            self.intervals = [None] * len(self.values)
+
+
+def _per_image(label: str, series: Sequence[torch.Tensor | None], unit: str = "",
+               statistic=None, estimate=None) -> Row:
+    """A row from per-image values [N] per variant: ``estimate`` (the mean by default) and its bootstrap interval."""
+    values, intervals = [], []
+    for values_of in series:
+        if values_of is None:
+            values.append(None)
+            intervals.append(None)
+            continue
+        array = values_of.double().numpy()
+        values.append(float(estimate(array)) if estimate else float(array.mean()))
+        intervals.append(bootstrap_interval(array, statistic) if statistic else bootstrap_interval(array))
+    return Row(label, values, unit, intervals)
 
 
 def outlier_rows(results: Sequence[VariantResult], detect_layer: int, outlier_ratio: float = OUTLIER_RATIO) -> list[Row]:
+    ratios = [r.ratios for r in results]
     return [
-        Row(f"images with outliers (largest/median >= {outlier_ratio:g}), layer {detect_layer}",
-            [float((r.ratios >= outlier_ratio).float().mean()) for r in results], "%"),
-        Row("largest / median patch norm, median over images", [float(r.ratios.median()) for r in results], "x"),
-        Row("largest / median patch norm, p99 over images",
-            [float(torch.quantile(r.ratios, 0.99)) for r in results], "x"),
+        _per_image(f"images with outliers (largest/median >= {outlier_ratio:g}), layer {detect_layer}",
+                   [(r >= outlier_ratio).double() for r in ratios], "%"),
+        _per_image("largest / median patch norm, median over images", ratios, "x", median, median),
+        _per_image("largest / median patch norm, p99 over images", ratios, "x", quantile(0.99), quantile(0.99)),
     ]
 
 
@@ -355,34 +414,44 @@ def attention_rows(results: Sequence[VariantResult]) -> list[Row]:
     rows = []
     if any(r.cls_entropy is not None for r in results):
         patches = next(r.patches for r in results if r.cls_entropy is not None)
-        rows.append(Row(f"CLS attention entropy over patches (nats; uniform: {math.log(patches):.2f})",
-                        [float(r.cls_entropy.mean()) if r.cls_entropy is not None else None for r in results]))
+        rows.append(_per_image(f"CLS attention entropy over patches (nats; uniform: {math.log(patches):.2f})",
+                               [r.cls_entropy for r in results]))
     if any(r.cls_on_objects is not None for r in results):
-        rows.append(Row("CLS attention on the objects", [float(r.cls_on_objects.mean()) if r.cls_on_objects is not None
-                                                         else None for r in results], "%"))
+        rows.append(_per_image("CLS attention on the objects", [r.cls_on_objects for r in results], "%"))
     if any(r.corloc_hits is not None for r in results):
-        rows.append(Row(f"LOST CorLoc (IoU >= {CORLOC_IOU:g})", [float(r.corloc_hits.float().mean())
-                                                                 if r.corloc_hits is not None else None
-                                                                 for r in results], "%"))
+        settings = next(r.lost for r in results if r.lost is not None)
+        rows.append(_per_image(f"LOST CorLoc (IoU >= {CORLOC_IOU:g}; {settings.describe()})",
+                               [None if r.corloc_hits is None else r.corloc_hits.double() for r in results], "%"))
     return rows
 
 
-def probe_rows(results: Sequence[VariantResult], seed: int = 0) -> list[Row]:
+def probe_rows(results: Sequence[VariantResult], seed: int = 0, seeds: int = PROBE_SEEDS) -> list[Row]:
+    """Linear-probe accuracy per feature kind: the mean over ``seeds`` splits (seed, seed + 1, ...) and its t interval."""
     rows = []
     for kind in ("CLS", "mean patch", "registers"):
-        values = [linear_probe(r.features[kind], r.labels, seed=seed) if kind in r.features and r.labels is not None
-                  else None for r in results]
+        values, intervals = [], []
+        for r in results:
+            if kind in r.features and r.labels is not None:
+                centre, interval = seed_interval([linear_probe(r.features[kind], r.labels, seed=seed + offset)
+                                                  for offset in range(seeds)], bounds=(0.0, 1.0))
+            else:
+                centre, interval = None, None
+            values.append(centre)
+            intervals.append(interval)
         if any(value is not None for value in values):
-            rows.append(Row(f"linear probe on {kind} features, held-out accuracy", values, "%"))
+            rows.append(Row(f"linear probe on {kind} features, held-out accuracy ({seeds} splits)", values, "%",
+                            intervals))
     return rows
 
 
 def zero_shot_row(results: Sequence[VariantResult], classifiers: Sequence[torch.Tensor | None]) -> Row | None:
     """Zero-shot top-1 accuracy per variant, from each one's image embeddings and its text classifier."""
-    values = [zero_shot_accuracy(r.embeddings, classifier, r.labels)
-              if classifier is not None and r.embeddings is not None and r.labels is not None else None
-              for r, classifier in zip(results, classifiers)]
-    return Row("zero-shot accuracy (open_clip templates)", values, "%") if any(v is not None for v in values) else None
+    correct = [zero_shot_correct(r.embeddings, classifier, r.labels).double()
+               if classifier is not None and r.embeddings is not None and r.labels is not None else None
+               for r, classifier in zip(results, classifiers)]
+    if all(value is None for value in correct):
+        return None
+    return _per_image("zero-shot accuracy (open_clip templates)", correct, "%")
 
 
 @dataclass
@@ -396,41 +465,48 @@ class Comparison:
     results: list[VariantResult] = field(default_factory=list, repr=False)
 
     def format(self) -> str:
-        """The table as text, percentages as %, ratios with an x."""
+        """The table as text, percentages as %, ratios with an x, each value followed by its 95% interval."""
+        cells = [[_cell(value, row.unit, interval) for value, interval in zip(row.values, row.intervals)]
+                 for row in self.rows]
         label_width = max(len(row.label) for row in self.rows)
-        widths = [max(len(column), 8) for column in self.columns]
+        widths = [max([len(column), 8] + [len(line[index]) for line in cells]) for index, column in enumerate(self.columns)]
         lines = ["  ".join([" " * label_width] + [column.rjust(width) for column, width in zip(self.columns, widths)])]
-        for row in self.rows:
-            cells = [_cell(value, row.unit).rjust(width) for value, width in zip(row.values, widths)]
-            lines.append("  ".join([row.label.ljust(label_width)] + cells))
-        return "\n".join(lines + [f"note: {note}" for note in self.notes])
+        for row, line in zip(self.rows, cells):
+            lines.append("  ".join([row.label.ljust(label_width)] + [cell.rjust(width) for cell, width in zip(line, widths)]))
+        return "\n".join(lines + ["(in brackets: 95% intervals; bootstrap over images, or t over seeds for probes)"]
+                         + [f"note: {note}" for note in self.notes])
 
     def to_dict(self) -> dict:
-        return {"columns": self.columns, "images": self.images, "notes": self.notes,
-                "rows": [{"label": row.label, "unit": row.unit, "values": row.values} for row in self.rows]}
+        return {"columns": self.columns, "images": self.images, "notes": self.notes, "confidence": 0.95,
+                "rows": [{"label": row.label, "unit": row.unit, "values": row.values,
+                          "intervals": [list(interval) if interval else None for interval in row.intervals]}
+                         for row in self.rows]}
 
 
-def _cell(value: float | None, unit: str) -> str:
+def _cell(value: float | None, unit: str, interval: Interval | None = None) -> str:
     if value is None:
         return "-"
     if unit == "%":
-        return f"{100 * value:.1f}%"
-    return f"{value:.2f}{unit}" if unit else f"{value:.3f}"
+        text = f"{100 * value:.1f}%"
+        return text + (f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]" if interval else "")
+    number = (lambda v: f"{v:.2f}") if unit else (lambda v: f"{v:.3f}")
+    return number(value) + unit + (f" [{number(interval[0])}, {number(interval[1])}]" if interval else "")
 
 
 def compare_variants(variants: dict[str, tuple[HookManager, Callable]], dataset: LabelledImages, *,
                      detect_layer: int | None = None, outlier_ratio: float = OUTLIER_RATIO,
                      zero_shot: dict[str, torch.Tensor] | None = None, batch_size: int = 32, seed: int = 0,
-                     progress: bool = False, keep_maps: int = 0) -> Comparison:
+                     progress: bool = False, keep_maps: int = 0, lost: LostSettings | None = None) -> Comparison:
     """Evaluate each variant ``{column: (hook manager, preprocess)}`` on ``dataset`` and build the table.
 
     A variant with test-time registers is given by its view, ``ModifiedModel(...).hook_manager``.
 
     Rows that need what the dataset lacks (labels, boxes) or what a model lacks (CLS, a text
     tower: ``zero_shot`` maps columns to their text classifiers [E, C]) are left out, with a note.
+    ``lost`` chooses LOST's features (:data:`~test_time_registers.analysis.lost.LOST_PRESETS`).
     """
     results = [evaluate_variant(name, hook_manager, dataset, preprocess, detect_layer=detect_layer,
-                                batch_size=batch_size, progress=progress, keep_maps=keep_maps)
+                                batch_size=batch_size, progress=progress, keep_maps=keep_maps, lost=lost)
                for name, (hook_manager, preprocess) in variants.items()]
     hook_manager = next(iter(variants.values()))[0]
     layer = hook_manager.default_detect_layer if detect_layer is None else detect_layer
@@ -438,6 +514,7 @@ def compare_variants(variants: dict[str, tuple[HookManager, Callable]], dataset:
     notes = []
     if not dataset.has_boxes:
         notes.append("no boxes or masks: no LOST CorLoc and no attention on objects (give VOC-style XML boxes)")
+    notes += _lost_notes(results)
     if dataset.has_labels:
         rows += probe_rows(results, seed)
         if zero_shot:
@@ -449,6 +526,25 @@ def compare_variants(variants: dict[str, tuple[HookManager, Callable]], dataset:
     if dataset.skipped:
         notes.append(f"skipped {len(dataset.skipped)} unreadable image(s): {', '.join(dataset.skipped[:5])}")
     return Comparison(list(variants), rows, len(results[0].ratios), notes, results)
+
+
+def _lost_notes(results: Sequence[VariantResult]) -> list[str]:
+    """What the reader of the LOST and attention rows must know: boxes cropped away, the layer and bias kept."""
+    notes = []
+    for r in results:
+        if r.boxes_dropped:
+            notes.append(f"{r.name}: the preprocessing crops {r.boxes_dropped} true box(es) away entirely; "
+                         "they are left out")
+        if r.images_without_boxes and r.corloc_hits is not None:
+            notes.append(f"{r.name}: {r.images_without_boxes} image(s) kept no box after preprocessing: "
+                         "not scored by CorLoc")
+        if r.lost_choice is not None:
+            layer, bias = r.lost_choice
+            notes.append(f"{r.name}: LOST kept layer {layer}, bias {bias:g} (the best CorLoc of the sweep)")
+        if r.lost_seed_only:
+            notes.append(f"{r.name}: on {r.lost_seed_only} image(s) nothing had positive affinity to LOST's seed; "
+                         "its box is the seed's patch")
+    return notes
 
 
 def draw_object_discovery(results: Sequence[VariantResult]):
