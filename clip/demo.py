@@ -36,9 +36,12 @@ The planted circuit, stage by stage:
   the content subspace.
 * ``visual.positional_embedding``: 24 randomly chosen patch positions get
   distinct preferences ``pos_pref = -0.32 * rank`` (rank 0..23, so the best
-  rank has preference 0). All other positions, and CLS, carry ``veto = 4``
-  instead (the class embedding adds 6 more). ``pos_comp`` =
-  sqrt(10^2 - pos_pref^2 - veto^2) gives every position's embedding the same norm.
+  rank has preference 0) and ``veto = -4``, an admission. All other positions,
+  and CLS, carry ``veto = 4`` instead (the class embedding adds 6 more).
+  ``pos_comp`` = sqrt(10^2 - pos_pref^2 - veto^2) gives every position's
+  embedding the same norm. Exclusion is the default (the biases of block 3's
+  key and step neurons); only an admission cancels it, so a token without a
+  positional embedding (a test-time register) is excluded like CLS.
 * block 0 MLP, 24 clamped texture detectors, one per filter and sign. Each is a
   pair of neurons ``GELU(h)`` and ``GELU(h - 16)``, ``h = 60 * (+-tex_i - 0.25)``,
   whose difference is exactly 0 on smooth patches (h <= -9) and saturates at
@@ -53,13 +56,13 @@ The planted circuit, stage by stage:
   patches score about 44 preference steps lower, more than the whole range of
   preferences plus the selection margin.
 * block 3 attention, head 0 (global max): constant query, key
-  ``13 * u / delta`` (13 logits per preference step) minus 13 * 34 for a vetoed
-  position (more for CLS), value ``u`` spread over all 64 head dimensions and
+  ``13 * u / delta`` (13 logits per preference step) minus 13 * 34 unless the
+  position is admitted (twice that for a vetoed position, more for CLS), value ``u`` spread over all 64 head dimensions and
   scaled back to stream units. The softmax is so sharp that
   every token receives ``max_u``, the largest uniformity among the preferred
   positions. This is the global information, written (times 0.25) to ``max_u``.
 * block 3 MLP, two step neurons ``GELU(z)`` and ``GELU(z - 2)``, where
-  ``z = 8 * (u - max_u) / delta + 28`` (minus 8 * 32 for a vetoed position),
+  ``z = 8 * (u - max_u) / delta + 28`` (minus 8 * 32 unless admitted),
   i.e. 8 per preference rank with a margin of 3.5 ranks. Their difference is a
   clamped step, ~2 or ~0 (z is about >= +4 or <= -4; at least +-3 in practice,
   in every dtype), written to ``is_top``. It fires on the
@@ -316,7 +319,7 @@ def _plant_circuit(model: open_clip.CLIP, g: torch.Generator) -> list[tuple[int,
     pref = torch.zeros(N_PATCHES + 1, dtype=torch.float64)
     veto = torch.full((N_PATCHES + 1,), VETO, dtype=torch.float64)  # CLS: veto
     pref[1:] = torch.where(preferred, -PREF_STEP * rank, torch.zeros_like(rank))
-    veto[1:] = torch.where(preferred, torch.zeros_like(rank), torch.full_like(rank, VETO))
+    veto[1:] = torch.where(preferred, torch.full_like(rank, -VETO), torch.full_like(rank, VETO))   # -VETO: admitted
     comp = torch.sqrt(POS_RADIUS**2 - pref**2 - veto**2)
     noise = _randn(g, N_PATCHES + 1, n_content) @ content.T
     noise = POS_NOISE * noise / noise.norm(dim=1, keepdim=True)
@@ -376,7 +379,10 @@ def _plant_circuit(model: open_clip.CLIP, g: torch.Generator) -> list[tuple[int,
     for m in (wq, wk, wv):
         m[h] = 0.0
     bq[0] = math.sqrt(HEAD_WIDTH)  # constant query; score = key[0]
+    # Exclusion is the default (the key's bias); a preferred position's embedding (veto -VETO) cancels it, so a
+    # token without a positional embedding (a test-time register) is excluded like CLS and the other positions.
     wk[0] = KEY_PER_STEP * DRIFT[1] / step * unif - KEY_PER_STEP * KEY_VETO_STEPS * DRIFT[1] / veto_s * d["veto"]
+    attn.in_proj_bias[WIDTH] = -KEY_PER_STEP * KEY_VETO_STEPS
     spread = _randn(g, HEAD_WIDTH)
     spread = spread / spread.norm()  # the value is spread over all head dims: rounding errors average out
     wv[h] = DRIFT[1] * torch.outer(spread, unif)  # undo the LN scale: max_u in stream units
@@ -386,8 +392,8 @@ def _plant_circuit(model: open_clip.CLIP, g: torch.Generator) -> list[tuple[int,
     s_gain = Z_PER_STEP * DRIFT[2] / step
     z_read = (s_gain * (unif - d["max_u"] / MAXU_WRITE)
               - Z_PER_STEP * Z_VETO_STEPS * DRIFT[2] / veto_s * d["veto"])
-    clamped_pair(SELECT_LAYER, neuron_order[SELECT_LAYER][:2].tolist(), z_read, Z_PER_STEP * MARGIN_STEPS,
-                 STEP_CLAMP, d["is_top"])
+    clamped_pair(SELECT_LAYER, neuron_order[SELECT_LAYER][:2].tolist(), z_read,
+                 Z_PER_STEP * (MARGIN_STEPS - Z_VETO_STEPS), STEP_CLAMP, d["is_top"])   # excluded by default, as above
 
     # --- block 4 MLP: planted register neurons, spread over the 768 indices
     span = MLP_WIDTH // N_PLANTED

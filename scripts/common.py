@@ -132,6 +132,27 @@ def seed_value(text: str) -> int:
     return value
 
 
+def int_list(text: str) -> tuple[int, ...]:
+    """Comma-separated ints, e.g. ``-4,-3,-2,-1`` (pass it as ``--flag=-4,-3``, or argparse takes it for a flag)."""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    return values
+
+
+def number_list(text: str) -> tuple[float, ...]:
+    """Comma-separated finite numbers, or ``START:STOP:STEP`` (both ends included), e.g. ``-1:0:0.1``."""
+    if text.count(":") == 2:
+        start, stop, step = (finite_float(part) for part in text.split(":"))
+        if step <= 0 or stop < start or (stop - start) / step > 10_000:
+            raise argparse.ArgumentTypeError(f"expected START:STOP:STEP with START <= STOP and a positive STEP, "
+                                             f"got {text!r}")
+        count = int(math.floor((stop - start) / step + 1e-9)) + 1
+        return tuple(round(start + index * step, 12) for index in range(count))
+    return tuple(finite_float(part, kind="comma-separated numbers") for part in text.split(","))
+
+
 def layer_or_auto(text: str):
     return "auto" if text == "auto" else non_negative_int(text)
 

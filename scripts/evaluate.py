@@ -25,6 +25,7 @@ from test_time_registers import (ImageSourceError, InvalidArgumentError, LegacyE
 from test_time_registers.analysis.evaluation import (OUTLIER_RATIO, compare_variants, draw_object_discovery,
                                                      zero_shot_classifier)
 from test_time_registers.analysis.figures import require_matplotlib
+from test_time_registers.analysis.lost import LOST_FEATURES, LOST_PRESETS
 from test_time_registers.data.labelled import folder_images, scene_images, voc_images
 from test_time_registers.data.sources import UnreadableImage
 from test_time_registers.errors import first_line
@@ -33,8 +34,8 @@ from test_time_registers.intervention import NORMAL_VALUES, calibrate_attention_
 from test_time_registers.registry import load_model
 
 from test_time_registers.scripts.common import (Parser, UsageError, add_model_flags, check_device, check_output_paths,
-                                                checked_neurons, new_outputs, non_negative_int, positive_int,
-                                                ratio_above_one, run_main)
+                                                checked_neurons, int_list, new_outputs, non_negative_int,
+                                                number_list, positive_int, ratio_above_one, run_main)
 
 DEMO_IMAGES = 64
 FIGURE_IMAGES = 4
@@ -70,6 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="block whose patch norms give the outlier rows (default: the neuron file's)")
     parser.add_argument("--outlier-ratio", type=ratio_above_one, default=OUTLIER_RATIO,
                         help="an image has outliers when its largest patch norm is this many times its median")
+    lost = parser.add_argument_group("LOST (object discovery; CorLoc where boxes are known)")
+    lost.add_argument("--lost", choices=tuple(LOST_PRESETS), default="lost",
+                      help="lost: the official algorithm (last block's keys, raw); paper-openclip / paper-dinov2: "
+                           "Table 5 of Jiang et al. (values / keys, normalised, best of the last 4 layers and of a "
+                           "bias in -1..0); the flags below change a preset")
+    lost.add_argument("--lost-features", choices=LOST_FEATURES,
+                      help="what LOST reads: the attention's keys, queries or values (heads concatenated), or the "
+                           "block's output tokens")
+    lost.add_argument("--lost-layers", type=int_list,
+                      help="blocks to try, negative from the end; the best CorLoc is kept and named "
+                           "(write --lost-layers=-4,-3,-2,-1)")
+    lost.add_argument("--lost-normalize", action=argparse.BooleanOptionalAction,
+                      help="L2-normalise each patch's features first")
+    lost.add_argument("--lost-biases", type=number_list,
+                      help="biases added to the affinity, the best kept: a comma list or START:STOP:STEP "
+                           "(write --lost-biases=-1:0:0.1)")
     parser.add_argument("--templates", choices=tuple(TEMPLATES), default="simple",
                         help="open_clip's zero-shot prompt templates")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
@@ -91,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
     model, preprocess, hook_manager = loaded
     if args.figure and hook_manager.layout.num_cls == 0:
         raise UsageError(f"--figure draws CLS attention, and {hook_manager.name} has no CLS token")
+    lost = _lost_settings(args, hook_manager.num_layers)
     dataset = _dataset(args, loaded)
     print(f"model: {hook_manager.name}; {dataset.description}")
     neurons = _neurons(args, loaded)
@@ -124,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
 
     comparison = compare_variants(variants, dataset, detect_layer=detect_layer, outlier_ratio=args.outlier_ratio,
                                   zero_shot=classifiers, batch_size=args.batch_size, seed=args.seed,
-                                  progress=not args.quiet, keep_maps=FIGURE_IMAGES if args.figure else 0)
+                                  progress=not args.quiet, keep_maps=FIGURE_IMAGES if args.figure else 0,
+                                  lost=lost)
     print(f"\non {comparison.images} images ({dataset.description}):")
     print(comparison.format())
     with new_outputs(args.json, args.figure):   # a failure or Ctrl-C leaves neither
@@ -138,6 +157,19 @@ def run(args: argparse.Namespace) -> int:
         if path:
             print(f"wrote {path}")
     return 0
+
+
+def _lost_settings(args, num_layers: int):
+    """The --lost preset with the --lost-* flags given on top of it, its layers checked against the model."""
+    overrides = {field: value for field, value in (("features", args.lost_features), ("layers", args.lost_layers),
+                                                   ("normalize", args.lost_normalize), ("biases", args.lost_biases))
+                 if value is not None}
+    try:
+        settings = dataclasses.replace(LOST_PRESETS[args.lost], **overrides)
+        settings.resolved_layers(num_layers)
+    except InvalidArgumentError as error:
+        raise UsageError(f"--lost-layers: {error}" if "layer" in str(error) else f"--lost: {error}") from None
+    return settings
 
 
 def _calibration_images(dataset) -> list:
@@ -226,8 +258,26 @@ def _templates(name: str):
     return getattr(zero_shot_metadata, TEMPLATES[name])
 
 
+#: Flags whose values may start with a minus sign (``--lost-layers -4,-1``), which argparse would take for a flag.
+SIGNED_LIST_FLAGS = ("--lost-layers", "--lost-biases")
+
+
+def _join_signed_lists(argv: list[str]) -> list[str]:
+    """``--lost-layers -4,-1`` as ``--lost-layers=-4,-1``."""
+    joined, index = [], 0
+    while index < len(argv):
+        value = argv[index + 1] if index + 1 < len(argv) else ""
+        if argv[index] in SIGNED_LIST_FLAGS and value[:1] == "-" and value[1:2] in set("0123456789."):
+            joined.append(f"{argv[index]}={argv[index + 1]}")
+            index += 2
+        else:
+            joined.append(argv[index])
+            index += 1
+    return joined
+
+
 def main(argv=None) -> int:
-    return run_main(build_parser, run, argv)
+    return run_main(build_parser, run, _join_signed_lists(list(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

@@ -86,3 +86,32 @@ def test_modified_model_calls_run_under_the_declared_autocast(registered_config)
     assert captured.neurons[0].dtype == torch.bfloat16 and features.dtype == torch.bfloat16
     with torch.no_grad():
         assert loaded.model.encode_image(pixels).dtype == torch.float32   # the model itself is left in float32
+
+
+#: The unmodified demo's outlier patches (largest/median >= 4 at block 7) on ``demo_images(16, seed=5)``, measured
+#: on the circuit before exclusion became its default; the change moved none (also on 256 more images, every dtype).
+DEMO_OUTLIERS = [[52, 57, 72, 122], [57, 72], [122, 143], [72, 122], [52, 57, 100, 143], [52, 57, 72, 122],
+                 [52, 57, 72], [100, 129, 132, 143], [57, 72], [52, 143], [52, 57, 72, 122], [52, 57, 72, 122],
+                 [57, 72, 122], [52, 122], [57, 72], [52, 57, 72, 122]]
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_every_demo_image_gets_a_high_norm_register_and_keeps_its_outliers(precision):
+    """The register has no positional embedding; the demo's circuit excludes it like CLS, so it never wins the
+    global-max head, and every image's outliers move onto it (image 7 once got neither)."""
+    from test_time_registers import measures
+    from test_time_registers.clip.demo import demo_images
+
+    loaded = load_model("demo", precision=precision)
+    hook_manager, last = loaded.hook_manager, loaded.hook_manager.num_layers - 1
+    pixels = torch.stack([loaded.preprocess(image) for image in demo_images(16, seed=5)])
+    with torch.no_grad(), hook_manager.capture(residual=[last]) as captured:
+        hook_manager.forward_images(pixels)
+    norms = measures.patch_norms(captured.residual[last], hook_manager.layout).float()
+    assert [sorted((n > 4 * n.median()).nonzero()[:, 0].tolist()) for n in norms] == DEMO_OUTLIERS
+    view = ModifiedModel(loaded.model, hook_manager, loaded.planted).hook_manager
+    with torch.no_grad(), view.capture(residual=[last]) as captured:
+        view.forward_images(pixels)
+    registers = measures.register_norms(captured.residual[last], view.layout).float().amax(dim=1)
+    medians = measures.patch_norms(captured.residual[last], view.layout).float().median(dim=1).values
+    assert (registers >= 5 * medians).all(), (registers / medians).tolist()
