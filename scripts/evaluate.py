@@ -26,6 +26,8 @@ from test_time_registers.analysis.evaluation import (OUTLIER_RATIO, compare_vari
                                                      zero_shot_classifier)
 from test_time_registers.analysis.figures import require_matplotlib
 from test_time_registers.analysis.lost import LOST_FEATURES, LOST_PRESETS
+from test_time_registers.analysis.zero_shot_segmentation import (draw_zero_shot_masks, imagenet_s_folder,
+                                                                 zero_shot_segmentation)
 from test_time_registers.data.labelled import folder_images, scene_images, voc_images
 from test_time_registers.data.sources import UnreadableImage
 from test_time_registers.errors import first_line
@@ -56,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "linear probe and zero-shot rows (default: the demo's generated scenes)")
     data.add_argument("--voc", type=Path, help="VOC-style folder (Annotations/*.xml, JPEGImages/): boxes for LOST "
                       "CorLoc and attention on objects")
+    data.add_argument("--imagenet-s", type=Path, metavar="DIR",
+                      help="ImageNet-S folder (validation/ and validation-segmentation/): zero-shot segmentation "
+                           "from CLS attention instead of the table (pixel accuracy, mIoU, mAP)")
     parser.add_argument("--num-images", type=positive_int,
                         help=f"images to evaluate on (default: all; {DEMO_IMAGES} generated scenes for the demo)")
     parser.add_argument("--trained-model", help="a model with trained registers to add as a third column, e.g. "
@@ -105,17 +110,57 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--edit attention-bias holds its key and value in one token: use --num-registers 1")
     device = check_device(args.device)
     loaded = load_model(args.model, device=device, precision=args.precision, seed=args.seed)
-    model, preprocess, hook_manager = loaded
-    if args.figure and hook_manager.layout.num_cls == 0:
+    hook_manager = loaded.hook_manager
+    protocol = _protocol(args)
+    if args.figure and protocol in ("table", "zero-shot-segmentation") and hook_manager.layout.num_cls == 0:
         raise UsageError(f"--figure draws CLS attention, and {hook_manager.name} has no CLS token")
     lost = _lost_settings(args, hook_manager.num_layers)
-    dataset = _dataset(args, loaded)
+    dataset = _dataset(args, loaded, protocol)
     print(f"model: {hook_manager.name}; {dataset.description}")
     neurons = _neurons(args, loaded)
     detect_layer = args.detect_layer if args.detect_layer is not None else neurons.detect_layer
     if detect_layer is not None:
         hook_manager.check_layer(detect_layer, "--detect-layer")
+    variants, models = _variants(args, loaded, neurons, dataset, device)
+    keep = FIGURE_IMAGES if args.figure else 0
+    if protocol == "zero-shot-segmentation":
+        comparison, results = zero_shot_segmentation(variants, dataset, batch_size=args.batch_size,
+                                                     progress=not args.quiet, keep_maps=keep)
+        draw = lambda: draw_zero_shot_masks(results)   # noqa: E731
+    else:
+        comparison = compare_variants(variants, dataset, detect_layer=detect_layer, outlier_ratio=args.outlier_ratio,
+                                      zero_shot=_zero_shot(args, models, dataset, device), batch_size=args.batch_size,
+                                      seed=args.seed, progress=not args.quiet, keep_maps=keep, lost=lost)
+        draw = lambda: draw_object_discovery(comparison.results)   # noqa: E731
+    _report(args, hook_manager.name, dataset, comparison, draw)
+    return 0
 
+
+def _report(args, model_name: str, dataset, comparison, draw) -> None:
+    """Print the table; write --json and --figure as one unit (a failure or Ctrl-C leaves neither)."""
+    print(f"\non {comparison.images} images ({dataset.description}):")
+    print(comparison.format())
+    with new_outputs(args.json, args.figure):
+        if args.json:
+            text = json.dumps({"model": model_name, **comparison.to_dict()}, indent=2) + "\n"
+            write_atomically(args.json, lambda temporary: Path(temporary).write_text(text))
+        if args.figure:
+            figure = draw()
+            write_atomically(args.figure, lambda temporary: figure.savefig(temporary, dpi=110, format="png"))
+    for path in (args.json, args.figure):
+        if path:
+            print(f"wrote {path}")
+
+
+def _protocol(args) -> str:
+    """Which evaluation the data flags ask for: the comparison table, or one of the paper's other protocols."""
+    return "zero-shot-segmentation" if args.imagenet_s else "table"
+
+
+def _variants(args, loaded, neurons, dataset, device) -> tuple[dict, dict]:
+    """``{column: (hook manager, preprocess)}`` (the original, with test-time registers, with trained registers) and
+    ``{column: loaded model}`` for the zero-shot classifiers."""
+    model, preprocess, hook_manager = loaded
     if args.edit == "attention-bias":
         calibration = _calibration_images(dataset)
         edit = calibrate_attention_bias(hook_manager, neurons, calibration, preprocess, batch_size=args.batch_size)
@@ -129,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
         registers += f" ({', '.join(settings)})"
     modified = ModifiedModel(model, hook_manager, neurons, args.num_registers, edit=edit, seed=args.seed)
     variants = {"original": (hook_manager, preprocess), f"with {registers}": (modified.hook_manager, preprocess)}
-    zero_shot_models = dict.fromkeys(variants, loaded)
+    models = dict.fromkeys(variants, loaded)
     if args.trained_model:
         if args.trained_model.startswith("registers:"):   # registers fine-tuned by test-time-registers-train
             trained = load_trained_registers(args.trained_model.removeprefix("registers:"), device=device,
@@ -137,26 +182,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             trained = load_model(args.trained_model, device=device, precision=args.precision, seed=args.seed)
         variants["trained registers"] = (trained.hook_manager, trained.preprocess)
-        zero_shot_models["trained registers"] = trained
-    classifiers = _zero_shot(args, zero_shot_models, dataset, device)
-
-    comparison = compare_variants(variants, dataset, detect_layer=detect_layer, outlier_ratio=args.outlier_ratio,
-                                  zero_shot=classifiers, batch_size=args.batch_size, seed=args.seed,
-                                  progress=not args.quiet, keep_maps=FIGURE_IMAGES if args.figure else 0,
-                                  lost=lost)
-    print(f"\non {comparison.images} images ({dataset.description}):")
-    print(comparison.format())
-    with new_outputs(args.json, args.figure):   # a failure or Ctrl-C leaves neither
-        if args.json:
-            text = json.dumps({"model": hook_manager.name, **comparison.to_dict()}, indent=2) + "\n"
-            write_atomically(args.json, lambda temporary: Path(temporary).write_text(text))
-        if args.figure:
-            figure = draw_object_discovery(comparison.results)
-            write_atomically(args.figure, lambda temporary: figure.savefig(temporary, dpi=110, format="png"))
-    for path in (args.json, args.figure):
-        if path:
-            print(f"wrote {path}")
-    return 0
+        models["trained registers"] = trained
+    return variants, models
 
 
 def _lost_settings(args, num_layers: int):
@@ -179,15 +206,18 @@ def _calibration_images(dataset) -> list:
         if len(images) == CALIBRATION_IMAGES:
             break
         try:
-            images.append(item.read())
+            read = item.read()
         except UnreadableImage:
             continue
+        images.append(read[0] if isinstance(read, tuple) else read)   # (image, mask) for segmentation sets
     if not images:
         raise UsageError(f"--edit attention-bias: no readable image to calibrate on in {dataset.description}")
     return images
 
 
-def _dataset(args, loaded):
+def _dataset(args, loaded, protocol: str):
+    if protocol == "zero-shot-segmentation":
+        return imagenet_s_folder(args.imagenet_s, limit=args.num_images)
     if args.voc:
         return voc_images(args.voc, limit=args.num_images)
     if args.images:

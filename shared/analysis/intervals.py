@@ -39,19 +39,24 @@ def quantile(q: float) -> Callable[[np.ndarray], np.ndarray]:
 
 def bootstrap_interval(values, statistic: Callable[[np.ndarray], np.ndarray] = mean, *,
                        resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> Interval | None:
-    """The percentile-bootstrap 95% interval of ``statistic`` over per-image ``values`` [N].
+    """The percentile-bootstrap 95% interval of ``statistic`` over per-image ``values``.
 
-    ``statistic`` maps [R, N] to [R] (:func:`mean`, :func:`median`, :func:`quantile`). Returns
-    None for fewer than two values, where no interval can be had.
+    ``values`` is [N] (one number per image; ``statistic`` maps [R, N] to [R]: :func:`mean`,
+    :func:`median`, :func:`quantile`) or [N, K] (several counts per image, for a ratio of sums such
+    as a dataset-wide IoU; ``statistic`` maps [R, N, K] to [R]). Images are resampled with
+    replacement, ``resamples`` times, from a generator seeded with ``seed``. Returns None for
+    fewer than two images, where no interval can be had.
     """
-    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim not in (1, 2):
+        raise InvalidArgumentError(f"bootstrap values must be [N] or [N, K], got shape {values.shape}")
     if len(values) < 2:
         return None
     if not np.isfinite(values).all():
         raise InvalidArgumentError("a bootstrap interval needs finite values")
     generator = np.random.default_rng(seed)
     estimates = np.empty(resamples)
-    chunk = max(1, 2_000_000 // len(values))           # bounded memory for large sets
+    chunk = max(1, 2_000_000 // values[0].size // len(values))           # bounded memory for large sets
     for start in range(0, resamples, chunk):
         count = min(chunk, resamples - start)
         estimates[start:start + count] = statistic(values[generator.integers(0, len(values), (count, len(values)))])

@@ -118,6 +118,21 @@ def read_image(path: Path) -> Image.Image:
     return image
 
 
+def read_label_map(path: Path) -> np.ndarray:
+    """A label file (class indices, depth) as its raw values, fully loaded and closed: [H, W] for a
+    single-channel or palette PNG (palette indices, never colours), [H, W, C] for RGB(A);
+    :class:`UnreadableImage` for anything PIL cannot read, as for images."""
+    try:
+        with _pil_reading(), Image.open(path) as opened:
+            opened.load()
+            values = np.array(opened)
+    except Exception as error:   # noqa: BLE001 - as in read_image
+        raise UnreadableImage(_reason(error, path)) from None
+    if values.size == 0:
+        raise UnreadableImage("the label map is empty")
+    return values
+
+
 def _readable_header(path: Path) -> str | None:
     """``None`` if PIL recognises the file's header (and its size is within PIL's limit), else why not.
 
