@@ -22,12 +22,15 @@ from pathlib import Path
 
 from test_time_registers import (ImageSourceError, InvalidArgumentError, LegacyEdit, ModifiedModel, PaperEdit, find_register_neurons,
                                  load_trained_registers)
+from test_time_registers.analysis.dense_probes import dense_probe
 from test_time_registers.analysis.evaluation import (OUTLIER_RATIO, compare_variants, draw_object_discovery,
                                                      zero_shot_classifier)
 from test_time_registers.analysis.figures import require_matplotlib
 from test_time_registers.analysis.lost import LOST_FEATURES, LOST_PRESETS
+from test_time_registers.analysis.typographic import draw_typographic_examples, typographic_attack, typographic_folder
 from test_time_registers.analysis.zero_shot_segmentation import (draw_zero_shot_masks, imagenet_s_folder,
                                                                  zero_shot_segmentation)
+from test_time_registers.data.dense import depth_folder, segmentation_folder
 from test_time_registers.data.labelled import folder_images, scene_images, voc_images
 from test_time_registers.data.sources import UnreadableImage
 from test_time_registers.errors import first_line
@@ -61,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--imagenet-s", type=Path, metavar="DIR",
                       help="ImageNet-S folder (validation/ and validation-segmentation/): zero-shot segmentation "
                            "from CLS attention instead of the table (pixel accuracy, mIoU, mAP)")
+    data.add_argument("--segmentation", type=Path, metavar="DIR",
+                      help="ADE20K-style (images/, annotations/) or VOC-style (JPEGImages/, SegmentationClass/) class "
+                           "masks: a linear head on frozen patch features, mIoU and pixel accuracy over seeded splits")
+    data.add_argument("--depth", type=Path, metavar="DIR",
+                      help="NYU-style depth maps (images/, depth/*.png in mm or *.npy in m): a linear head on frozen "
+                           "patch features, RMSE and AbsRel over seeded splits")
+    data.add_argument("--typographic", type=Path, metavar="DIR",
+                      help="images with a written wrong label (DIR/annotations.json names each image's class, the "
+                           "written class and the text's box): the typographic attack's success rate, with the "
+                           "register neurons and random ones moved onto the text")
+    parser.add_argument("--reduce-zero-label", action="store_true",
+                        help="with --segmentation: class 0 is 'other' and ignored, 1.. become 0.. (ADE20K)")
     parser.add_argument("--num-images", type=positive_int,
                         help=f"images to evaluate on (default: all; {DEMO_IMAGES} generated scenes for the demo)")
     parser.add_argument("--trained-model", help="a model with trained registers to add as a third column, e.g. "
@@ -108,10 +123,10 @@ def run(args: argparse.Namespace) -> int:
         require_matplotlib()
     if args.edit == "attention-bias" and args.num_registers != 1:
         raise UsageError("--edit attention-bias holds its key and value in one token: use --num-registers 1")
+    protocol = _protocol(args)
     device = check_device(args.device)
     loaded = load_model(args.model, device=device, precision=args.precision, seed=args.seed)
     hook_manager = loaded.hook_manager
-    protocol = _protocol(args)
     if args.figure and protocol in ("table", "zero-shot-segmentation") and hook_manager.layout.num_cls == 0:
         raise UsageError(f"--figure draws CLS attention, and {hook_manager.name} has no CLS token")
     lost = _lost_settings(args, hook_manager.num_layers)
@@ -121,9 +136,17 @@ def run(args: argparse.Namespace) -> int:
     detect_layer = args.detect_layer if args.detect_layer is not None else neurons.detect_layer
     if detect_layer is not None:
         hook_manager.check_layer(detect_layer, "--detect-layer")
-    variants, models = _variants(args, loaded, neurons, dataset, device)
     keep = FIGURE_IMAGES if args.figure else 0
-    if protocol == "zero-shot-segmentation":
+    if protocol == "typographic":
+        comparison = _typographic(args, loaded, neurons, dataset, device, keep)
+        _report(args, hook_manager.name, dataset, comparison, lambda: draw_typographic_examples(comparison))
+        return 0
+    variants, models = _variants(args, loaded, neurons, dataset, device)
+    if protocol in ("segmentation-probe", "depth-probe"):
+        comparison = dense_probe(variants, dataset, task=dataset.task, seed=args.seed, batch_size=args.batch_size,
+                                 progress=not args.quiet)
+        draw = None
+    elif protocol == "zero-shot-segmentation":
         comparison, results = zero_shot_segmentation(variants, dataset, batch_size=args.batch_size,
                                                      progress=not args.quiet, keep_maps=keep)
         draw = lambda: draw_zero_shot_masks(results)   # noqa: E731
@@ -154,7 +177,35 @@ def _report(args, model_name: str, dataset, comparison, draw) -> None:
 
 def _protocol(args) -> str:
     """Which evaluation the data flags ask for: the comparison table, or one of the paper's other protocols."""
-    return "zero-shot-segmentation" if args.imagenet_s else "table"
+    if args.imagenet_s:
+        return "zero-shot-segmentation"
+    if args.segmentation or args.depth:
+        if args.figure:
+            raise UsageError("--figure draws CLS attention, LOST boxes, zero-shot masks or typographic attacks; the "
+                             "dense probes have no figure")
+        return "segmentation-probe" if args.segmentation else "depth-probe"
+    if args.reduce_zero_label:
+        raise UsageError("--reduce-zero-label goes with --segmentation")
+    if args.typographic:
+        if args.trained_model:
+            raise UsageError("--typographic compares the register neurons and random ones moved onto the text; "
+                             "it takes no --trained-model")
+        return "typographic"
+    return "table"
+
+
+def _typographic(args, loaded, neurons, dataset, device, keep: int):
+    """The typographic attack: zero-shot CLIP with its register neurons, and random ones, moved onto the text."""
+    if loaded.tokenizer is None or not hasattr(loaded.model, "encode_text"):
+        raise UsageError(f"--typographic classifies with a text tower, and {args.model} has none (give an "
+                         "openclip: model)")
+    try:
+        tokenizer = loaded.tokenizer()
+    except Exception as error:   # noqa: BLE001 - e.g. a tokenizer that would need the hub
+        raise UsageError(f"--typographic: the tokenizer could not be made ({first_line(error)})") from None
+    return typographic_attack(loaded.model, loaded.hook_manager, loaded.preprocess, tokenizer, dataset, neurons,
+                              templates=_templates(args.templates), device=device, seed=args.seed,
+                              batch_size=args.batch_size, progress=not args.quiet, examples=keep)
 
 
 def _variants(args, loaded, neurons, dataset, device) -> tuple[dict, dict]:
@@ -218,6 +269,12 @@ def _calibration_images(dataset) -> list:
 def _dataset(args, loaded, protocol: str):
     if protocol == "zero-shot-segmentation":
         return imagenet_s_folder(args.imagenet_s, limit=args.num_images)
+    if protocol == "typographic":
+        return typographic_folder(args.typographic, limit=args.num_images)
+    if protocol == "segmentation-probe":
+        return segmentation_folder(args.segmentation, reduce_zero_label=args.reduce_zero_label, limit=args.num_images)
+    if protocol == "depth-probe":
+        return depth_folder(args.depth, limit=args.num_images)
     if args.voc:
         return voc_images(args.voc, limit=args.num_images)
     if args.images:
@@ -227,7 +284,8 @@ def _dataset(args, loaded, protocol: str):
         _check_readable(dataset)
         return dataset
     if loaded.generate_images is None:
-        raise UsageError(f"--images DIR or --voc DIR is required for {args.model}; only the demo generates its own scenes")
+        raise UsageError(f"a data flag (--images, --voc, --imagenet-s, --segmentation, --depth or --typographic DIR) "
+                         f"is required for {args.model}; only the demo generates its own scenes")
     # Scenes with another seed than the ones discovery sees.
     return scene_images(args.num_images or DEMO_IMAGES, seed=args.seed + 1)
 

@@ -30,7 +30,8 @@ _EXPORTS = {
     **dict.fromkeys(("PRECISIONS", "Precision"), "precision"),
     **dict.fromkeys(("Architecture", "Preset", "architectures", "hook_manager_for", "load_model", "load_neurons",
                      "load_preset", "register_architecture", "register_model", "supported_models"), "registry"),
-    **dict.fromkeys(("At", "EagerAttention", "NeedWeights", "Sites", "Unfused"), "sites"),
+    **dict.fromkeys(("At", "EagerAttention", "FirstPresent", "FusedProjections", "NeedWeights", "SeparateProjections",
+                     "Sites", "Unfused"), "sites"),
     **dict.fromkeys(("DiscoverySettings", "DiscoveryStatistics", "auto_threshold"), "statistics"),
     **dict.fromkeys(("LearnableRegisters", "RegisteredModel", "load_trained_registers", "save_trained_registers"), "training.registers"),
 }
@@ -53,11 +54,11 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Architecture", "At", "Capture", "CheckpointError", "DiscoverySettings", "DiscoveryStatistics", "EagerAttention",
-    "Edit", "EditContext", "Extension", "HookManager", "HookSite", "Hooks", "ImageFolder", "ImageSourceError",
+    "Edit", "EditContext", "Extension", "FirstPresent", "FusedProjections", "HookManager", "HookSite", "Hooks", "ImageFolder", "ImageSourceError",
     "IncompatibleNeuronsError", "InvalidArgumentError", "LearnableRegisters", "LegacyEdit", "LoadedModel",
     "MissingDependencyError", "ModelLoadError", "ModifiedModel", "NeedWeights", "NeuronFileError", "NoOutliersError",
     "NonFiniteActivationsError", "NonFiniteLossError", "PRECISIONS", "PaperEdit", "Precision", "Preset",
-    "RegisterLeakError", "RegisterNeuron", "RegisterNeurons", "RegisteredModel", "Sites", "StopForward",
+    "RegisterLeakError", "RegisterNeuron", "RegisterNeurons", "RegisteredModel", "SeparateProjections", "Sites", "StopForward",
     "TestTimeRegistersError", "TokenLayout", "Unfused", "UnsupportedModelError", "__version__", "architectures",
     "auto_threshold", "check_discovery_arguments", "find_register_neurons", "gather_statistics", "hook_manager_for",
     "legacy_edit", "load_model", "load_neurons", "load_preset", "load_trained_registers", "paper_edit",

@@ -134,7 +134,7 @@ def test_the_cli_prints_the_table_and_writes_json(tmp_path, classes, capsys):
     (["--images", "/nonexistent"], "image folder not found"),
     (["--voc", "."], "is not a VOC-style folder"),
     (["--edit", "attention-bias", "--num-registers", "2"], "--num-registers 1"),
-    (["--model", "timm:vit_tiny_patch16_224:random"], "--images DIR or --voc DIR is required"),
+    (["--model", "timm:vit_tiny_patch16_224:random"], "a data flag (--images, --voc"),
     (["--outlier-ratio", "1"], "--outlier-ratio: expected a number above 1"),
 ])
 def test_bad_input_is_one_line(flags, message, capsys):
