@@ -5,7 +5,6 @@ the same transform."""
 import numpy as np
 import pytest
 import timm
-import torch
 from PIL import Image
 from torchvision import transforms as T
 
@@ -99,7 +98,7 @@ def test_boxes_the_crop_removes_are_dropped_and_the_rest_clipped():
 
 @pytest.mark.parametrize("name", ["dinov2", "timm-crop-pct-0.9", "pad-then-crop"])
 def test_a_mask_follows_the_image(name):
-    preprocess, size = TRANSFORMS[name](), (500, 375)
+    preprocess = TRANSFORMS[name]()
     yy, xx = np.mgrid[:375, :500]
     mask = (xx - 330) ** 2 + (yy - 150) ** 2 < 80 ** 2         # a disc
     image = np.repeat((mask * 255).astype(np.uint8)[..., None], 3, axis=-1)

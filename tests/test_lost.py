@@ -1,6 +1,5 @@
 """LOST as published (analysis.lost): seed, expansion, mask and box by hand; the paper's settings; the sites it reads."""
 
-import numpy as np
 import pytest
 import torch
 

@@ -48,13 +48,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data import sources
 from ..data.dense import IGNORED, MAX_CLASSES, TASKS, DenseDataset
-from ..data.sources import UnreadableImage
+from ..data.sources import read_or_skip
 from ..errors import ImageSourceError, InvalidArgumentError, check_int
 from ..hooks import HookManager
 from .evaluation import Comparison, Row
-from .geometry import Geometry, preprocess_geometry
+from .geometry import Geometries, Geometry
 from .intervals import seed_interval
 
 log = logging.getLogger(__name__)
@@ -336,7 +335,7 @@ def dense_features(name: str, hook_manager: HookManager, dataset: DenseDataset, 
     check_int("batch_size", batch_size)
     layout = hook_manager.layout
     patch = hook_manager.patch_size
-    geometries: dict[tuple[int, int], Geometry] = {}
+    geometries = Geometries(preprocess)
     features = targets = None
     input_shape, grid, count, names, max_class = None, None, 0, [], -1
     bar = tqdm(total=len(dataset), unit="img", desc=f"dense features: {name}", disable=not progress)
@@ -345,17 +344,12 @@ def dense_features(name: str, hook_manager: HookManager, dataset: DenseDataset, 
             chunk = dataset.items[start:start + batch_size]
             pixels, maps = [], []
             for item in chunk:
-                try:
-                    image, target = dataset.read(item)
-                except UnreadableImage as error:
-                    if item.name not in dataset.skipped:
-                        dataset.skipped.append(item.name)
-                    sources.log.warning("skipped %s: %s", item.name, error)   # where every skipped file is told
+                read = read_or_skip(item.name, lambda item=item: dataset.read(item), dataset.skipped)
+                if read is None:
                     continue
-                if image.size not in geometries:
-                    geometries[image.size] = preprocess_geometry(preprocess, image.size)
+                image, target = read
                 pixels.append(preprocess(image))
-                maps.append(input_targets(target, geometries[image.size], dataset.task))
+                maps.append(input_targets(target, geometries(image.size), dataset.task))
                 if dataset.task == "segmentation":
                     max_class = max(max_class, int(target.max()))
                 names.append(item.name)

@@ -31,12 +31,11 @@ from tqdm.auto import tqdm
 
 from .. import measures
 from ..data.labelled import LabelledImage, LabelledImages
-from ..data import sources
-from ..data.sources import UnreadableImage
+from ..data.sources import read_or_skip
 from ..errors import ImageSourceError, InvalidArgumentError
 from ..hooks import HookManager
 from .figures import new_figure
-from .geometry import Geometry, preprocess_geometry
+from .geometry import Geometries, Geometry
 from .intervals import Interval, bootstrap_interval, median, quantile, seed_interval
 from .lost import LOST_PRESETS, LostSettings, LostSweep, lost_boxes
 
@@ -218,19 +217,14 @@ class _Batch:
 
 
 def _read_batch(dataset: LabelledImages, items: Sequence[LabelledImage], preprocess: Callable,
-                geometries: dict[tuple[int, int], Geometry]) -> tuple[_Batch, int]:
+                geometries: Geometries) -> tuple[_Batch, int]:
     """Read, preprocess and place the boxes of ``items``; returns the batch and how many boxes were cropped away."""
     batch, dropped = _Batch(), 0
     for item in items:
-        try:
-            image = item.read()
-        except UnreadableImage as error:
-            dataset.skipped.append(item.name)
-            sources.log.warning("skipped %s: %s", item.name, error)   # where every skipped image is told
+        image = read_or_skip(item.name, item.read, dataset.skipped)
+        if image is None:
             continue
-        if image.size not in geometries:
-            geometries[image.size] = preprocess_geometry(preprocess, image.size)
-        geometry = geometries[image.size]
+        geometry = geometries(image.size)
         truth = None
         if item.boxes is not None:
             truth, kept = geometry.boxes(item.boxes)
@@ -281,7 +275,7 @@ def evaluate_variant(name: str, hook_manager: HookManager, dataset: LabelledImag
     lost_sites = _lost_sites(hook_manager, lost) if dataset.has_boxes else None
     sweep = LostSweep([(layer, bias) for layer in lost_sites[1] for bias in lost.biases]) if lost_sites else None
     seed_only = [0] * len(sweep.combinations) if sweep else []
-    geometries: dict[tuple[int, int], Geometry] = {}
+    geometries = Geometries(preprocess)
     cls_maps, shown, dropped, boxless = [], [], 0, 0
     bar = tqdm(total=len(dataset), unit="img", desc=f"evaluating: {name}", disable=not progress)
     with torch.no_grad():

@@ -92,6 +92,19 @@ class Geometry:
         return image.convert("RGB").resize((width, height), Image.BICUBIC, box=box)
 
 
+class Geometries:
+    """:func:`preprocess_geometry` of one preprocessing, measured once per image size."""
+
+    def __init__(self, preprocess: Callable):
+        self.preprocess = preprocess
+        self._by_size: dict[tuple[int, int], Geometry] = {}
+
+    def __call__(self, image_size: tuple[int, int]) -> Geometry:
+        if image_size not in self._by_size:
+            self._by_size[image_size] = preprocess_geometry(self.preprocess, image_size)
+        return self._by_size[image_size]
+
+
 def transform_boxes(boxes: np.ndarray, image_size: tuple[int, int], preprocess: Callable) -> np.ndarray:
     """Boxes [N, 4] drawn on an image of ``image_size`` (width, height) in the model's input pixels.
 

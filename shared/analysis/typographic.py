@@ -56,8 +56,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..data import sources
-from ..data.sources import UnreadableImage, printable, read_image
+from ..data.sources import printable, read_image, read_or_skip
 from ..edits import MoveToPatchesEdit, patch_mask
 from ..errors import ImageSourceError, InvalidArgumentError, check_int
 from ..files import MAX_JSON_BYTES, finite_number, parse_json, read_bounded
@@ -66,7 +65,7 @@ from ..intervention import ModifiedModel
 from ..neurons import RegisterNeurons
 from .evaluation import Comparison, Row, zero_shot_classifier, zero_shot_correct
 from .figures import new_figure
-from .geometry import Geometry, preprocess_geometry
+from .geometry import Geometries, Geometry
 from .intervals import bootstrap_interval
 
 log = logging.getLogger(__name__)
@@ -435,7 +434,7 @@ def typographic_attack(model, hook_manager: HookManager, preprocess: Callable, t
     embeddings: dict[str, list[torch.Tensor]] = {column: [] for column in COLUMNS}
     names, labels, texts, masks, shown = [], [], [], [], []
     left_out, skipped = [], []
-    geometries: dict[tuple[int, int], Geometry] = {}
+    geometries = Geometries(preprocess)
     patch_size = hook_manager.patch_size
     bar = tqdm(total=len(dataset), unit="img", desc="typographic attack", disable=not progress)
     with torch.no_grad():
@@ -444,17 +443,11 @@ def typographic_attack(model, hook_manager: HookManager, preprocess: Callable, t
             bar.update(len(batch))
             pixels, batch_masks, kept = [], [], []
             for item in batch:
-                try:
-                    image = item.read()
-                except UnreadableImage as error:
+                image = read_or_skip(item.name, item.read, dataset.skipped)
+                if image is None:
                     skipped.append(item.name)
-                    if item.name not in dataset.skipped:
-                        dataset.skipped.append(item.name)
-                    sources.log.warning("skipped %s: %s", item.name, error)   # where every skipped image is told
                     continue
-                if image.size not in geometries:
-                    geometries[image.size] = preprocess_geometry(preprocess, image.size)
-                geometry = geometries[image.size]
+                geometry = geometries(image.size)
                 height, width = geometry.size
                 grid = (height // patch_size[0], width // patch_size[1])
                 mask = text_patch_mask(item.text_box, geometry, grid, patch_size)

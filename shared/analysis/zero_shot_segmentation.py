@@ -37,13 +37,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import measures
-from ..data import sources
-from ..data.sources import UnreadableImage, printable, read_image, read_label_map
+from ..data.sources import UnreadableImage, printable, read_image, read_label_map, read_or_skip
 from ..errors import ImageSourceError, InvalidArgumentError
 from ..hooks import HookManager
 from .evaluation import Comparison, Row
 from .figures import new_figure
-from .geometry import Geometry, preprocess_geometry
+from .geometry import Geometries
 from .intervals import bootstrap_interval
 
 log = logging.getLogger(__name__)
@@ -226,23 +225,18 @@ def segment_variant(name: str, hook_manager: HookManager, dataset: SegmentationS
     if layout.num_cls == 0:
         raise InvalidArgumentError(f"zero-shot segmentation reads CLS attention, and {hook_manager.name} has no CLS token")
     last = hook_manager.num_layers - 1
-    geometries: dict[tuple[int, int], Geometry] = {}
+    geometries = Geometries(preprocess)
     counts, precisions, maps, shown = [], [], [], []
     bar = tqdm(total=len(dataset), unit="img", desc=f"segmenting: {name}", disable=not progress)
     with torch.no_grad():
         for start in range(0, len(dataset), batch_size):
             pixels, truths, views = [], [], []
             for item in dataset.items[start:start + batch_size]:
-                try:
-                    image, foreground = item.read()
-                except UnreadableImage as error:
-                    if item.name not in dataset.skipped:
-                        dataset.skipped.append(item.name)
-                    sources.log.warning("skipped %s: %s", item.name, error)
+                read = read_or_skip(item.name, item.read, dataset.skipped)
+                if read is None:
                     continue
-                if image.size not in geometries:
-                    geometries[image.size] = preprocess_geometry(preprocess, image.size)
-                geometry = geometries[image.size]
+                image, foreground = read
+                geometry = geometries(image.size)
                 pixels.append(preprocess(image))
                 # 0 where the input shows no image (padding): ignored like ImageNet-S's own ignore label
                 truths.append(torch.from_numpy(geometry.mask(foreground.astype(np.int16) + 2).astype(np.int16) - 2))

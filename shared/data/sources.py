@@ -118,6 +118,18 @@ def read_image(path: Path) -> Image.Image:
     return image
 
 
+def read_or_skip(name: str, read: Callable[[], object], skipped: list[str]):
+    """``read()``, or None when it raises :class:`UnreadableImage`: then ``name`` joins ``skipped`` (once,
+    however many passes meet it) and is logged where every skipped image is told."""
+    try:
+        return read()
+    except UnreadableImage as error:
+        if name not in skipped:
+            skipped.append(name)
+        log.warning("skipped %s: %s", name, error)
+        return None
+
+
 def read_label_map(path: Path) -> np.ndarray:
     """A label file (class indices, depth) as its raw values, fully loaded and closed: [H, W] for a
     single-channel or palette PNG (palette indices, never colours), [H, W, C] for RGB(A);
