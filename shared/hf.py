@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 
 from .data.sources import default_transform
-from .errors import ModelLoadError, first_line
+from .errors import ModelLoadError, UnsupportedModelError, first_line
 from .hub import load_pretrained
 from .loading import LoadedModel
 from .precision import Precision, cast_model, get_precision
@@ -46,14 +46,90 @@ def auto_model(source: str, *, local: bool, seed: int = 0) -> tuple[nn.Module, C
     seeded by ``seed``, and logs a warning saying so. The image processor is read in the same call, so
     that offline it comes from the cache like the weights.
     """
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
+    config = AutoConfig.from_pretrained(source)
+    vlm = is_vision_language(config)
+    auto = AutoModelForImageTextToText if vlm else AutoModel
     if local and not _has_weights(Path(source).expanduser()):
         log.warning("%s has a config but no weights: building it with random weights (seed %d)", source, seed)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            return AutoModel.from_config(AutoConfig.from_pretrained(source)), image_processor(source)
-    return AutoModel.from_pretrained(source), image_processor(source)
+            model = auto.from_config(config)
+    else:
+        model = auto.from_pretrained(source)
+    return model, (tower_transform(source, config.vision_config) if vlm else image_processor(source))
+
+
+def is_vision_language(config) -> bool:
+    """Whether a transformers config is a vision-language model's: it has a vision and a text config and
+    transformers maps it to an image-text-to-text class."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return (getattr(config, "vision_config", None) is not None and getattr(config, "text_config", None) is not None
+            and config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+
+def tower_transform(source: str, vision_config):
+    """A vision-language model's tower at its native square size (``vision_config.image_size``), with its
+    processor's normalisation: PIL image -> [3, size, size]. The processor's own tiling (anyres, tiles plus
+    a global view) is for the language model; discovery and ``forward_images`` run the tower alone."""
+    from torchvision import transforms
+
+    size = vision_config.image_size
+    size = size if isinstance(size, int) else size[0]
+    try:
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(source)
+        mean, std = processor.image_mean, processor.image_std
+    except Exception:  # noqa: BLE001 - no processor saved: the CLIP normalisation most towers were trained with
+        log.warning("%s has no image processor: the tower gets CLIP's normalisation", source)
+        mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    return transforms.Compose([transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC),
+                               transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
+def vision_tower_path(vlm: nn.Module) -> str:
+    """Where a vision-language model keeps its image tower: the outermost submodule whose config is the
+    model's ``vision_config`` (attribute names change between transformers releases; this does not).
+
+    Raises:
+        UnsupportedModelError: no submodule carries that config.
+    """
+    vision_config = getattr(getattr(vlm, "config", None), "vision_config", None)
+    for path, module in vlm.named_modules():
+        if path and vision_config is not None and getattr(module, "config", None) is vision_config:
+            return path
+    raise UnsupportedModelError(f"{type(vlm).__name__} has no submodule whose config is its vision_config")
+
+
+def language_model_reads(vlm: nn.Module, num_layers: int) -> tuple[int, ...]:
+    """The tower blocks whose outputs a vision-language model's language model reads.
+
+    ``vision_feature_layer`` (LLaVA and its kin; an int or a list) or ``vision_feature_layers``
+    (ViP-LLaVA) index the tower's hidden states, whose entry 0 is the embeddings (no block: left out) and entry
+    k the output of block k - 1; without either, the model reads ``last_hidden_state``, the last block
+    (PaliGemma, Gemma 3).
+
+    Raises:
+        UnsupportedModelError: a read layer lies outside the tower.
+    """
+    config = vlm.config
+    layers = getattr(config, "vision_feature_layers", None)
+    if layers is None:
+        layers = getattr(config, "vision_feature_layer", None)
+    if layers is None:
+        return (num_layers - 1,)
+    blocks = []
+    for layer in ([layers] if isinstance(layers, int) else list(layers)):
+        entry = layer + num_layers + 1 if layer < 0 else layer
+        if not 0 <= entry <= num_layers:
+            raise UnsupportedModelError(f"{type(vlm).__name__} reads hidden state {layer}, but its tower has "
+                                        f"{num_layers} blocks ({num_layers + 1} hidden states)")
+        if entry:   # entry 0, the embeddings, is no block's output
+            blocks.append(entry - 1)
+    return tuple(blocks)
 
 
 def read_model(source: str, *, seed: int, what: str, prefix: str):

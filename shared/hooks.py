@@ -317,6 +317,13 @@ class HookManager:
         #: The modules from the model down to the described one; each may return what the caller reads.
         self.outer_modules: tuple[nn.Module, ...] = tuple(
             model.get_submodule(".".join(parts[:depth])) if depth else model for depth in range(len(parts) + 1))
+        #: The modules whose returns hold only what the image model made (the image model down to the described
+        #: one): a vision-language model's or a two-tower model's other outputs are never touched.
+        self.returning_modules: tuple[nn.Module, ...] = self.outer_modules[
+            len(place.image_model.split(".")) if place.image_model else 0:]
+        #: The blocks whose outputs a language model reads (a vision-language model's tower), else None.
+        self.read_layers: tuple[int, ...] | None = None if place.reads is None else tuple(
+            place.reads(model.get_submodule(place.reader) if place.reader else model, len(blocks)))
         self._layout = sites.layout(root) if callable(sites.layout) else sites.layout
         self.forward_methods = tuple(dict.fromkeys(
             method for method in (*place.forward_methods, *type(self).forward_methods) if hasattr(model, method)))
@@ -508,8 +515,9 @@ class HookManager:
 
     @property
     def default_detect_layer(self) -> int:
-        """The layer whose block output is searched for outliers when none is given."""
-        return self.num_layers - 1
+        """The layer whose block output is searched for outliers when none is given: the last block, or in a
+        vision-language model the deepest block its language model reads (LLaVA: 22 of 24, not the unused last)."""
+        return max(self.read_layers) if self.read_layers else self.num_layers - 1
 
     @property
     def device(self) -> torch.device:

@@ -158,7 +158,7 @@ class ModifiedModel(nn.Module):
                 base.prepare_for_registers(self.num_registers, hooks)
                 hooks.on(base.register_insertion_site(), self._append_registers, prepend=True)
                 hooks.on(base.register_removal_site(), self._strip_registers, prepend=True)
-                for module in base.outer_modules:
+                for module in base.returning_modules:
                     hooks.keep(module.register_forward_hook(self._strip_returned))
                 base.refuse_intermediate_methods(hooks, "call it on the ModifiedModel (modified.{name}(...)), "
                                                         "which runs it without them")

@@ -222,48 +222,56 @@ def load_neurons(spec: str | os.PathLike, hook_manager: HookManager | None = Non
 @dataclass(frozen=True)
 class ModelEntry:
     """What the registry knows about one model class: exactly one of ``hook_manager`` (it describes
-    the class), ``inside`` (the class wraps a model, at that attribute path) or ``unsupported`` (why not).
+    the class), ``inside`` (the class wraps a model, at that attribute path, or at the path a function
+    of the wrapper finds) or ``unsupported`` (why not).
 
     For a wrapper, ``run_inside`` says whether ``forward_images`` runs the wrapped model (an
     image tower: ``CLIP.visual``) or the wrapper itself (a classifier: its logits), and
     ``forward_methods`` names the wrapper's methods that run the image tower (``encode_image``).
+    ``reads`` (a vision-language model) gives the tower blocks whose outputs the language model
+    reads, from the wrapper and the tower's number of blocks.
     """
 
     key: type | str
     hook_manager: type[HookManager] | None = None
-    inside: str | None = None
+    inside: str | Callable[[nn.Module], str] | None = None
     run_inside: bool = False
     forward_methods: tuple[str, ...] = ()
     unsupported: str | None = None
+    reads: Callable[[nn.Module, int], tuple[int, ...]] | None = None
 
 
 @dataclass(frozen=True)
 class Placement:
     """Where a hook manager's declaration applies inside the model it was given: ``root``, the
-    described module, and ``image_model``, what ``forward_images`` runs (dotted paths, "" for the model)."""
+    described module, and ``image_model``, what ``forward_images`` runs (dotted paths, "" for the model).
+    ``reads`` is the outermost wrapper's function giving the blocks a language model reads, if any."""
 
     root: str = ""
     image_model: str = ""
     forward_methods: tuple[str, ...] = ()
+    reads: Callable[[nn.Module, int], tuple[int, ...]] | None = None
+    reader: str = ""
 
 
 _MODEL_TYPES: dict[type, ModelEntry] = {}
 _MODEL_NAMES: dict[str, ModelEntry] = {}
 
 
-def register_model(*keys: type | str, hook_manager: type[HookManager] | None = None, inside: str | None = None,
-                   run_inside: bool = False, forward_methods: tuple[str, ...] = (),
-                   unsupported: str | None = None) -> None:
+def register_model(*keys: type | str, hook_manager: type[HookManager] | None = None,
+                   inside: str | Callable[[nn.Module], str] | None = None, run_inside: bool = False,
+                   forward_methods: tuple[str, ...] = (), unsupported: str | None = None,
+                   reads: Callable[[nn.Module, int], tuple[int, ...]] | None = None) -> None:
     """Say what the library knows about models of these classes (types, or class names for transformers).
 
     Exactly one of: ``hook_manager`` describes them; they wrap a model at attribute path ``inside``
-    (with ``run_inside`` and ``forward_methods`` as in :class:`ModelEntry`); or they are
+    (with ``run_inside``, ``forward_methods`` and ``reads`` as in :class:`ModelEntry`); or they are
     ``unsupported``, for the reason given.
     """
     if sum(value is not None for value in (hook_manager, inside, unsupported)) != 1:
         raise InvalidArgumentError("register_model needs exactly one of hook_manager=, inside= or unsupported=")
     for key in keys:
-        entry = ModelEntry(key, hook_manager, inside, run_inside, tuple(forward_methods), unsupported)
+        entry = ModelEntry(key, hook_manager, inside, run_inside, tuple(forward_methods), unsupported, reads)
         (_MODEL_TYPES if isinstance(key, type) else _MODEL_NAMES)[key if isinstance(key, type) else str(key)] = entry
 
 
@@ -283,18 +291,22 @@ def placement(model: nn.Module) -> Placement:
         UnsupportedModelError: a module on the way is registered as unsupported.
     """
     root, image_model, methods, module = "", None, None, model
+    reads, reader = None, ""
     while True:
         entry = model_entry(module)
         if entry is not None and entry.unsupported is not None:
             raise UnsupportedModelError(f"{type(module).__name__} is not supported: {entry.unsupported}")
         if entry is None or entry.inside is None:
-            return Placement(root, root if image_model is None else image_model, methods or ())
+            return Placement(root, root if image_model is None else image_model, methods or (), reads, reader)
+        if reads is None and entry.reads is not None:
+            reads, reader = entry.reads, root
+        path = entry.inside(module) if callable(entry.inside) else entry.inside
         try:
-            module = module.get_submodule(entry.inside)
+            module = module.get_submodule(path)
         except AttributeError:
-            raise UnsupportedModelError(f"{type(module).__name__} should hold its model at {entry.inside!r}, "
+            raise UnsupportedModelError(f"{type(module).__name__} should hold its model at {path!r}, "
                                         "but has nothing there") from None
-        inner = f"{root}.{entry.inside}" if root else entry.inside
+        inner = f"{root}.{path}" if root else path
         if image_model is None:
             image_model = inner if entry.run_inside else root
         methods = entry.forward_methods if methods is None else methods

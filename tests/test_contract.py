@@ -227,7 +227,9 @@ def _tiny_config(config_class):
     if config_class.__name__.startswith("Dinov2"):
         tower = dict(DINOV2)
     if "vision_config" in config_class.sub_configs:
-        return config_class(vision_config=tower, text_config=text, num_labels=3)
+        # ViP-LLaVA's default read layers (-2, -5, -8, -11, 6) are for a 24-block tower
+        reads = {"vision_feature_layers": [-2, -3]} if config_class.__name__.startswith("VipLlava") else {}
+        return config_class(vision_config=tower, text_config=text, num_labels=3, **reads)
     if config_class.__name__ == "DINOv3ViTConfig":
         return config_class(**tower, num_register_tokens=4)
     return config_class(**tower, num_labels=3)
