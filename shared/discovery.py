@@ -87,6 +87,8 @@ def find_register_neurons(hook_manager: HookManager, images, preprocess: Callabl
     skipped = _total_skipped(stats.source)
     if skipped is not None:
         result.extra["files_skipped"] = skipped
+    if hook_manager.read_layers is not None:   # a vision-language model's tower: what its language model reads
+        result.extra["tower"] = {"class": type(hook_manager.root).__name__, "read_layers": list(hook_manager.read_layers)}
     return result
 
 

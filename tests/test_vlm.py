@@ -13,8 +13,8 @@ from test_time_registers.data.sources import IMAGENET_MEAN, IMAGENET_STD
 from test_time_registers.hf import language_model_reads, vision_tower_path
 from test_time_registers.planting import marker_images, plant_register_neurons
 from tests.tiny_models import hook_count
-from tests.tiny_vlms import (GRID, IMAGE, IMAGE_TOKEN, PATCH, image_tokens, llava, llava_next, paligemma, prompt,
-                             vip_llava)
+from tests.tiny_vlms import (GRID, IMAGE, PATCH, aya_vision, gemma3, image_tokens, llava, llava_next, onevision,
+                             paligemma, prompt, vip_llava)
 
 
 def planted(model, layer=1):
@@ -46,6 +46,7 @@ def test_planted_neurons_are_found_at_the_read_layer_and_the_register_takes_thei
     images = marker_images(24, IMAGE, PATCH, seed=1).pixel_values
     found = find_register_neurons(hook_manager, images, top_k=3, progress=False)
     assert found.detect_layer == 2 and sorted(found.pairs()) == neurons
+    assert found.extra["tower"] == {"class": "CLIPVisionModel", "read_layers": [2]}   # recorded in the neuron file
     modified = ModifiedModel(model, hook_manager, found)
     before = measure_outliers(hook_manager, images, detect_layer=2)
     after = measure_outliers(modified.hook_manager, images, detect_layer=2)
@@ -241,3 +242,33 @@ def test_the_command_line_finds_the_planted_neurons_of_a_saved_llava(tmp_path, c
     from test_time_registers import RegisterNeurons
 
     assert sorted(RegisterNeurons.load(out).pairs()) == neurons
+
+
+#: SigLIP-tower families: (builder, crops per image, image tokens the language model gets, extra inputs).
+SIGLIP_FAMILIES = {
+    "onevision": (onevision, 2, 2 * GRID + 4, {"image_sizes": torch.tensor([[IMAGE, IMAGE]])}),   # + newlines
+    "gemma3": (gemma3, 1, 4, {}),
+    "aya-vision": (aya_vision, 1, GRID // 4, {}),
+}
+
+
+@pytest.mark.parametrize("family", SIGLIP_FAMILIES)
+def test_siglip_families_generate_with_one_register_per_crop(family):
+    build, crops, tokens, extra = SIGLIP_FAMILIES[family]
+    model = build()
+    hook_manager, neurons = planted(model)
+    assert hook_manager.default_detect_layer == 3           # last_hidden_state, or hidden state -1
+    modified = ModifiedModel(model, hook_manager, neurons)
+    pixels = marker_images(crops, IMAGE, PATCH, seed=8).pixel_values
+    pixels = pixels[None] if family == "onevision" else pixels
+    ids, mask = prompt(tokens)
+    with torch.no_grad():
+        plain = model.model.get_image_features(pixel_values=pixels, **extra)
+        edited = modified.get_image_features(pixel_values=pixels, **extra)
+    shapes = lambda features: [tuple(f.shape) for f in (features.pooler_output if hasattr(features, "pooler_output")  # noqa: E731
+                                                        else features)]
+    assert shapes(edited) == shapes(plain)                   # the language model gets the unmodified token count
+    assert modified.register_tokens.shape == (crops, 1, 32)
+    generated = modified.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=2,
+                                  do_sample=False, **extra)
+    assert generated.shape == (1, ids.shape[1] + 2)

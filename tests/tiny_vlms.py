@@ -72,3 +72,38 @@ def prompt(tokens: int, batch: int = 1, pad: int = 0) -> tuple[torch.Tensor, tor
     ids = torch.tensor([row] * batch)
     mask = torch.tensor([[0] * pad + [1] * (len(row) - pad)] * batch)
     return ids, mask
+
+
+def onevision(seed=0):
+    """LLaVA-OneVision: a SigLIP tower read at -1 (pre-norm) with the 'full' strategy; one tile plus the base view."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = LlavaOnevisionConfig(vision_config=siglip_tower(), text_config=text(), image_token_index=IMAGE_TOKEN,
+                                  image_grid_pinpoints=[[IMAGE, IMAGE]], vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full")
+    return LlavaOnevisionForConditionalGeneration(config).eval()
+
+
+def gemma3(seed=0):
+    """Gemma 3: SigLIP's last_hidden_state, average-pooled to mm_tokens_per_image (4 here) before the projector."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    language = Gemma3TextConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+                                num_key_value_heads=1, head_dim=24, vocab_size=100)
+    config = Gemma3Config(vision_config=siglip_tower(), text_config=language, image_token_index=IMAGE_TOKEN,
+                          mm_tokens_per_image=4)
+    return Gemma3ForConditionalGeneration(config).eval()
+
+
+def aya_vision(seed=0):
+    """Aya Vision: a SigLIP tower read at -1 (pre-norm), then a 2x2 pixel shuffle before the projector."""
+    from transformers import AyaVisionConfig, AyaVisionForConditionalGeneration, CohereConfig
+
+    torch.manual_seed(seed)
+    language = CohereConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+                            num_key_value_heads=2, vocab_size=100, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = AyaVisionConfig(vision_config=siglip_tower(), text_config=language, image_token_index=IMAGE_TOKEN,
+                             downsample_factor=2, vision_feature_layer=-1)
+    return AyaVisionForConditionalGeneration(config).eval()
