@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -226,3 +227,72 @@ def load_transformers_spec(reference: str, *, device="cpu", precision="fp32", se
 
     transformers_logging.disable_progress_bar()   # stderr stays for our progress bars and errors
     return load_transformers(reference, device=device, precision=precision, seed=seed)
+
+
+@register_architecture("hf-tower", spec="hf-tower:HF_ID_OR_DIR",
+                       description="the image tower of a transformers vision-language model, loaded alone: its config "
+                                   "and only its weights (discovery without the language model)",
+                       examples=("hf-tower:llava-hf/llava-1.5-7b-hf",))
+def load_vlm_tower_spec(reference: str, *, device="cpu", precision="fp32", seed: int = 0) -> LoadedModel:
+    if not reference:
+        raise ModelLoadError("hf-tower: needs a vision-language model's Hugging Face id or local directory, e.g. "
+                             "hf-tower:llava-hf/llava-1.5-7b-hf")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    return load_vlm_tower(reference, device=device, precision=precision, seed=seed)
+
+
+def load_vlm_tower(id_or_dir: str | os.PathLike, *, device: torch.device | str = "cpu",
+                   precision: str | Precision = "fp32", seed: int = 0) -> LoadedModel:
+    """A vision-language model's image tower alone, from the model's checkpoint: its ``vision_config`` and only the
+    tower's weights, renamed by transformers' own loading (``key_mapping`` strips the tower's prefix; the rest of
+    the checkpoint, the language model, is never read into memory). The hook manager carries the model's read
+    layers and its spec's name ``hf:ID_OR_DIR``, so neurons found here apply to the whole model without ``--force``.
+
+    Raises:
+        ModelLoadError: not a vision-language model, or its weights cannot be read.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+    from transformers.utils import logging as transformers_logging
+
+    precision = get_precision(precision)
+    source = os.fspath(id_or_dir)
+    local = is_local_folder(source)
+
+    def load():
+        config = AutoConfig.from_pretrained(source)
+        if not is_vision_language(config):
+            raise ModelLoadError(f"{source} is not a vision-language model ({config.model_type}): use hf:{source}")
+        with torch.device("meta"):                    # the whole model's layout, without memory
+            layout = AutoModelForImageTextToText.from_config(config)
+        path = vision_tower_path(layout)
+        name = re.escape(path.rsplit(".", 1)[-1])
+        if local and not _has_weights(Path(source).expanduser()):
+            log.warning("%s has a config but no weights: building its tower with random weights (seed %d)", source, seed)
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                tower = AutoModel.from_config(config.vision_config)
+        else:
+            verbosity = transformers_logging.get_verbosity()
+            transformers_logging.set_verbosity_error()     # every language-model weight is "unexpected" here
+            try:
+                tower = AutoModel.from_pretrained(source, config=config.vision_config,
+                                                  key_mapping={rf"^(?:model\.)?{name}\.": ""})
+            finally:
+                transformers_logging.set_verbosity(verbosity)
+        reads = language_model_reads(layout, len(hook_manager_for(tower).blocks))
+        return tower, tower_transform(source, config.vision_config), reads
+
+    try:
+        tower, preprocess, reads = load() if local else load_pretrained(
+            load, f"vision-language model {source}", f"Download it where the hub can be reached "
+            f"(hf download {source} --local-dir DIR), then pass hf-tower:DIR.")
+    except (ModelLoadError, UnsupportedModelError):
+        raise
+    except Exception as error:  # noqa: BLE001 - OSError (missing, offline), ValueError, safetensors errors
+        raise ModelLoadError(f"could not load the tower of {source!r}: {first_line(error)}") from error
+    tower = cast_model(tower, precision, device).eval()
+    hook_manager = hook_manager_for(tower, name=f"hf:{source}", autocast_dtype=precision.autocast)
+    hook_manager.read_layers = reads
+    return LoadedModel(tower, preprocess, hook_manager)

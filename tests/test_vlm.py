@@ -272,3 +272,24 @@ def test_siglip_families_generate_with_one_register_per_crop(family):
     generated = modified.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=2,
                                   do_sample=False, **extra)
     assert generated.shape == (1, ids.shape[1] + 2)
+
+
+def test_the_tower_alone_loads_from_the_vlm_checkpoint_with_its_read_layers_and_name(tmp_path):
+    """hf-tower: reads the model's config and only the tower's weights; its neurons apply to the whole model."""
+    from test_time_registers import load_model
+
+    neurons = saved_llava(tmp_path / "llava")
+    whole, tower = load_model(f"hf:{tmp_path / 'llava'}"), load_model(f"hf-tower:{tmp_path / 'llava'}")
+    assert type(tower.model).__name__ == "CLIPVisionModel" and tower.hook_manager.default_detect_layer == 2
+    reference = whole.model.model.vision_tower.state_dict()
+    assert all(torch.equal(value, reference[key]) for key, value in tower.model.state_dict().items())
+    images = [Image.open(path) for path in sorted(marker_files(tmp_path / "images", 24, 1).glob("*.png"))]
+    found = find_register_neurons(tower.hook_manager, images, tower.preprocess, top_k=3, progress=False)
+    assert sorted(found.pairs()) == neurons and found.model == whole.hook_manager.name
+    found.check_fits(whole.hook_manager)                      # same name, same tower: no --force needed
+    from test_time_registers import ModelLoadError
+    from tests.tiny_models import hf_tower
+
+    hf_tower("clip").save_pretrained(tmp_path / "clip")
+    with pytest.raises(ModelLoadError, match="is not a vision-language model"):
+        load_model(f"hf-tower:{tmp_path / 'clip'}")
