@@ -5,8 +5,7 @@ from .hf_towers import ClipVisionHookManager, Siglip2VisionHookManager, SiglipVi
 from .hook_manager import ClipHookManager
 from .loader import load_openclip, set_precision
 from . import vlm  # noqa: F401 - registers the vision-language models whose towers are CLIP or SigLIP
-from . import vlm_towers  # noqa: F401 - registers the towers of InternVL, Idefics3 and SmolVLM and their VLMs
-from .vlm_towers import Idefics3VisionHookManager, InternVLVisionHookManager
+from .vlm_towers import Idefics3VisionHookManager, InternVLVisionHookManager  # also registers their VLMs
 
 __all__ = ["ClipHookManager", "ClipVisionHookManager", "Idefics3VisionHookManager", "InternVLVisionHookManager",
            "Siglip2VisionHookManager", "SiglipVisionHookManager", "load_openclip", "set_precision"]
