@@ -6,6 +6,10 @@ runs first on the images (the demo: on its 64 generated scenes) with its default
 figures use what it found, neuron-score heatmap included. With no arguments it runs offline on the
 SYNTHETIC demo model. Bad input gives one line on stderr and exit code 2, and no file is written.
 
+With --prompt and a vision-language model (--model hf:DIR, e.g. a LLaVA), it also draws where the
+answer looks: the language model's attention from the answer token(s) to the image, before and after,
+beside the tower's patch norms at the block the language model reads (answer_attention.png).
+
 Installed as the console script ``test-time-registers-visualize``.
 """
 
@@ -17,10 +21,12 @@ import re
 import sys
 from pathlib import Path
 
-from test_time_registers import ImageFolder, NoOutliersError, find_register_neurons
+from test_time_registers import ImageFolder, NoOutliersError, TestTimeRegistersError, find_register_neurons
 from test_time_registers.registry import load_model
 from test_time_registers.analysis.figures import require_matplotlib
-from test_time_registers.analysis.visualize import collect_views, draw_pages, save_pages
+from test_time_registers.analysis.vlm_attention import (check_answer_attention, compare_answer_attention,
+                                                          draw_views, load_processor)
+from test_time_registers.analysis.visualize import Page, collect_views, draw_pages, save_pages
 from test_time_registers.files import output_folder
 
 from test_time_registers.scripts.common import (Parser, UsageError, add_model_flags, check_device, checked_neurons,
@@ -29,6 +35,7 @@ from test_time_registers.scripts.common import (Parser, UsageError, add_model_fl
 DEMO_IMAGES = 64
 DEFAULT_OUT = Path("figures")
 PDF_NAME = "all_figures.pdf"
+ANSWER_PAGE = "answer_attention"
 LAYER_LIST = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 
 
@@ -66,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attention-layer", type=non_negative_int,
                         help="layer of the per-token attention pages (default: the last)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass")
+    parser.add_argument("--prompt", metavar="TEXT", help="a vision-language model (hf:DIR) only: a question about each image; adds "
+                        f"{ANSWER_PAGE}.png, the answer's attention to the image before and after. The image goes "
+                        "where the processor's placeholder (<image>) is, else through its chat template, else first")
+    parser.add_argument("--answer-tokens", type=positive_int, metavar="N",
+                        help="with --prompt: answer tokens generated (greedily) and averaged over (default: 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -87,6 +99,13 @@ def run(args: argparse.Namespace) -> int:
     require_matplotlib()   # before any work: the figures are the point of the run
     if args.force and not args.neurons:
         raise UsageError("--force only applies to --neurons")
+    if args.prompt is None and args.answer_tokens is not None:
+        raise UsageError("--answer-tokens only applies to --prompt")
+    if args.prompt is not None and not args.prompt.strip():
+        raise UsageError("--prompt is empty; ask a question about the images")
+    if args.prompt is not None and not args.model.startswith("hf:"):
+        raise UsageError(f"--prompt needs a vision-language model given as hf:DIR or hf:ID (its processor is read "
+                         f"from there), not {args.model}")
     check_out_folder(args.out)
     device = check_device(args.device)
     folder = ImageFolder(args.images) if args.images else None   # a missing or empty folder fails here
@@ -102,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--layers: {hook_manager.name} has layers 0..{last}, not {named}")
     if args.attention_layer is not None:
         hook_manager.check_layer(args.attention_layer, "attention_layer")
+    processor = _processor(args, loaded) if args.prompt is not None else None
 
     if folder is None:
         scenes = list(loaded.generate_images(max(DEMO_IMAGES, args.num_images), args.seed))
@@ -124,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
     pages, notes = draw_pages(views, neurons)
     for note in notes:
         print(f"note: {note}")
+    if processor is not None:
+        pages.append(_answer_page(args, loaded, neurons, shown, processor))
     with output_folder(args.out):   # made only now; a failure or Ctrl-C removes it again if it is new
         paths = save_pages(pages, args.out, pdf_name=PDF_NAME)
     print(f"wrote {len(pages)} figures of {views.num_images} image(s) to {args.out}:")
@@ -151,6 +173,42 @@ def _neurons(args: argparse.Namespace, loaded, discovery_images):
           f"({neurons.images_with_outliers} with outliers): threshold {neurons.threshold:.4g}, "
           f"detect layer {neurons.detect_layer}, highest layer {neurons.highest_layer}")
     return neurons
+
+
+def _processor(args: argparse.Namespace, loaded):
+    """The processor of --model hf:SOURCE, checked to fit a vision-language model the figure supports, before any
+    work."""
+    hook_manager = loaded.hook_manager
+    if hook_manager.read_layers is None:
+        raise UsageError(f"--prompt needs a vision-language model, and no language model reads {hook_manager.name}")
+    source = args.model.removeprefix("hf:")
+    try:
+        processor = load_processor(source)
+        check_answer_attention(loaded.model, processor, args.prompt)
+    except TestTimeRegistersError as error:
+        raise UsageError(f"--prompt: {error}") from None
+    return processor
+
+
+def _answer_page(args: argparse.Namespace, loaded, neurons, shown, processor) -> Page:
+    """The answer-attention figure of the images shown, with its numbers printed per image."""
+    answer_tokens = args.answer_tokens or 1
+    views = compare_answer_attention(loaded, neurons, shown, args.prompt, processor, num_images=args.num_images,
+                                     num_registers=args.num_registers, max_new_tokens=answer_tokens,
+                                     batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
+    print(f"answer attention ({answer_tokens} answer token(s), mean over the language model's layers and "
+          f"heads), patch norms at block {views.read_layer}; before -> after:")
+    for index, (name, numbers) in enumerate(zip(views.names, views.numbers())):
+        print(f"  image {index} ({name}): answer {views.answers['before'][index]!r} -> "
+              f"{views.answers['after'][index]!r}; on the top-{numbers.top_k} norm patches "
+              f"{_change(numbers.top_norm_mass, '.1%')}, on image tokens {_change(numbers.on_image, '.1%')}, entropy "
+              f"{_change(numbers.entropy, '.3f')} of max, norms largest/median "
+              f"{_change(numbers.max_over_median, '.3g')}")
+    return Page(ANSWER_PAGE, ANSWER_PAGE, draw_views(views))
+
+
+def _change(values: dict[str, float], form: str) -> str:
+    return f"{values['before']:{form}} -> {values['after']:{form}}"
 
 
 def main(argv=None) -> int:

@@ -32,5 +32,5 @@ def test_the_offline_demo_and_registry_snippets_run():
     assert len(namespace["neurons"]) == 4
     exec(compile(registry.replace("sorted(architectures())", "listed = sorted(architectures())"), str(README), "exec"),
          namespace)
-    assert namespace["listed"] == ["deit", "demo", "dinov2", "hf", "openclip", "timm"]
+    assert namespace["listed"] == ["deit", "demo", "dinov2", "hf", "hf-tower", "openclip", "timm"]
     assert namespace["hm"].input_dtype.is_floating_point and str(namespace["hm"].input_dtype) == "torch.bfloat16"
