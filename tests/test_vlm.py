@@ -293,3 +293,22 @@ def test_the_tower_alone_loads_from_the_vlm_checkpoint_with_its_read_layers_and_
     hf_tower("clip").save_pretrained(tmp_path / "clip")
     with pytest.raises(ModelLoadError, match="is not a vision-language model"):
         load_model(f"hf-tower:{tmp_path / 'clip'}")
+
+
+#: Every wrapped family with a CLIP or SigLIP tower, and the tower block its language model reads.
+FAMILIES = {"llava": (llava, 2), "llava-full-last": (lambda: llava(-1, "full"), 3), "vip-llava": (vip_llava, 2),
+            "llava-next": (llava_next, 2), "onevision": (onevision, 3), "paligemma": (paligemma, 3),
+            "gemma3": (gemma3, 3), "aya-vision": (aya_vision, 3)}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_finds_its_planted_neurons_at_the_block_its_language_model_reads(family):
+    build, read = FAMILIES[family]
+    model = build()
+    hook_manager, neurons = planted(model)
+    images = marker_images(24, IMAGE, PATCH, seed=1).pixel_values
+    found = find_register_neurons(hook_manager, images, top_k=3, progress=False)
+    assert found.detect_layer == read and sorted(found.pairs()) == neurons
+    after = measure_outliers(ModifiedModel(model, hook_manager, found).hook_manager, images, detect_layer=read)
+    assert measure_outliers(hook_manager, images, detect_layer=read).worst_max_over_median > 10
+    assert after.worst_max_over_median <= 2
