@@ -2,7 +2,6 @@
 discovery at the read layer, generate() under every read layer and strategy, tiles, refusals, the hf: spec and the
 command line, all on tiny models built from configs."""
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -11,17 +10,10 @@ from test_time_registers import ModifiedModel, UnsupportedModelError, find_regis
 from test_time_registers.analysis.metrics import measure_outliers
 from test_time_registers.data.sources import IMAGENET_MEAN, IMAGENET_STD
 from test_time_registers.hf import language_model_reads, vision_tower_path
-from test_time_registers.planting import marker_images, plant_register_neurons
+from test_time_registers.planting import marker_images
 from tests.tiny_models import hook_count
-from tests.tiny_vlms import (GRID, IMAGE, PATCH, aya_vision, gemma3, image_tokens, llava, llava_next, onevision,
-                             paligemma, prompt, vip_llava)
-
-
-def planted(model, layer=1):
-    """The VLM's hook manager, with 3 register neurons planted in block ``layer`` of its tower."""
-    hook_manager = hook_manager_for(model)
-    return hook_manager, plant_register_neurons(hook_manager, marker_images(24, IMAGE, PATCH, seed=0), layer=layer,
-                                                count=3)
+from tests.tiny_vlms import (GRID, IMAGE, PATCH, aya_vision, gemma3, generate_seeing_the_projector, image_tokens,
+                             llava, llava_next, marker_files, onevision, paligemma, planted, prompt, vip_llava)
 
 
 def test_the_tower_is_found_by_its_config_and_the_read_layers_by_the_models_settings():
@@ -61,13 +53,7 @@ def test_generate_works_and_the_projector_gets_the_unmodified_token_count(layer,
     modified = ModifiedModel(model, hook_manager, neurons)
     ids, mask = prompt(image_tokens(strategy), batch=2)
     pixels = marker_images(2, IMAGE, PATCH, seed=2).pixel_values
-    seen = []
-    handle = model.model.multi_modal_projector.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
-    try:
-        generated = modified.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=3,
-                                      do_sample=False)
-    finally:
-        handle.remove()
+    generated, seen = generate_seeing_the_projector(modified, model, ids, mask, pixels)
     assert generated.shape == (2, ids.shape[1] + 3)
     width = 32 * (len(layer) if isinstance(layer, list) else 1)
     assert seen == [torch.Size([2, image_tokens(strategy), width])]      # the tower ran once, before prefill
@@ -203,17 +189,6 @@ def saved_llava(folder):
     CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE},
                        image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD)).save_pretrained(folder)
     return neurons
-
-
-def marker_files(folder, count, seed):
-    """marker_images as PNG files (undoing their ImageNet normalisation)."""
-    folder.mkdir()
-    pixels = marker_images(count, IMAGE, PATCH, seed=seed).pixel_values
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    for index, image in enumerate(pixels):
-        array = ((image * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-        Image.fromarray(np.ascontiguousarray(array)).save(folder / f"marked_{index:02d}.png")
-    return folder
 
 
 def test_the_hf_spec_loads_a_saved_vlm_with_its_tower_at_its_native_size(tmp_path):

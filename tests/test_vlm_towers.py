@@ -13,9 +13,10 @@ from test_time_registers import ModifiedModel, find_register_neurons, hook_manag
 from test_time_registers.analysis.metrics import measure_outliers
 from test_time_registers.clip.vlm_towers import Idefics3VisionHookManager, InternVLVisionHookManager
 from test_time_registers.hf import vision_tower_path
-from test_time_registers.planting import marker_images, plant_register_neurons
+from test_time_registers.planting import marker_images
 from tests.tiny_models import hook_count
-from tests.tiny_vlms import GRID, IMAGE, IMAGE_TOKEN, LAYERS, PATCH, prompt, text
+from tests.tiny_vlms import (GRID, IMAGE, IMAGE_TOKEN, LAYERS, PATCH, generate_seeing_the_projector, planted, prompt,
+                             text)
 
 TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=2, image_size=IMAGE,
              patch_size=PATCH)
@@ -65,13 +66,6 @@ FAMILIES = {
     "idefics3": (idefics3, Idefics3VisionTransformer, Idefics3VisionHookManager, "vision_model", 0),
     "smolvlm": (smolvlm, SmolVLMVisionTransformer, Idefics3VisionHookManager, "vision_model", 0),
 }
-
-
-def planted(model, layer=1):
-    """The model's hook manager, with 3 register neurons planted in block ``layer`` of its tower."""
-    hook_manager = hook_manager_for(model)
-    return hook_manager, plant_register_neurons(hook_manager, marker_images(24, IMAGE, PATCH, seed=0), layer=layer,
-                                                count=3)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -127,13 +121,7 @@ def test_internvl_generates_and_its_pixel_shuffle_gets_the_unmodified_grid(layer
     modified = ModifiedModel(model, hook_manager, neurons)
     ids, mask = prompt(SHUFFLED, batch=2)
     pixels = marker_images(2, IMAGE, PATCH, seed=2).pixel_values
-    seen = []
-    handle = model.model.multi_modal_projector.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
-    try:
-        generated = modified.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=3,
-                                      do_sample=False)
-    finally:
-        handle.remove()
+    generated, seen = generate_seeing_the_projector(modified, model, ids, mask, pixels)
     assert generated.shape == (2, ids.shape[1] + 3)
     assert seen == [torch.Size([2, SHUFFLED, 4 * 32])]     # 16 patches, 2 x 2 shuffled: 4 tokens of 4 patches each
     assert modified.register_tokens.shape == (2, 1, 32)

@@ -107,3 +107,42 @@ def aya_vision(seed=0):
     config = AyaVisionConfig(vision_config=siglip_tower(), text_config=language, image_token_index=IMAGE_TOKEN,
                              downsample_factor=2, vision_feature_layer=-1)
     return AyaVisionForConditionalGeneration(config).eval()
+
+
+def planted(model, layer=1):
+    """The model's hook manager, with 3 register neurons planted in block ``layer`` of its tower."""
+    from test_time_registers import hook_manager_for
+    from test_time_registers.planting import marker_images, plant_register_neurons
+
+    hook_manager = hook_manager_for(model)
+    return hook_manager, plant_register_neurons(hook_manager, marker_images(24, IMAGE, PATCH, seed=0), layer=layer,
+                                                count=3)
+
+
+def generate_seeing_the_projector(modified, model, ids, mask, pixels, new_tokens=3):
+    """``modified.generate`` greedily, and the shapes of what the model's projector received."""
+    seen = []
+    handle = model.model.multi_modal_projector.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    try:
+        generated = modified.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                                      max_new_tokens=new_tokens, do_sample=False)
+    finally:
+        handle.remove()
+    return generated, seen
+
+
+def marker_files(folder, count, seed):
+    """marker_images as PNG files in ``folder`` (undoing their ImageNet normalisation)."""
+    import numpy as np
+    from PIL import Image
+
+    from test_time_registers.data.sources import IMAGENET_MEAN, IMAGENET_STD
+    from test_time_registers.planting import marker_images
+
+    folder.mkdir()
+    pixels = marker_images(count, IMAGE, PATCH, seed=seed).pixel_values
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    for index, image in enumerate(pixels):
+        array = ((image * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        Image.fromarray(np.ascontiguousarray(array)).save(folder / f"marked_{index:02d}.png")
+    return folder
