@@ -232,7 +232,8 @@ def check_device(name: str) -> str:
 
 
 def checked_neurons(spec: str, hook_manager, force: bool = False) -> RegisterNeurons:
-    """The register neurons of ``--neurons SPEC`` (a file or ``preset:NAME``), checked against the model.
+    """The register neurons of ``--neurons SPEC`` (a file, ``preset:NAME`` or ``hf-hub:ORG/REPO[/FILE]``),
+    checked against the model.
 
     Neurons out of the model's range raise the library's error; neurons found on another model
     are a :class:`UsageError` unless ``force``, and then one warning.

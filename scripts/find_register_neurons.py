@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Find the register neurons of a ViT, save them as JSON, and show what a test-time register does.
+"""Find the register neurons of a ViT, save them as JSON (or as a folder to publish on the Hugging Face hub,
+with --save-pretrained), and show what a test-time register does.
 
 With no arguments it runs offline on the SYNTHETIC demo: a small random OpenCLIP ViT with
 planted register neurons, over generated scenes. The before/after table is measured on
@@ -14,6 +15,7 @@ import argparse
 import contextlib
 import dataclasses
 import io
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -24,7 +26,7 @@ from test_time_registers.analysis.figures import require_matplotlib, save_compar
 from test_time_registers.analysis.metrics import measure_outliers
 from test_time_registers.data.batching import Shard
 from test_time_registers.data.sources import take
-from test_time_registers.neurons import scores_path_for
+from test_time_registers.neurons import CARD_FILE, HUB_FILE, scores_path_for
 from test_time_registers.distributed import device_for_rank, process_group
 from test_time_registers.registry import load_model
 from test_time_registers.statistics import AUTO_TARGET_RATIO, DiscoverySettings
@@ -42,6 +44,10 @@ FIGURE_ROWS = 4
 #: DiscoverySettings' fields, under the same names.
 DISCOVERY_FLAGS = ("out", "top_k", "target_ratio", "threshold", "detect_layer", "highest_layer", "score", "checkpoint")
 SETTING_FLAGS = tuple(name for name in DISCOVERY_FLAGS if name in DiscoverySettings.names())
+#: The flags whose values the neurons a run finds depend on: what --save-pretrained records as the command
+#: that reproduces them (given when not at their default; --model always).
+REPRODUCING_FLAGS = ("model", "precision", "device", "seed", "images", "num_images", "eval_images", "batch_size",
+                     *SETTING_FLAGS)
 
 
 def target_ratio(text: str) -> float:
@@ -60,8 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-images", type=positive_int, default=32,
                         help="held-out images for the before/after table; at most half of a folder")
     parser.add_argument("--out", type=Path, help=f"neuron JSON file to write (default: {DEFAULT_OUT})")
-    parser.add_argument("--neurons", help="apply this neuron file, or preset:NAME (e.g. preset:dinov2-vitl14), "
-                        "instead of running discovery")
+    parser.add_argument("--neurons", help="apply this neuron file, preset:NAME (e.g. preset:dinov2-vitl14) or "
+                        f"hf-hub:ORG/REPO[/FILE] (a neuron file on the Hugging Face hub, {HUB_FILE} by default; "
+                        "the local cache only when the hub cannot be reached or HF_HUB_OFFLINE=1), instead of "
+                        "running discovery")
+    parser.add_argument("--save-pretrained", type=Path, metavar="DIR",
+                        help=f"write the neurons as a folder to upload to the hub (hf upload ORG/REPO DIR): "
+                             f"{HUB_FILE}, its candidate scores and a model card {CARD_FILE}; instead of --out")
     parser.add_argument("--force", action="store_true",
                         help="apply --neurons even if they were found on another model")
     parser.add_argument("--top-k", type=positive_int_or_auto,
@@ -111,8 +122,16 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.checkpoint_every is not None and args.checkpoint is None:
         raise UsageError("--checkpoint-every needs --checkpoint FILE")
     args.checkpoint_every = args.checkpoint_every or CHECKPOINT_EVERY
-    args.out = None if args.neurons else (args.out or DEFAULT_OUT)
-    check_output_paths(out=args.out, log=args.log, figure=args.figure, checkpoint=args.checkpoint)
+    if args.save_pretrained is not None and args.out is not None:
+        raise UsageError(f"--save-pretrained DIR writes the neuron file as DIR/{HUB_FILE}; drop --out")
+    args.out = None if args.neurons or args.save_pretrained else (args.out or DEFAULT_OUT)
+    pretrained = None
+    if args.save_pretrained is not None:
+        if args.save_pretrained.exists() and not args.save_pretrained.is_dir():
+            raise UsageError(f"--save-pretrained {args.save_pretrained} is a file; give a folder")
+        pretrained = args.save_pretrained / HUB_FILE
+    check_output_paths(out=args.out, save_pretrained=pretrained, log=args.log, figure=args.figure,
+                       checkpoint=args.checkpoint)
     if args.figure:
         require_matplotlib()
 
@@ -161,11 +180,22 @@ def discover_and_compare(args: argparse.Namespace, device: str, shard: Shard) ->
 
     # Every file this run writes: a failure or Ctrl-C from here on leaves none that is new (the
     # checkpoint is the exception by design: it is there to resume from).
-    outputs = (args.out, scores_path_for(args.out) if args.out else None, args.log, args.figure)
+    outputs = (args.out, scores_path_for(args.out) if args.out else None, *_pretrained_outputs(args.save_pretrained),
+               args.log, args.figure)
     with new_outputs(*outputs):
-        if not args.neurons:
+        if not args.neurons and args.save_pretrained is not None:
+            neurons.extra.setdefault("command", reproducing_command(args))
+            neurons.extra.setdefault("images", described)
+        if args.out:
             neurons.save(args.out)
+        if args.save_pretrained is not None:
+            neurons.save_pretrained(args.save_pretrained)
+        if not args.neurons:
             report_discovery(args, neurons, loaded.planted)
+        if args.save_pretrained is not None:
+            scores = " and its candidate scores" if neurons.candidate_scores is not None else ""
+            print(f"wrote {args.save_pretrained}: {HUB_FILE}{scores}, and the model card {CARD_FILE}; publish it "
+                  f"with: hf upload ORG/REPO {shlex.quote(str(args.save_pretrained))}")
         if args.log:
             log_activations(hook_manager, images, neurons, args.log, preprocess, batch_size=args.batch_size,
                             workers=args.workers, progress=not args.quiet)
@@ -188,9 +218,33 @@ def report_discovery(args: argparse.Namespace, neurons: RegisterNeurons, planted
         print(f"top-k auto: {len(neurons)} neurons; largest / median patch norm on {sweep['held_out_images']} "
               f"held-out images with one register: {tried} (target {sweep['target_ratio']:g}x, {verdict})")
     print_neurons(neurons, planted)
-    print(f"wrote {args.out}")
+    if args.out:
+        print(f"wrote {args.out}")
     if neurons.extra.get("files_skipped"):
         print(f"skipped {neurons.extra['files_skipped']} unreadable or non-image file(s) in {args.images}")
+
+
+def reproducing_command(args: argparse.Namespace) -> str:
+    """The ``find-register-neurons`` command line that finds the same neurons as this run: the flags of
+    :data:`REPRODUCING_FLAGS` that are not at their defaults, as they were parsed."""
+    defaults = build_parser()
+    words = ["find-register-neurons"]
+    for name in REPRODUCING_FLAGS:
+        value = getattr(args, name)
+        if value is None or (name != "model" and value == defaults.get_default(name)):
+            continue
+        words += [f"--{name.replace('_', '-')}", str(value)]
+    return shlex.join(words)
+
+
+def _pretrained_outputs(folder: Path | None) -> tuple[Path, ...]:
+    """What --save-pretrained writes, for :func:`new_outputs`: the folder if it is new (it is removed whole
+    on failure), else the files it writes there."""
+    if folder is None:
+        return ()
+    if not (folder.exists() or folder.is_symlink()):
+        return (folder,)
+    return folder / HUB_FILE, scores_path_for(folder / HUB_FILE), folder / CARD_FILE
 
 
 def _image_sets(args, folder: ImageFolder | None, loaded):

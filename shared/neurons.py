@@ -1,4 +1,9 @@
-"""Register neurons: a ranked list of (layer, neuron, score), saved as JSON (never pickle)."""
+"""Register neurons: a ranked list of (layer, neuron, score), saved as JSON (never pickle).
+
+A neuron file is read from a path or from the Hugging Face hub (``hf-hub:ORG/REPO[/FILE]``,
+:data:`HUB_FILE` by default), and a folder ready to upload there is written by
+:meth:`RegisterNeurons.save_pretrained`: the neuron file, its candidate scores and a model card.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,9 @@ import logging
 import math
 import operator
 import os
+import posixpath
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -19,7 +27,8 @@ from safetensors.torch import load as load_bytes, save as save_bytes
 
 from .errors import (IncompatibleNeuronsError, InvalidArgumentError, InvalidArgumentTypeError, NeuronFileError,
                      first_line)
-from .files import finite_number, output_folder, parse_json, read_bounded, write_unit
+from .files import Writer, finite_number, output_folder, parse_json, read_bounded, write_unit
+from .hub import hub_file, hub_model_of, is_repo_id, list_files
 
 if TYPE_CHECKING:
     from .hooks import HookManager
@@ -41,6 +50,16 @@ MAX_LAYERS = 4096              # layer indices 0..MAX_LAYERS - 1
 MAX_NEURONS = 2**20            # neuron indices 0..MAX_NEURONS - 1 (MLP widths are thousands)
 MAX_IMAGE_SIDE = 2**16
 MAX_COUNT = 2**53              # image counts: exact in any JSON reader
+
+#: ``hf-hub:ORG/REPO[/FILE]`` names a neuron file on the Hugging Face hub; FILE is :data:`HUB_FILE` by default.
+HUB_PREFIX = "hf-hub:"
+HUB_FILE = "register_neurons.json"
+#: The model card :meth:`RegisterNeurons.save_pretrained` writes beside the neuron file, and its tags.
+CARD_FILE = "README.md"
+LIBRARY_NAME = "test-time-registers"
+CARD_TAGS = ("test-time-registers", "register-neurons", "vision-transformer")
+#: Neurons listed one by one in a model card, at most.
+CARD_ROWS = 100
 
 
 @dataclass(frozen=True, eq=False)
@@ -216,8 +235,15 @@ class RegisterNeurons:
                 scores that are not [layers, neurons] floats); nothing is written.
         """
         path = Path(path)
+        writers = self._writers(path)
+        with output_folder(path.parent):
+            write_unit(writers)
+        return path
+
+    def _writers(self, path: Path) -> dict[Path, Writer]:
+        """The writers of the neuron file ``path`` and its scores, the scores first, all checked with the reader."""
         data = self.to_dict()
-        writers: dict[Path, Any] = {}
+        writers: dict[Path, Writer] = {}
         origin = f"{path} (not saved)"
         if self.candidate_scores is not None:
             scores = self.candidate_scores
@@ -235,9 +261,50 @@ class RegisterNeurons:
             _check_scores(self.candidate_scores.detach().float().cpu(), checked, f"{origin}: candidate_scores")
         text = json.dumps(data, indent=2, allow_nan=False) + "\n"
         writers[path] = lambda temporary: Path(temporary).write_text(text, encoding="utf-8")
-        with output_folder(path.parent):
+        return writers
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write a folder to publish on the Hugging Face hub (``hf upload ORG/REPO DIR``), and return it.
+
+        It holds :data:`HUB_FILE` (``register_neurons.json``), its candidate scores
+        (``register_neurons.scores.safetensors``, with :attr:`candidate_scores`) and a model card
+        ``README.md`` (see :func:`model_card`); ``load_neurons("hf-hub:ORG/REPO")`` reads the first
+        two back. A new folder is written beside its place under a temporary name and renamed into
+        place complete, so it appears whole or not at all; a missing parent folder is made, and
+        removed again if the save fails. In a folder that exists (a clone of the repository), the
+        three files are written as one unit, the neuron file last, replacing older ones of those
+        names (the card included); without :attr:`candidate_scores`, an older save's scores file
+        there is removed, so that the folder holds exactly what is published.
+
+        Raises:
+            NeuronFileError: a value a neuron file cannot hold, or ``directory`` is a file; nothing is written.
+            OSError: the folder cannot be written; nothing new is left behind.
+        """
+        directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise NeuronFileError(f"save_pretrained: {directory} is a file; give the folder to write "
+                                  f"{HUB_FILE}, its scores and {CARD_FILE} into")
+        writers = self._pretrained_writers(directory)            # everything checked before anything is made
+        if directory.is_dir():
             write_unit(writers)
-        return path
+            stale = scores_path_for(directory / HUB_FILE)
+            if self.candidate_scores is None and stale.is_file():   # an older save's: not part of what is published
+                stale.unlink()
+                log.info("removed %s, the scores of an older save that the new %s does not name", stale, HUB_FILE)
+        else:
+            with output_folder(directory.parent):
+                _write_new_folder(directory, writers)
+        log.info("wrote %s: %s", directory, ", ".join(path.name for path in writers))
+        return directory
+
+    def _pretrained_writers(self, directory: Path) -> dict[Path, Writer]:
+        """The writers of :meth:`save_pretrained`'s files in ``directory``: scores, card, then the neuron file."""
+        path = directory / HUB_FILE
+        writers = self._writers(path)
+        card = model_card(self, HUB_FILE)
+        neuron_file = writers.pop(path)
+        return {**writers, directory / CARD_FILE: lambda temporary: Path(temporary).write_text(card, encoding="utf-8"),
+                path: neuron_file}
 
     @classmethod
     def from_dict(cls, data: Any, origin: str = "neuron data") -> "RegisterNeurons":
@@ -258,15 +325,33 @@ class RegisterNeurons:
     def load(cls, path: str | os.PathLike, hook_manager: "HookManager | None" = None) -> "RegisterNeurons":
         """Read a neuron file and the candidate scores it names; with ``hook_manager``, check both fit that model.
 
+        ``path`` is a file, or a string ``hf-hub:ORG/REPO[/FILE]``: the file FILE (default
+        :data:`HUB_FILE`) of that Hugging Face hub repository, read through ``huggingface_hub``'s
+        cache like a model (the cache only when the hub cannot be reached or ``HF_HUB_OFFLINE`` is
+        set), and its scores from the same commit; nothing else is downloaded, and the scores only
+        once the neuron file has been checked: the name it gives them must be a plain ``.safetensors``
+        file name beside it (no folder, no ``..``), and, when the hub is asked, each file's size is
+        checked before it is downloaded.
         The file is read only if it is a regular file of at most :data:`MAX_FILE_BYTES`; its
         scores only with safetensors, under :data:`MAX_SCORES_BYTES`, and only if their digest is
         the one the JSON names. Scores that are missing are logged and left out.
 
         Raises:
-            NeuronFileError: anything wrong with either file, naming the file, the field and what was expected.
+            NeuronFileError: anything wrong with either file, naming the file, the field and what was
+                expected; for the hub, a repository or file that does not exist, or that cannot be
+                downloaded and is not cached, with how to name another file or pass a local one.
             IncompatibleNeuronsError: with ``hook_manager``, a neuron the model does not have.
         """
-        path = Path(path)
+        if isinstance(path, str) and path.startswith(HUB_PREFIX):
+            neurons = cls._load_from_hub(path)
+        else:
+            neurons = cls._load_file(Path(path))
+        if hook_manager is not None:
+            neurons.check_fits(hook_manager)
+        return neurons
+
+    @classmethod
+    def _load_file(cls, path: Path) -> "RegisterNeurons":
         if not path.exists() and not path.is_symlink():
             raise NeuronFileError(f"neuron file not found: {path}")
         data = _parse(read_bounded(path, MAX_FILE_BYTES, NeuronFileError, "neuron file"), str(path))
@@ -274,12 +359,190 @@ class RegisterNeurons:
         name = data.get("candidate_scores_file")
         if name is not None:
             scores_path = path.parent / name
-            neurons.candidate_scores = _read_scores(scores_path, data["candidate_scores_sha256"], path, neurons)
+            neurons.candidate_scores = _read_scores(scores_path, data["candidate_scores_sha256"], str(path), neurons)
             if neurons.candidate_scores is not None:
                 neurons._scores_file = scores_path
-        if hook_manager is not None:
-            neurons.check_fits(hook_manager)
         return neurons
+
+    @classmethod
+    def _load_from_hub(cls, spec: str) -> "RegisterNeurons":
+        repo_id, filename = hub_location(spec)
+        origin = f"{HUB_PREFIX}{repo_id}/{filename}"
+        scores_name = scores_path_for(filename).name
+        hint = (f"Download it where the hub can be reached (hf download {repo_id} {filename} "
+                f"{posixpath.join(posixpath.dirname(filename), scores_name)} --local-dir DIR), then pass "
+                f"DIR/{filename} instead of {spec}.")
+
+        def name_one(files: list[str] | None, where: str) -> str:
+            if files is None:     # nothing is known of the repository
+                return ""
+            listed = [name for name in files if name.endswith(".json")]
+            if not listed:
+                return f"; {where} holds no JSON file"
+            return f"; {where} holds {list_files(listed)}: name one as {HUB_PREFIX}{repo_id}/FILE"
+
+        found = hub_file(repo_id, filename, what=f"neuron file {origin}", local_hint=hint, limit=MAX_FILE_BYTES,
+                         error=NeuronFileError, missing=name_one)
+        data = _parse(read_bounded(found.path, MAX_FILE_BYTES, NeuronFileError, "neuron file"), origin)
+        neurons = cls.from_dict(data, origin=origin)      # the scores' name is a plain file name from here on
+        name = data.get("candidate_scores_file")
+        if name is not None:
+            if not name.endswith(".safetensors"):   # never another file of the repository (its weights, its card)
+                _fail(origin, "candidate_scores_file", "the name of a .safetensors file beside the neuron file", name)
+            in_repo = posixpath.join(posixpath.dirname(filename), name)
+            scores = hub_file(repo_id, in_repo, what=f"candidate-score file {HUB_PREFIX}{repo_id}/{in_repo}",
+                              local_hint=hint, limit=MAX_SCORES_BYTES, error=NeuronFileError,
+                              revision=found.commit, optional=True)
+            if scores is None:
+                log.warning("%s names candidate scores in %s, which %s does not hold at that commit (or, offline, "
+                            "the local cache does not); figures of them will be skipped", origin, name, repo_id)
+            else:
+                neurons.candidate_scores = _read_scores(scores.path, data["candidate_scores_sha256"], origin,
+                                                        neurons)
+                neurons._scores_file = scores.path
+        return neurons
+
+
+def _write_new_folder(directory: Path, writers: dict[Path, Writer]) -> None:
+    """Write ``writers``' files (named for ``directory``) into a temporary folder beside it, then rename that
+    folder to ``directory``: it appears complete or not at all, and a failure leaves no temporary."""
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)   # mkdtemp makes folders private; keep the usual mode
+        write_unit({staging / path.name: write for path, write in writers.items()})
+        os.rename(staging, directory)   # fails, rather than mixing, if a non-empty folder appeared there
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def hub_location(spec: str) -> tuple[str, str]:
+    """``(repository id, file in it)`` of ``hf-hub:ORG/REPO[/FILE]``; the file is :data:`HUB_FILE` if not named.
+
+    FILE may lie in a folder of the repository (``hf-hub:org/repo/dinov2/neurons.json``); each part
+    of it is a plain name (no ``..``, no empty part, no backslash or control character).
+
+    Raises:
+        NeuronFileError: ``spec`` is not of that form.
+    """
+    form = f"{HUB_PREFIX}ORG/REPO or {HUB_PREFIX}ORG/REPO/FILE (FILE defaults to {HUB_FILE})"
+    parts = spec.removeprefix(HUB_PREFIX).rstrip("/").split("/")
+    repo_id = "/".join(parts[:2])
+    if not spec.startswith(HUB_PREFIX) or not is_repo_id(repo_id):
+        raise NeuronFileError(f"{spec!r} does not name a hub repository: expected {form}, ORG and REPO made of "
+                              "letters, digits, '-', '_' and '.'")
+    names = parts[2:]
+    if not names:
+        return repo_id, HUB_FILE
+    for name in names:
+        if name in ("", ".", "..") or "\\" in name or any(ord(char) < 32 or ord(char) == 127 for char in name):
+            raise NeuronFileError(f"{spec!r}: {name!r} cannot be part of a file name in a hub repository; "
+                                  f"expected {form}")
+    return repo_id, "/".join(names)
+
+
+def model_card(neurons: RegisterNeurons, filename: str = HUB_FILE) -> str:
+    """The Hugging Face model card (``README.md``) of a folder written by :meth:`RegisterNeurons.save_pretrained`.
+
+    YAML front matter: ``base_model`` when the model spec names a hub repository (see
+    :func:`~test_time_registers.hub.hub_model_of`), ``library_name`` and ``tags``; nothing that is
+    not known (no ``license``). The body gives the model spec, how to use the neurons, the discovery
+    settings and the images discovery used as far as the neuron file records them, the neurons
+    (how many, in which layers, each one), the command that found them if recorded
+    (``extra["command"]``, which ``find-register-neurons --save-pretrained`` records) and the files.
+    """
+    from . import __version__
+
+    base_model = hub_model_of(neurons.model) if neurons.model not in (UNKNOWN_MODEL, "") else None
+    front = [*([f"base_model: {base_model}"] if base_model else []), f"library_name: {LIBRARY_NAME}", "tags:",
+             *(f"- {tag}" for tag in CARD_TAGS)]
+    model = _inline(neurons.model)
+    layers = neurons.by_layer()
+    known_model = neurons.model not in (UNKNOWN_MODEL, "")
+    title = f"Register neurons of {model}" if known_model else "Register neurons"
+    lines = ["---", *front, "---", "", f"# {title}", "",
+             f"{len(neurons)} register neuron{'s' if len(neurons) != 1 else ''} "
+             + (f"of `{model}`" if known_model else "given without a model")
+             + f", for test-time registers ({LIBRARY_NAME} {__version__}): append a token at inference and move "
+             "these MLP neurons' activations onto it, and the model's high-norm outlier patch tokens move "
+             "there, with no retraining.", ""]
+
+    hub_name = f"{HUB_PREFIX}ORG/REPO" + ("" if filename == HUB_FILE else f"/{filename}")
+    lines += ["## Use", "", "Replace ORG/REPO with this repository's id.", ""]
+    if known_model:
+        lines += ["```python", "from test_time_registers import ModifiedModel, load_model, load_neurons", "",
+                  f"loaded = load_model({_python_text(neurons.model)})",
+                  f"neurons = load_neurons({_python_text(hub_name)}, loaded.hook_manager)",
+                  "model = ModifiedModel(loaded.model, loaded.hook_manager, neurons, num_registers=1)", "```", "",
+                  f"On the command line: `find-register-neurons --model {model} --images DIR --neurons {hub_name}` "
+                  "prints the outliers before and after on the images in DIR.", ""]
+    else:
+        lines += ["```python", "from test_time_registers import load_neurons", "",
+                  f"neurons = load_neurons({_python_text(hub_name)})", "```", ""]
+
+    settings = [("model spec", model), ("found by", _inline(neurons.source)),
+                ("detection layer", neurons.detect_layer), ("outlier threshold", _threshold(neurons)),
+                ("highest candidate layer", neurons.highest_layer), ("score", neurons.score),
+                ("images", _inline(neurons.extra.get("images")) if isinstance(neurons.extra.get("images"), str)
+                 else None),
+                ("images seen", neurons.images_seen), ("images with outliers", neurons.images_with_outliers),
+                ("image size", f"{neurons.image_size[0]} x {neurons.image_size[1]}" if neurons.image_size else None)]
+    lines += ["## Discovery", "", "| setting | value |", "|---|---|",
+              *(f"| {name} | {_cell(value)} |" for name, value in settings if value not in (None, "")), ""]
+
+    per_layer = ", ".join(f"{layer}: {len(items)}" for layer, items in layers.items())
+    lines += ["## Neurons", "",
+              f"{len(neurons)} neuron{'s' if len(neurons) != 1 else ''} in {len(layers)} "
+              f"layer{'s' if len(layers) != 1 else ''} (neurons per layer: {per_layer}), best first:", "",
+              "| rank | layer | neuron | score |", "|---|---|---|---|",
+              *(f"| {rank} | {item.layer} | {item.neuron} | {_cell(item.score)} |"
+                for rank, item in enumerate(neurons.neurons[:CARD_ROWS], start=1))]
+    if len(neurons) > CARD_ROWS:
+        lines.append(f"\nand {len(neurons) - CARD_ROWS} more, in `{filename}`.")
+    lines.append("")
+
+    command = neurons.extra.get("command")
+    lines += ["## Reproduce", ""]
+    if isinstance(command, str) and command.strip():
+        lines += ["These neurons were found with:", "", "```sh", " ".join(command.split()), "```", ""]
+    else:
+        lines += ["The neuron file does not record the command that found these neurons; the settings above are "
+                  "the ones discovery used.", ""]
+
+    scores_name = scores_path_for(filename).name
+    lines += ["## Files", "",
+              f"- `{filename}`: the neurons, ranked, and how they were found (neuron file format "
+              f"{FORMAT_VERSION}, read by `RegisterNeurons.load`)"]
+    if neurons.candidate_scores is not None:
+        lines.append(f"- `{scores_name}`: every candidate neuron's score, [layers, neurons] (safetensors); "
+                     f"`{filename}` names it with its SHA-256 digest")
+    lines.append(f"- `{CARD_FILE}`: this card")
+    return "\n".join(lines) + "\n"
+
+
+def _inline(value: Any) -> str:
+    """``value`` as one line of Markdown text inside a code span or a table cell."""
+    return " ".join(str(value).split()).replace("`", "'").replace("|", "/") if value is not None else ""
+
+
+def _python_text(value: str) -> str:
+    """A Python string literal of ``value`` on one line, for the card's example code."""
+    return json.dumps(" ".join(value.split()))
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "-" if value != value else f"{value:.4g}"
+    return _inline(value)
+
+
+def _threshold(neurons: RegisterNeurons) -> str | None:
+    if neurons.threshold is None:
+        return None
+    mode = neurons.extra.get("threshold_mode")
+    return f"{neurons.threshold:.4g}" + (f" ({_inline(mode)})" if isinstance(mode, str) else "")
 
 
 def scores_path_for(path: str | os.PathLike) -> Path:
@@ -418,7 +681,7 @@ def _read_fields(data: Any, origin: str) -> dict[str, Any]:
                 source=_text(origin, "source", data.get("source")), extra=dict(extra))
 
 
-def _read_scores(path: Path, digest: str, origin: Path, neurons: RegisterNeurons) -> torch.Tensor | None:
+def _read_scores(path: Path, digest: str, origin: str, neurons: RegisterNeurons) -> torch.Tensor | None:
     """The candidate scores [layers, neurons] (float32) saved beside ``origin``, or ``None`` (logged) if gone.
 
     Raises:

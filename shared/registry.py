@@ -209,9 +209,15 @@ def load_preset(name: str, hook_manager: HookManager | None = None) -> RegisterN
 
 
 def load_neurons(spec: str | os.PathLike, hook_manager: HookManager | None = None) -> RegisterNeurons:
-    """A neuron file path, or ``preset:NAME`` for a shipped list; checked against ``hook_manager``."""
+    """The register neurons ``spec`` names, checked against ``hook_manager`` if given.
+
+    ``spec`` is a neuron file path, ``preset:NAME`` for a shipped list, or ``hf-hub:ORG/REPO[/FILE]``
+    for a neuron file on the Hugging Face hub (``register_neurons.json`` by default; read through
+    the cache like a model, see :meth:`RegisterNeurons.load`).
+    """
     if not isinstance(spec, (str, os.PathLike)):
-        raise NeuronFileError(f"neurons must be named by a file path or 'preset:NAME', got {type(spec).__name__}")
+        raise NeuronFileError(f"neurons must be named by a file path, 'preset:NAME' or 'hf-hub:ORG/REPO[/FILE]', "
+                              f"got {type(spec).__name__}")
     if isinstance(spec, str) and spec.startswith("preset:"):
         return load_preset(spec.removeprefix("preset:"), hook_manager)
     return RegisterNeurons.load(spec, hook_manager)
