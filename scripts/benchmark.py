@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=threshold_value, default="auto",
                         help="discovery's outlier threshold; give one for a model whose outliers the automatic "
                              "threshold misses")
-    parser.add_argument("--neurons", help="neuron file, preset:NAME, or random:KxL (K random neurons spread over "
+    parser.add_argument("--neurons", help="neuron file, preset:NAME, hf-hub:ORG/REPO[/FILE], or random:KxL (K random neurons spread over "
                         "layers 0..L-1) for the test-time register run, instead of the neurons the warm-up discovery "
                         "finds")
     parser.add_argument("--workers", type=non_negative_int, default=0,

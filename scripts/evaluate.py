@@ -53,7 +53,7 @@ EDITS = ("paper", "legacy", "attention-bias")
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(description=__doc__)
     add_model_flags(parser)
-    parser.add_argument("--neurons", help="register-neuron file or preset:NAME (default for the demo: found on "
+    parser.add_argument("--neurons", help="register-neuron file, preset:NAME or hf-hub:ORG/REPO[/FILE] (default for the demo: found on "
                         f"{DEMO_IMAGES} generated scenes; required for other models)")
     parser.add_argument("--force", action="store_true", help="apply --neurons even if they were found on another model")
     data = parser.add_mutually_exclusive_group()

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(description=__doc__)
     add_model_flags(parser)
     parser.add_argument("--neurons", help="register neurons to apply: a neuron file (its candidate scores beside it "
-                        "give the heatmap) or preset:NAME (default: run discovery on the images first)")
+                        "give the heatmap), preset:NAME or hf-hub:ORG/REPO[/FILE] (default: run discovery on the images first)")
     parser.add_argument("--force", action="store_true",
                         help="apply --neurons even if they were found on another model")
     parser.add_argument("--images", type=Path, help="folder of images, read recursively (default: the model's own "
