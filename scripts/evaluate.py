@@ -244,9 +244,12 @@ def _lost_settings(args, num_layers: int):
                  if value is not None}
     try:
         settings = dataclasses.replace(LOST_PRESETS[args.lost], **overrides)
+    except InvalidArgumentError as error:
+        raise UsageError(f"--lost: {error}") from None
+    try:
         settings.resolved_layers(num_layers)
     except InvalidArgumentError as error:
-        raise UsageError(f"--lost-layers: {error}" if "layer" in str(error) else f"--lost: {error}") from None
+        raise UsageError(f"--lost-layers: {error}") from None
     return settings
 
 

@@ -281,11 +281,10 @@ def load_vlm_tower(id_or_dir: str | os.PathLike, *, device: torch.device | str =
                                                   key_mapping={rf"^(?:model\.)?{name}\.": ""})
             finally:
                 transformers_logging.set_verbosity(verbosity)
-        reads = language_model_reads(layout, len(hook_manager_for(tower).blocks))
-        return tower, tower_transform(source, config.vision_config), reads
+        return tower, tower_transform(source, config.vision_config), layout
 
     try:
-        tower, preprocess, reads = load() if local else load_pretrained(
+        tower, preprocess, layout = load() if local else load_pretrained(
             load, f"vision-language model {source}", f"Download it where the hub can be reached "
             f"(hf download {source} --local-dir DIR), then pass hf-tower:DIR.")
     except (ModelLoadError, UnsupportedModelError):
@@ -294,5 +293,5 @@ def load_vlm_tower(id_or_dir: str | os.PathLike, *, device: torch.device | str =
         raise ModelLoadError(f"could not load the tower of {source!r}: {first_line(error)}") from error
     tower = cast_model(tower, precision, device).eval()
     hook_manager = hook_manager_for(tower, name=f"hf:{source}", autocast_dtype=precision.autocast)
-    hook_manager.read_layers = reads
+    hook_manager.read_layers = language_model_reads(layout, hook_manager.num_layers)
     return LoadedModel(tower, preprocess, hook_manager)

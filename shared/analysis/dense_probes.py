@@ -52,7 +52,7 @@ from ..data.dense import IGNORED, MAX_CLASSES, TASKS, DenseDataset
 from ..data.sources import read_or_skip
 from ..errors import ImageSourceError, InvalidArgumentError, check_int
 from ..hooks import HookManager
-from .evaluation import Comparison, Row
+from .evaluation import Comparison, Row, fit_multinomial
 from .geometry import Geometries, Geometry
 from .intervals import seed_interval
 
@@ -191,21 +191,9 @@ def fit_segmentation_head(features: torch.Tensor, classes: torch.Tensor, num_cla
     if len(features) == 0:
         raise InvalidArgumentError("a segmentation head needs at least one labelled training patch")
     standard, mean, std = _standardised(features)
-    classes = classes.to(standard.device)
-    weight = torch.zeros(standard.shape[1], num_classes, device=standard.device, requires_grad=True)
-    bias = torch.zeros(num_classes, device=standard.device, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=steps, line_search_fn="strong_wolfe")
-
-    def loss():
-        optimizer.zero_grad()
-        value = torch.nn.functional.cross_entropy(standard @ weight + bias, classes) \
-            + weight_decay * weight.square().sum()
-        value.backward()
-        return value
-
-    with torch.enable_grad():
-        optimizer.step(loss)
-    return LinearHead(mean, std, weight.detach(), bias.detach())
+    weight, bias = fit_multinomial(standard, classes.to(standard.device), num_classes, weight_decay=weight_decay,
+                                   steps=steps)
+    return LinearHead(mean, std, weight, bias)
 
 
 def fit_depth_head(features: torch.Tensor, depths: torch.Tensor, *, ridge: float = RIDGE) -> LinearHead:

@@ -87,23 +87,30 @@ def linear_probe(features: torch.Tensor, labels: torch.Tensor, *, seed: int = 0,
     features = features.float().cpu()
     mean, std = features[~test].mean(dim=0), features[~test].std(dim=0).clamp_min(1e-6)
     standard = (features - mean) / std
-    classes = int(labels.max()) + 1
-    weight = torch.zeros(standard.shape[1], classes, requires_grad=True)
-    bias = torch.zeros(classes, requires_grad=True)
+    weight, bias = fit_multinomial(standard[~test], labels[~test].cpu(), int(labels.max()) + 1,
+                                   weight_decay=weight_decay, steps=steps)
+    predictions = (standard[test] @ weight + bias).argmax(dim=1)
+    return float((predictions == labels[test].cpu()).float().mean())
+
+
+def fit_multinomial(features: torch.Tensor, labels: torch.Tensor, classes: int, *, weight_decay: float,
+                    steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression of int64 ``labels`` [M] on (standardised) ``features`` [M, D]:
+    ``(weight [D, classes], bias [classes])``, from zero, by L-BFGS (strong Wolfe line search, at most
+    ``steps`` iterations) on the mean cross-entropy plus ``weight_decay`` times the squared weights."""
+    weight = torch.zeros(features.shape[1], classes, device=features.device, requires_grad=True)
+    bias = torch.zeros(classes, device=features.device, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], max_iter=steps, line_search_fn="strong_wolfe")
-    train_x, train_y = standard[~test], labels[~test].cpu()
 
     def loss():
         optimizer.zero_grad()
-        value = torch.nn.functional.cross_entropy(train_x @ weight + bias, train_y) + weight_decay * weight.square().sum()
+        value = torch.nn.functional.cross_entropy(features @ weight + bias, labels) + weight_decay * weight.square().sum()
         value.backward()
         return value
 
     with torch.enable_grad():
         optimizer.step(loss)
-    with torch.no_grad():
-        predictions = (standard[test] @ weight + bias).argmax(dim=1)
-    return float((predictions == labels[test].cpu()).float().mean())
+    return weight.detach(), bias.detach()
 
 
 # ---------------------------------------------------------------------------- zero-shot

@@ -321,10 +321,8 @@ def draw_zero_shot_masks(results: Sequence[SegmentationResult]):
             ax = axes[row, column]
             ax.imshow(heatmap.numpy(), cmap="viridis", vmin=0, interpolation="nearest")
             ax.contour(foreground_prediction(heatmap).numpy(), levels=[0.5], colors="#d62728", linewidths=1.0)
-            ax.contour(truth[:heatmap.shape[0], :heatmap.shape[1]] == FOREGROUND, levels=[0.5], colors="white",
-                       linewidths=0.8)
-            counts, precision = image_scores(heatmap, torch.from_numpy(truth[:heatmap.shape[0], :heatmap.shape[1]]))
-            ax.set_title(f"{result.name}; IoU {100 * float(mean_iou(counts[None])):.0f}%", fontsize=8)
+            ax.contour(truth == FOREGROUND, levels=[0.5], colors="white", linewidths=0.8)
+            ax.set_title(f"{result.name}; IoU {100 * float(mean_iou(result.counts[row][None])):.0f}%", fontsize=8)
             ax.set_label(f"segmentation variant={result.name} image={row}")
         for ax in axes[row]:
             ax.set_xticks([])
