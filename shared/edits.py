@@ -21,6 +21,10 @@ Every edit has one signature, ``edit(activations [B, L, N], neurons [K], layout,
 ``normal_values`` (what the neurons become away from the registers) are the replacement
 ablations: zero, mean, only_outliers, same, noise and shuffled.
 
+Token positions come from the layout as slices (:meth:`TokenLayout.parts`), never from
+boolean-mask reads, so the built-in edits trace under ``torch.compile`` and ``torch.export``
+without a graph break (``graph_safe``; the random normal values excepted).
+
 Every image of a batch is edited from its own activations only. The built-in edits write into
 the activation tensor in place when autograd does not need it (the tensor is the input of the
 MLP's output projection, which nothing else reads), and into a copy otherwise. Nothing here
@@ -36,24 +40,24 @@ from typing import Literal, Protocol
 import torch
 
 from .errors import InvalidArgumentError, check_int
-from .layout import TokenLayout
+from .layout import TokenLayout, gather_parts
 
 NormalValues = Literal["zero", "mean", "only_outliers", "same", "noise", "shuffled"]
 NORMAL_VALUES = ("zero", "mean", "only_outliers", "same", "noise", "shuffled")
 
 
-def normal_values_for(values: torch.Tensor, stats_mask: torch.Tensor, mode: NormalValues,
+def normal_values_for(values: torch.Tensor, stats: tuple[slice, ...], mode: NormalValues,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """What register-neuron activations become away from the registers (the replacement ablations).
 
     Args:
         values: activations [B, L, K] of the K register neurons of one layer.
-        stats_mask: bool [L], the tokens whose per-image statistics define "normal".
-        mode: ``zero``: 0; ``mean``: the per-image mean over ``stats_mask``; ``only_outliers``:
+        stats: the token slices whose per-image statistics define "normal" (``layout.parts(...)``).
+        mode: ``zero``: 0; ``mean``: the per-image mean over ``stats``; ``only_outliers``:
             values above mean + 1 std (the unbiased std, as ``torch.std`` and the reference code
             compute it) are replaced by the mean, others kept; ``same``: unchanged; ``noise``:
-            Gaussian noise with each neuron's per-image mean and std over ``stats_mask``;
-            ``shuffled``: each image's values over ``stats_mask`` permuted among those tokens
+            Gaussian noise with each neuron's per-image mean and std over ``stats``;
+            ``shuffled``: each image's values over ``stats`` permuted among those tokens
             (one random permutation per image, shared by the K neurons), so the same values
             stay in the image but move to other tokens.
         generator: the random source of ``noise`` and ``shuffled``, on ``values``' device.
@@ -65,13 +69,20 @@ def normal_values_for(values: torch.Tensor, stats_mask: torch.Tensor, mode: Norm
         return torch.zeros_like(values)
     if mode == "same":
         return values
-    reference = values[:, stats_mask].float()                          # [B, T, K]
+    if mode not in NORMAL_VALUES:
+        raise InvalidArgumentError(f"normal_values must be one of {NORMAL_VALUES}, got {mode!r}")
+    selected = gather_parts(values, stats)                             # [B, T, K]
     if mode == "shuffled":
-        batch, tokens, _ = reference.shape
+        batch, tokens, _ = selected.shape
         order = torch.rand(batch, tokens, generator=generator, device=values.device).argsort(dim=1)   # [B, T]
-        shuffled = values.clone()
-        shuffled[:, stats_mask] = values[:, stats_mask].gather(1, order[:, :, None].expand_as(reference))
+        permuted = selected.gather(1, order[:, :, None].expand_as(selected))
+        shuffled, start = values.clone(), 0
+        for part in stats:
+            width = part.stop - part.start
+            shuffled[:, part] = permuted[:, start:start + width]
+            start += width
         return shuffled
+    reference = selected.float()
     mean = reference.mean(dim=1, keepdim=True)                         # [B, 1, K]
     if mode == "mean":
         return mean.to(values.dtype).expand_as(values)
@@ -79,10 +90,8 @@ def normal_values_for(values: torch.Tensor, stats_mask: torch.Tensor, mode: Norm
     if mode == "only_outliers":
         too_high = values.float() > mean + std
         return torch.where(too_high, mean.to(values.dtype), values)
-    if mode == "noise":
-        noise = torch.randn(values.shape, generator=generator, device=values.device)
-        return (mean + std * noise).to(values.dtype)
-    raise InvalidArgumentError(f"normal_values must be one of {NORMAL_VALUES}, got {mode!r}")
+    noise = torch.randn(values.shape, generator=generator, device=values.device)
+    return (mean + std * noise).to(values.dtype)
 
 
 def _write(acts: torch.Tensor, neurons: torch.Tensor, new_values: torch.Tensor, inplace: bool) -> torch.Tensor:
@@ -100,10 +109,10 @@ def _moved_away(acts: torch.Tensor, neurons: torch.Tensor, layout: TokenLayout, 
     trained registers keep theirs), and each neuron's maximum over CLS and the patches.
     """
     seq_len = acts.shape[1]
-    moved_from = layout.mask(seq_len, cls=True, patches=True, device=acts.device)              # [L]
-    edited = moved_from | layout.mask(seq_len, test_time_registers=True, device=acts.device)
+    moved_from = layout.parts(seq_len, cls=True, patches=True)
+    edited = layout.mask(seq_len, cls=True, patches=True, test_time_registers=True, device=acts.device)   # [L]
     values = acts[:, :, neurons]                                       # [B, L, K], a copy
-    peak = values[:, moved_from].amax(dim=1)                           # [B, K]
+    peak = gather_parts(values, moved_from).amax(dim=1)                # [B, K]
     new_values = torch.where(edited[None, :, None], normal_values_for(values, moved_from, normal_values, generator),
                              values)
     return new_values, peak
@@ -153,9 +162,9 @@ def legacy_edit(acts: torch.Tensor, neurons: torch.Tensor, layout: TokenLayout, 
     values = acts[:, :, neurons]                                       # [B, L, K]
     flat = values.reshape(batch, -1)
     signed_peak = flat.gather(1, flat.abs().argmax(dim=1, keepdim=True))  # [B, 1]
-    patch_mask = layout.mask(seq_len, patches=True, device=acts.device)
-    new_values = torch.where(patch_mask[None, :, None],
-                             normal_values_for(values, patch_mask, normal_values, generator), values)
+    patches = layout.patches(seq_len)
+    new_values = values.clone()
+    new_values[:, patches] = normal_values_for(values, (patches,), normal_values, generator)[:, patches]
     registers = layout.test_time_registers(seq_len)
     if layout.num_test_time_registers:
         per_register = signed_peak * scale.to(values.dtype)[None, :]   # [B, R]
@@ -177,7 +186,13 @@ class EditContext:
 
 
 class Edit(Protocol):
-    """``edit(activations [B, L, N], neurons [K], layout, context) -> activations [B, L, N]``."""
+    """``edit(activations [B, L, N], neurons [K], layout, context) -> activations [B, L, N]``.
+
+    An edit may declare ``graph_safe = True`` when it traces under ``torch.compile`` without a
+    graph break (no boolean-mask indexing, ``.item()``, ``torch.Generator`` or printing). Edits
+    that do not declare it run eagerly inside a compiled caller: a graph break inside a module
+    hook makes torch 2.14's Dynamo drop the hook's result, which would silently skip the edit.
+    """
 
     def __call__(self, activations: torch.Tensor, neurons: torch.Tensor, layout: TokenLayout,
                  context: EditContext) -> torch.Tensor: ...
@@ -203,6 +218,15 @@ class _MovingEdit:
         if self.normal_values not in NORMAL_VALUES:
             raise InvalidArgumentError(f"normal_values must be one of {NORMAL_VALUES}, got {self.normal_values!r}")
         check_int("seed", self.seed, minimum=0)
+
+    @property
+    def graph_safe(self) -> bool:
+        """True when a call traces under ``torch.compile`` without a graph break.
+
+        The ``noise`` and ``shuffled`` normal values draw from a ``torch.Generator``, which
+        Dynamo does not trace; with them the edit runs eagerly (see :class:`ModifiedModel`).
+        """
+        return self.normal_values not in ("noise", "shuffled")
 
     def _generator(self, activations: torch.Tensor, layer: int) -> torch.Generator | None:
         if self.normal_values not in ("noise", "shuffled"):

@@ -101,6 +101,7 @@ class ModifiedModel(nn.Module):
         self.neurons.check_fits(hook_manager)
         self.num_registers = num_registers
         self.edit = edit
+        self._graph_safe = bool(getattr(edit, "graph_safe", False))
         self.scale = _per_register(scale, num_registers)
         self.hook_manager = hook_manager.view(_TestTimeRegisters(self))
         self.layout = self.hook_manager.layout
@@ -174,12 +175,23 @@ class ModifiedModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         """The wrapped model's forward, with test-time registers, under the hook manager's autocast (if any)."""
-        with self.intervention(), self.hook_manager.autocast():
-            return self.model(*args, **kwargs)
+        return self._traced_or_eager(self._run, self.model, *args, **kwargs)
 
     def forward_images(self, pixel_values: torch.Tensor):
         """The hook manager's image forward [B, 3, H, W], with test-time registers."""
-        return self.hook_manager.forward_images(pixel_values)
+        return self._traced_or_eager(self.hook_manager.forward_images, pixel_values)
+
+    def _run(self, method: Callable, *args, **kwargs):
+        with self.intervention(), self.hook_manager.autocast():
+            return method(*args, **kwargs)
+
+    def _traced_or_eager(self, run: Callable, *args, **kwargs):
+        """``run(...)``, traced by a compiling caller only when the edit declares itself ``graph_safe``.
+
+        A graph break inside a module hook makes Dynamo (torch 2.14) drop the hook's result, so an
+        edit that might break the graph runs eagerly inside a compiled caller rather than being skipped.
+        """
+        return run(*args, **kwargs) if self._graph_safe else _eagerly(run, *args, **kwargs)
 
     def __getattr__(self, name: str):
         try:
@@ -191,11 +203,13 @@ class ModifiedModel(nn.Module):
                 raise
         method = getattr(self.model, name)
         if name in hook_manager.intermediate_methods and self.num_registers:
-            run = self._replayed(name, method, hook_manager.intermediate_methods[name])
+            replayed = self._replayed(name, method, hook_manager.intermediate_methods[name])
+
+            def run(*args, **kwargs):   # two passes and a dictionary of block outputs: never traced
+                return _eagerly(replayed, *args, **kwargs)
         else:
             def run(*args, **kwargs):
-                with self.intervention(), self.hook_manager.autocast():
-                    return method(*args, **kwargs)
+                return self._traced_or_eager(self._run, method, *args, **kwargs)
 
         run.__doc__ = method.__doc__
         return run
@@ -289,6 +303,12 @@ class ModifiedModel(nn.Module):
             return self.edit(acts, neurons, self.layout, context)
 
         return edit
+
+
+@torch.compiler.disable
+def _eagerly(run: Callable, *args, **kwargs):
+    """``run(...)`` outside any graph ``torch.compile`` is tracing."""
+    return run(*args, **kwargs)
 
 
 def _replacement(kept: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

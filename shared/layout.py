@@ -78,17 +78,34 @@ class TokenLayout:
         patches = self.patches(seq_len)
         return torch.cat([torch.arange(self.num_prefix), torch.arange(patches.start, patches.stop)])
 
+    def parts(self, seq_len: int, *, cls: bool = False, trained_registers: bool = False,
+              patches: bool = False, test_time_registers: bool = False) -> tuple[slice, ...]:
+        """The named token groups as slices in token order, empty ones left out.
+
+        Reading ``tokens[:, part]`` for each part, and not ``tokens[:, mask]``, keeps every
+        position static: no data-dependent ``nonzero``, so no graph break under ``torch.compile``.
+        """
+        named = ((cls, self.cls()), (trained_registers, self.trained_registers()),
+                 (patches, self.patches(seq_len)), (test_time_registers, self.test_time_registers(seq_len)))
+        chosen = [part for wanted, part in named if wanted and part.stop > part.start]
+        return tuple(sorted(chosen, key=lambda part: part.start))
+
     def mask(self, seq_len: int, *, cls: bool = False, trained_registers: bool = False,
              patches: bool = False, test_time_registers: bool = False,
              device: torch.device | str | None = None) -> torch.Tensor:
-        """Boolean [seq_len] mask selecting the named token groups."""
+        """Boolean [seq_len] mask selecting the named token groups (for ``torch.where``; read with :meth:`parts`)."""
         selected = torch.zeros(seq_len, dtype=torch.bool, device=device)
-        for wanted, part in ((cls, self.cls()), (trained_registers, self.trained_registers()),
-                             (patches, self.patches(seq_len)),
-                             (test_time_registers, self.test_time_registers(seq_len))):
-            if wanted:
-                selected[part] = True
+        for part in self.parts(seq_len, cls=cls, trained_registers=trained_registers, patches=patches,
+                               test_time_registers=test_time_registers):
+            selected[part] = True
         return selected
+
+
+def gather_parts(tokens: torch.Tensor, parts: tuple[slice, ...]) -> torch.Tensor:
+    """``tokens`` [B, L, ...] at the positions of ``parts`` (dimension 1), in order: [B, T, ...]."""
+    if len(parts) == 1:
+        return tokens[:, parts[0]]
+    return torch.cat([tokens[:, part] for part in parts], dim=1)
 
 
 def extend_pairwise(pairwise: torch.Tensor, extra: int) -> torch.Tensor:

@@ -28,6 +28,19 @@ def test_mask_selects_groups():
     assert mask.tolist() == [True, False, True, True, False]
 
 
+def test_parts_are_the_masks_slices_in_token_order_without_empty_ones():
+    tokens = torch.arange(11)
+    for layout in (TokenLayout(num_cls=1, num_trained_registers=1, num_test_time_registers=1),
+                   TokenLayout(num_cls=0, num_test_time_registers=2),
+                   TokenLayout(num_cls=1, num_trained_registers=2, num_test_time_registers=2, registers_after_prefix=True)):
+        for groups in ({"cls": True, "patches": True}, {"patches": True, "test_time_registers": True},
+                       {"cls": True, "trained_registers": True, "test_time_registers": True}):
+            parts = layout.parts(11, **groups)
+            assert all(part.stop > part.start for part in parts)
+            assert [part.start for part in parts] == sorted(part.start for part in parts)
+            assert torch.cat([tokens[part] for part in parts]).tolist() == tokens[layout.mask(11, **groups)].tolist()
+
+
 def test_bad_layouts_are_rejected():
     with pytest.raises(ValueError):
         TokenLayout(num_cls=-1)

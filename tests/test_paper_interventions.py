@@ -26,23 +26,34 @@ def _activations():
 
 def test_shuffled_moves_each_images_values_among_its_own_tokens():
     values = _activations()
-    mask = LAYOUT.mask(5, patches=True)
-    shuffled = normal_values_for(values, mask, "shuffled", torch.Generator().manual_seed(0))
-    assert torch.equal(shuffled[:, 0], values[:, 0])                      # outside the mask: unchanged
+    patches = LAYOUT.parts(5, patches=True)
+    shuffled = normal_values_for(values, patches, "shuffled", torch.Generator().manual_seed(0))
+    assert torch.equal(shuffled[:, 0], values[:, 0])                      # outside the patches: unchanged
     for image in range(2):
         before, after = values[image, 1:], shuffled[image, 1:]
         assert not torch.equal(before, after)
         assert torch.equal(after.sort(dim=0).values, before.sort(dim=0).values)   # same values, other tokens
         order = [int((before[:, 0] == value).nonzero()) for value in after[:, 0]]
         assert torch.equal(after, before[order])                           # one permutation for all neurons
-    again = normal_values_for(values, mask, "shuffled", torch.Generator().manual_seed(0))
+    again = normal_values_for(values, patches, "shuffled", torch.Generator().manual_seed(0))
     assert torch.equal(again, shuffled)
+
+
+def test_shuffled_over_parts_apart_leaves_the_tokens_between_alone():
+    layout = TokenLayout(num_cls=1, num_trained_registers=2)
+    values = torch.arange(2 * 7 * 3, dtype=torch.float32).reshape(2, 7, 3)
+    parts = layout.parts(7, cls=True, patches=True)                       # CLS and 4 patches, registers between
+    assert parts == (slice(0, 1), slice(3, 7))
+    shuffled = normal_values_for(values, parts, "shuffled", torch.Generator().manual_seed(1))
+    assert torch.equal(shuffled[:, 1:3], values[:, 1:3])                 # trained registers untouched
+    moved = torch.cat([shuffled[:, :1], shuffled[:, 3:]], dim=1)
+    original = torch.cat([values[:, :1], values[:, 3:]], dim=1)
+    assert torch.equal(moved.sort(dim=1).values, original.sort(dim=1).values) and not torch.equal(moved, original)
 
 
 def test_noise_has_each_images_mean_and_std():
     values = torch.randn(2, 4001, 3) * torch.tensor([1.0, 5.0, 0.2]) + torch.tensor([3.0, -2.0, 0.0])
-    mask = torch.ones(4001, dtype=torch.bool)
-    noise = normal_values_for(values, mask, "noise", torch.Generator().manual_seed(0))
+    noise = normal_values_for(values, (slice(0, 4001),), "noise", torch.Generator().manual_seed(0))
     torch.testing.assert_close(noise.mean(dim=1), values.mean(dim=1), atol=0.2, rtol=0.05)
     torch.testing.assert_close(noise.std(dim=1), values.std(dim=1), atol=0.05, rtol=0.05)
     assert not torch.equal(noise, values)
