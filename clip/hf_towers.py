@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import torch
 
-from test_time_registers.hooks import HookManager, Hooks
+from test_time_registers.hooks import HookManager, Hooks, add_hook
 from test_time_registers.layout import TokenLayout, extend_pairwise
 from test_time_registers.registry import register_model
 from test_time_registers.sites import At, EagerAttention, SeparateProjections, Sites
@@ -101,7 +101,7 @@ class Siglip2VisionHookManager(SiglipVisionHookManager):
                 mask = extend_pairwise(mask, num_registers)   # patch 0 is always real
             return args, {**kwargs, "attention_mask": mask}
 
-        hooks.keep(self.root.encoder.register_forward_pre_hook(extend_mask, with_kwargs=True))
+        hooks.keep(add_hook(self.root.encoder, extend_mask, before=True, with_kwargs=True))
 
 
 register_model("CLIPVisionModel", hook_manager=ClipVisionHookManager)

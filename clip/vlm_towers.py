@@ -15,7 +15,7 @@ import torch
 
 from test_time_registers.errors import UnsupportedModelError
 from test_time_registers.hf import language_model_reads, vision_tower_path
-from test_time_registers.hooks import HookManager, Hooks
+from test_time_registers.hooks import HookManager, Hooks, add_hook
 from test_time_registers.layout import TokenLayout, extend_pairwise
 from test_time_registers.registry import register_model
 from test_time_registers.sites import At, EagerAttention, SeparateProjections, Sites
@@ -105,7 +105,7 @@ class Idefics3VisionHookManager(HookManager):
                 mask = extend_pairwise(mask, num_registers)   # patch 0 is always real: padding is bottom and right
             return args, {**kwargs, "attention_mask": mask}
 
-        hooks.keep(self.root.encoder.register_forward_pre_hook(extend_mask, with_kwargs=True))
+        hooks.keep(add_hook(self.root.encoder, extend_mask, before=True, with_kwargs=True))
 
 
 register_model("InternVLVisionModel", hook_manager=InternVLVisionHookManager)

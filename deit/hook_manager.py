@@ -15,7 +15,7 @@ from timm.models.vision_transformer_relpos import VisionTransformerRelPos
 from torch import nn
 
 from test_time_registers.errors import UnsupportedModelError
-from test_time_registers.hooks import HookManager, Hooks
+from test_time_registers.hooks import HookManager, Hooks, add_hook
 from test_time_registers.layout import TokenLayout, extend_pairwise
 from test_time_registers.registry import register_model
 from test_time_registers.sites import (At, FirstPresent, FusedProjections, MlpInputs, SeparateProjections, Sites,
@@ -160,7 +160,7 @@ class BeitHookManager(DeitHookManager):
             if getattr(block.attn, "relative_position_bias_table", None) is not None:
                 _extend_bias(block.attn, "_get_rel_pos_bias", pad, hooks)
         if self.root.rel_pos_bias is not None:      # one bias shared by every block
-            hooks.keep(self.root.rel_pos_bias.register_forward_hook(lambda module, args, output: pad(output)))
+            hooks.keep(add_hook(self.root.rel_pos_bias, lambda module, args, output: pad(output), before=False))
 
 
 class RelPosHookManager(DeitHookManager):

@@ -117,6 +117,9 @@ def gather_statistics(hook_manager: HookManager, images, preprocess: Callable | 
         resume: continue from ``checkpoint``, which must come from a run with the same model,
             images and settings; the result is the one an uninterrupted run gives.
         progress: show a progress bar (``True``).
+        compile: run the forward pass through ``torch.compile`` (``False``), with the statistics'
+            hooks traced into the graph; the statistics are the eager run's up to float rounding.
+            Worth it for many images: compiling costs seconds to minutes, once per input shape.
 
     ``threshold="auto"`` is a robust threshold (see :func:`auto_threshold`) from the patch norms
     of a seeded random sample of 32 images, whatever the batch size. The sample is visited first
@@ -149,7 +152,7 @@ def gather_statistics(hook_manager: HookManager, images, preprocess: Callable | 
 def _gather(hook_manager: HookManager, images, preprocess: Callable | None, settings: DiscoverySettings, *,
             batch_size: int = 32, device: torch.device | str | None = None, seed: int = 0, workers: int = 0,
             checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 50, resume: bool = False,
-            progress: bool = True) -> DiscoveryStatistics:
+            progress: bool = True, compile: bool = False) -> DiscoveryStatistics:
     detect_layer, candidate_layers = settings.layers(hook_manager)
     check_int("checkpoint_every", checkpoint_every)
     if resume and checkpoint is None:
@@ -176,7 +179,8 @@ def _gather(hook_manager: HookManager, images, preprocess: Callable | None, sett
     saver = _Checkpoints(checkpoint, shard, recorded, images) if checkpoint is not None else None
     consumed = saver.restore(stats) if resume else 0
 
-    runner = _Pass(hook_manager, stats, candidate_layers, detect_layer, shard, ordered=source is not None)
+    runner = _Pass(hook_manager, stats, candidate_layers, detect_layer, shard, ordered=source is not None,
+                   compile=compile)
     total = len(range(shard.rank, len(source), shard.world)) if source is not None else count_hint(images)
     bar = tqdm(total=total, initial=consumed, unit="img", desc="finding register neurons",
                disable=not progress or shard.rank != 0)
@@ -282,8 +286,10 @@ class _Pass:
     """The hooks of one discovery pass, and the batches held until the automatic threshold is known."""
 
     def __init__(self, hook_manager: HookManager, stats: DiscoveryStatistics, candidate_layers: list[int],
-                 detect_layer: int, shard: Shard, ordered: bool):
+                 detect_layer: int, shard: Shard, ordered: bool, compile: bool = False):
         self.hook_manager, self.stats, self.shard, self.ordered = hook_manager, stats, shard, ordered
+        # Compiled after the hooks are placed (``attach``), so that Dynamo traces them into the graph.
+        self.forward = torch.compile(hook_manager.forward_images) if compile else hook_manager.forward_images
         self.candidate_layers, self.detect_layer = candidate_layers, detect_layer
         self.activations: dict[int, torch.Tensor] = {}
         self.buffers: dict[int, torch.Tensor] = {}
@@ -322,7 +328,7 @@ class _Pass:
 
     def run(self, batch) -> None:
         try:
-            self.hook_manager.forward_images(batch.pixel_values)
+            self.forward(batch.pixel_values)
         except StopForward:
             pass
         self.stats.image_size = tuple(batch.pixel_values.shape[-2:])

@@ -51,6 +51,19 @@ def _first_tensor(value) -> torch.Tensor:
     raise UnsupportedModelError(f"cannot find a tensor inside a {type(value).__name__}")
 
 
+@torch.compiler.disable
+def add_hook(module: nn.Module, hook: Callable, *, before: bool, with_kwargs: bool = False,
+             prepend: bool = False) -> RemovableHandle:
+    """``module.register_forward_pre_hook`` (``before``) or ``register_forward_hook``, never traced.
+
+    Dynamo cannot trace a hook's registration, so inside ``torch.compile`` it runs eagerly: a
+    break at the place where an intervention opens, never inside the forward pass it hooks.
+    """
+    if before:
+        return module.register_forward_pre_hook(hook, with_kwargs=with_kwargs, prepend=prepend)
+    return module.register_forward_hook(hook, with_kwargs=with_kwargs, prepend=prepend)
+
+
 @dataclass(frozen=True)
 class HookSite:
     """A tensor flowing into (``"input"``) or out of (``"output"``) a module.
@@ -80,13 +93,13 @@ class HookSite:
                     return None
                 return args, {**kwargs, self.keyword: result}
 
-            return self.module.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=prepend)
+            return add_hook(self.module, pre_hook, before=True, with_kwargs=True, prepend=prepend)
         if self.where == "output":
             def post_hook(module, args, output):
                 result = fn(_first_tensor(output))
                 return None if result is None else _replace_first(output, result)
 
-            return self.module.register_forward_hook(post_hook, prepend=prepend)
+            return add_hook(self.module, post_hook, before=False, prepend=prepend)
         raise InvalidArgumentError(f"where must be 'input' or 'output', got {self.where!r}")
 
 

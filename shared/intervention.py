@@ -24,7 +24,7 @@ from .data.batching import batches
 from .data.sources import image_source, no_images_message
 from .edits import NORMAL_VALUES, AttentionBiasEdit, Edit, EditContext, PaperEdit  # noqa: F401 - NORMAL_VALUES for the CLI
 from .errors import ImageSourceError, InvalidArgumentError, RegisterLeakError, check_int
-from .hooks import Capture, Extension, HookManager
+from .hooks import Capture, Extension, HookManager, add_hook
 from .layout import TokenLayout
 from .neurons import RegisterNeurons
 
@@ -160,7 +160,7 @@ class ModifiedModel(nn.Module):
                 hooks.on(base.register_insertion_site(), self._append_registers, prepend=True)
                 hooks.on(base.register_removal_site(), self._strip_registers, prepend=True)
                 for module in base.returning_modules:
-                    hooks.keep(module.register_forward_hook(self._strip_returned))
+                    hooks.keep(add_hook(module, self._strip_returned, before=False))
                 base.refuse_intermediate_methods(hooks, "call it on the ModifiedModel (modified.{name}(...)), "
                                                         "which runs it without them")
             for layer in self._layers:
@@ -179,11 +179,23 @@ class ModifiedModel(nn.Module):
 
     def forward_images(self, pixel_values: torch.Tensor):
         """The hook manager's image forward [B, 3, H, W], with test-time registers."""
-        return self._traced_or_eager(self.hook_manager.forward_images, pixel_values)
+        return self._traced_or_eager(self._run, self.hook_manager.forward_images, pixel_values)
 
     def _run(self, method: Callable, *args, **kwargs):
-        with self.intervention(), self.hook_manager.autocast():
-            return method(*args, **kwargs)
+        # The hooks are placed and removed eagerly (Dynamo cannot trace their registration), so a
+        # compiling caller breaks the graph there and traces the whole pass, edits included, as one.
+        close = _eagerly(self._open)
+        try:
+            with self.hook_manager.autocast():
+                return method(*args, **kwargs)
+        finally:
+            _eagerly(close)
+
+    def _open(self) -> Callable[[], None]:
+        """Open :meth:`intervention`; returns what closes it."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.intervention())
+        return stack.close
 
     def _traced_or_eager(self, run: Callable, *args, **kwargs):
         """``run(...)``, traced by a compiling caller only when the edit declares itself ``graph_safe``.
