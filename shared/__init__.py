@@ -22,6 +22,8 @@ _EXPORTS = {
                      "MissingDependencyError", "ModelLoadError", "NeuronFileError", "NoOutliersError",
                      "NonFiniteActivationsError", "NonFiniteLossError", "RegisterLeakError",
                      "TestTimeRegistersError", "UnsupportedModelError"), "errors"),
+    **dict.fromkeys(("ExportError", "ExportMismatchError"), "errors"),
+    **dict.fromkeys(("ExportReport", "export_image_model"), "export"),
     **dict.fromkeys(("Capture", "Extension", "HookManager", "HookSite", "Hooks", "StopForward"), "hooks"),
     **dict.fromkeys(("ModifiedModel",), "intervention"),
     **dict.fromkeys(("TokenLayout",), "layout"),
@@ -55,13 +57,13 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Architecture", "At", "Capture", "CheckpointError", "DiscoverySettings", "DiscoveryStatistics", "EagerAttention",
-    "Edit", "EditContext", "Extension", "FirstPresent", "FusedProjections", "HookManager", "HookSite", "Hooks", "ImageFolder", "ImageSourceError",
+    "Edit", "EditContext", "ExportError", "ExportMismatchError", "ExportReport", "Extension", "FirstPresent", "FusedProjections", "HookManager", "HookSite", "Hooks", "ImageFolder", "ImageSourceError",
     "IncompatibleNeuronsError", "InvalidArgumentError", "LearnableRegisters", "LegacyEdit", "LoadedModel",
     "MissingDependencyError", "ModelLoadError", "ModifiedModel", "NeedWeights", "NeuronFileError", "NoOutliersError",
     "NonFiniteActivationsError", "NonFiniteLossError", "PRECISIONS", "PaperEdit", "Precision", "Preset",
     "RegisterLeakError", "RegisterNeuron", "RegisterNeurons", "RegisteredModel", "SeparateProjections", "Sites", "StopForward",
     "TestTimeRegistersError", "TokenLayout", "Unfused", "UnsupportedModelError", "__version__", "architectures",
-    "auto_threshold", "check_discovery_arguments", "find_register_neurons", "gather_statistics", "hook_manager_for",
+    "auto_threshold", "check_discovery_arguments", "export_image_model", "find_register_neurons", "gather_statistics", "hook_manager_for",
     "legacy_edit", "load_model", "load_neurons", "load_preset", "load_trained_registers", "paper_edit",
     "register_architecture", "register_model", "save_trained_registers", "supported_models",
 ]

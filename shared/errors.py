@@ -80,3 +80,13 @@ class ActivationLogError(TestTimeRegistersError, ValueError):
 
 class TrainedRegistersError(ModelLoadError, ValueError):
     """A trained-register folder (registers.json + registers.safetensors) is missing, damaged, or its two files disagree."""
+
+
+class ExportError(TestTimeRegistersError):
+    """A model with test-time registers cannot be exported: an edit that does not trace, a forward that
+    torch.export or the ONNX exporter cannot capture, a precision the format cannot reproduce, or an
+    exported file that cannot be run."""
+
+
+class ExportMismatchError(ExportError):
+    """An exported file, run in a fresh process, does not give the model's outputs within the tolerance."""
