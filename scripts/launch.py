@@ -48,3 +48,7 @@ def evaluate() -> int:
 
 def train_registers() -> int:
     return _launch("train_registers")
+
+
+def export() -> int:
+    return _launch("export")
