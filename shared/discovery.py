@@ -14,10 +14,12 @@ batch's activations are held, and the forward pass stops right after the detecti
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import os
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,6 +284,61 @@ def _total_skipped(images) -> int | None:
     return len(set().union(*names))
 
 
+class _CompiledPass:
+    """Discovery's forward pass through ``torch.compile``, one per model and candidate layers.
+
+    Dynamo does not guard on module hooks, so a graph traced with other hooks (another pass's, or
+    none, as in a compiled plain forward) could be reused for this one: :meth:`run` reads this
+    object's own key, which makes the graph its own. Passes with the same model and layers share it
+    (and its compilation), their hooks being the same functions writing into the pass's dictionaries.
+    The pass runs to the end: an exception raised in a hook (the eager pass's early stop) would
+    break the graph there, and Dynamo (torch 2.14) then drops what that module's hooks did.
+    """
+
+    _made: "weakref.WeakKeyDictionary[HookManager, dict[tuple, _CompiledPass]]" = weakref.WeakKeyDictionary()
+    _keys = itertools.count()
+
+    def __init__(self, hook_manager: HookManager):
+        self.hook_manager = hook_manager
+        self.graph_key = f"discovery pass {next(self._keys)}"
+        self.activations: dict[int, torch.Tensor] = {}
+        self.norms: dict[int, torch.Tensor] = {}
+        self.compiled = torch.compile(self._forward)
+
+    @classmethod
+    def of(cls, hook_manager: HookManager, candidate_layers: list[int], detect_layer: int) -> "_CompiledPass":
+        made = cls._made.setdefault(hook_manager, {})
+        key = (tuple(candidate_layers), detect_layer)
+        if key not in made:
+            made[key] = cls(hook_manager)
+        return made[key]
+
+    def _forward(self, pixel_values: torch.Tensor) -> None:
+        if not self.graph_key:
+            raise InvalidArgumentError("a compiled discovery pass without its graph key")
+        self.hook_manager.forward_images(pixel_values)
+
+    def run(self, pixel_values: torch.Tensor, activations: dict, norms: dict) -> None:
+        """One batch; what the hooks kept moves into ``activations`` and ``norms``."""
+        self.compiled(pixel_values)
+        activations.update(self.activations)
+        norms.update(self.norms)
+        self.activations.clear()
+        self.norms.clear()
+
+    def keep_activations(self, layer: int):
+        def keep(tensor):   # a graph output: the compiled graph allocates it anyway
+            self.activations[layer] = tensor
+
+        return keep
+
+    def keep_patch_norms(self, layer: int):
+        def keep(residual):
+            self.norms[layer] = measures.patch_norms(residual, self.hook_manager.layout)   # [B, P]
+
+        return keep
+
+
 class _Pass:
     """The hooks of one discovery pass, and the batches held until the automatic threshold is known."""
 
@@ -289,7 +346,9 @@ class _Pass:
                  detect_layer: int, shard: Shard, ordered: bool, compile: bool = False):
         self.hook_manager, self.stats, self.shard, self.ordered = hook_manager, stats, shard, ordered
         # Compiled after the hooks are placed (``attach``), so that Dynamo traces them into the graph.
-        self.forward = torch.compile(hook_manager.forward_images) if compile else hook_manager.forward_images
+        self.compiled = _CompiledPass.of(hook_manager, candidate_layers, detect_layer) if compile else None
+        self.forward = (lambda pixels: self.compiled.run(pixels, self.activations, self.norms)) if compile \
+            else hook_manager.forward_images
         self.candidate_layers, self.detect_layer = candidate_layers, detect_layer
         self.activations: dict[int, torch.Tensor] = {}
         self.buffers: dict[int, torch.Tensor] = {}
@@ -302,10 +361,15 @@ class _Pass:
 
     def attach(self, hooks) -> None:
         for layer in self.candidate_layers:
-            hooks.on_neurons(layer, self._keep_activations(layer))
+            hooks.on_neurons(layer, self.compiled.keep_activations(layer) if self.compiled
+                             else self._keep_activations(layer))
         for layer in range(self.detect_layer + 1):
-            hooks.on_block_output(layer, self._keep_patch_norms(layer))
-        hooks.stop_after_block(self.detect_layer)
+            hooks.on_block_output(layer, self.compiled.keep_patch_norms(layer) if self.compiled
+                                  else self._keep_patch_norms(layer))
+        if not self.compiled:
+            # Compiled, the pass runs to the end: an exception raised in a hook breaks the graph there,
+            # and Dynamo (torch 2.14) then drops what that module's other hooks did.
+            hooks.stop_after_block(self.detect_layer)
 
     def _keep_activations(self, layer: int):
         # Copied into a buffer that lives across batches. Holding the model's own tensor instead

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from .hooks import Capture, Extension, HookManager, add_hook
 from .layout import TokenLayout
 from .neurons import RegisterNeurons
 
+
+_GRAPH_KEYS = itertools.count()
 
 #: The intervention open on each model now, by its first block: two different ones would nest.
 _OPEN: "weakref.WeakKeyDictionary[nn.Module, ModifiedModel]" = weakref.WeakKeyDictionary()
@@ -102,6 +105,7 @@ class ModifiedModel(nn.Module):
         self.num_registers = num_registers
         self.edit = edit
         self._graph_safe = bool(getattr(edit, "graph_safe", False))
+        self._graph_key = f"test-time registers {next(_GRAPH_KEYS)}"   # see _run
         self.scale = _per_register(scale, num_registers)
         self.hook_manager = hook_manager.view(_TestTimeRegisters(self))
         self.layout = self.hook_manager.layout
@@ -186,6 +190,10 @@ class ModifiedModel(nn.Module):
         # compiling caller breaks the graph there and traces the whole pass, edits included, as one.
         close = _eagerly(self._open)
         try:
+            # Dynamo does not guard on module hooks: a graph traced with another ModifiedModel's hooks
+            # would be reused. Reading this instance's own name makes the graph this instance's.
+            if not self._graph_key:
+                raise RegisterLeakError("a ModifiedModel without its graph key")
             with self.hook_manager.autocast():
                 return method(*args, **kwargs)
         finally:

@@ -48,6 +48,11 @@ AUTO_TARGET_RATIO = 2.0
 AUTO_MAX_TOP_K = 64
 
 
+#: On the CPU, outlier rows are gathered when fewer than 1 / DENSE_FRACTION of the tokens are outliers;
+#: above it one dense product reads the activations once instead of copying most of them.
+DENSE_FRACTION = 4
+
+
 def check_target_ratio(target_ratio) -> float:
     if not finite_number(target_ratio) or not target_ratio >= 1:
         raise InvalidArgumentError(f"target_ratio must be a finite number of at least 1 (a largest / median patch norm), "
@@ -252,7 +257,8 @@ class DiscoveryStatistics:
             flat = acts.reshape(batch * seq_len, -1)
             if self.outlier_rows:   # outliers are few: read their rows, not the whole tensor
                 rows = weights.nonzero()[:, 0]
-                weights, flat = weights[rows], flat[rows]
+                if len(rows) * DENSE_FRACTION < len(weights):   # many: the gather would copy most of it
+                    weights, flat = weights[rows], flat[rows]
             flat = flat.float()                                                  # a copy only for bf16/fp16
             if self.score == "abs":
                 flat = flat.abs()

@@ -17,7 +17,7 @@ import torch
 from test_time_registers import LegacyEdit, ModifiedModel, PaperEdit
 from test_time_registers.hooks import _first_tensor
 from test_time_registers.planting import marker_images, plant_register_neurons
-from tests.tiny_models import IMAGE_SIZE, clip_model, dinov2_model, hook_count, timm_model
+from tests.tiny_models import IMAGE_SIZE, LAYERS, clip_model, dinov2_model, hook_count, timm_model
 from test_time_registers.registry import hook_manager_for
 
 PLANTED_LAYER = 1
@@ -116,6 +116,20 @@ def test_edits_that_may_break_the_graph_run_eagerly_and_still_apply():
         assert _largest_difference(compiled, eager) == 0.0
 
 
+def test_each_modified_model_gets_its_own_graph():
+    """Dynamo does not guard on module hooks, so without a key of its own a ModifiedModel would reuse the
+    graph another one traced (other neurons, other register count) or the plain model's."""
+    model, hook_manager, planted, pixels = _planted(clip_model, torch.float32)
+    wrappers = [ModifiedModel(model, hook_manager, planted, num_registers=1),
+                ModifiedModel(model, hook_manager, planted[:1], num_registers=2),
+                ModifiedModel(model, hook_manager, [], num_registers=1)]
+    with torch.no_grad():
+        torch.compile(hook_manager.forward_images)(pixels)
+        for modified in (*wrappers, *wrappers):
+            eager = modified.forward_images(pixels)
+            assert _largest_difference(torch.compile(modified.forward_images)(pixels), eager) <= FLOOR[torch.float32]
+
+
 def test_repeated_compiled_calls_do_not_recompile():
     model, hook_manager, planted, pixels = _planted(clip_model, torch.float32)
     modified = ModifiedModel(model, hook_manager, planted, num_registers=1)
@@ -129,15 +143,19 @@ def test_repeated_compiled_calls_do_not_recompile():
     assert counts["stats"]["unique_graphs"] == frames
 
 
-@pytest.mark.parametrize("threshold", [1.0, "auto"], ids=["every-patch", "auto"])
-def test_compiled_discovery_gathers_the_same_statistics(threshold):
+@pytest.mark.parametrize("threshold,detect_layer", [(1.0, None), ("auto", LAYERS - 1)], ids=["every-patch", "auto-last"])
+def test_compiled_discovery_gathers_the_same_statistics(threshold, detect_layer):
+    """The last block as detection layer too: there the eager pass stops in a hook, which compiled would lose."""
     from test_time_registers import gather_statistics
 
     model, hook_manager, planted, _ = _planted(clip_model, torch.float32)
     images = marker_images(12, IMAGE_SIZE, hook_manager.patch_size[0], seed=4).pixel_values
-    eager = gather_statistics(hook_manager, images, threshold=threshold, batch_size=4, progress=False)
-    compiled = gather_statistics(hook_manager, images, threshold=threshold, batch_size=4, progress=False,
-                                 compile=True)
+    settings = dict(threshold=threshold, detect_layer=detect_layer, highest_layer=PLANTED_LAYER, batch_size=4,
+                    progress=False)
+    eager = gather_statistics(hook_manager, images, **settings)
+    compiled = gather_statistics(hook_manager, images, **settings, compile=True)
+    with torch.no_grad():   # a plain forward compiled first must not stand in for discovery's, hooks and all
+        torch.compile(hook_manager.forward_images)(images[:4])
     assert eager.threshold == pytest.approx(compiled.threshold, rel=1e-6)
     assert torch.equal(eager.counts, compiled.counts)
     for layer, sums in eager.score_sums.items():

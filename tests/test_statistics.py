@@ -46,13 +46,15 @@ def test_outlier_rows_and_the_dense_product_give_the_same_scores(demo_model):
     generator = torch.Generator().manual_seed(0)
     activations = {layer: torch.randn(3, 10, 16, generator=generator) for layer in range(3)}
     norms = {layer: torch.rand(3, 9, generator=generator) * 10 for layer in range(3)}
-    sums = []
-    for rows in (True, False):
-        stats = DiscoveryStatistics({layer: 16 for layer in range(3)}, 2, layout, threshold=6.0, outlier_rows=rows)
-        stats.update(activations, norms)
-        sums.append(stats.score_sums)
-    for layer in range(3):
-        torch.testing.assert_close(sums[0][layer], sums[1][layer])
+    for threshold in (6.0, 0.1):   # a few outliers (rows gathered), every patch one (one dense product)
+        sums = []
+        for rows in (True, False):
+            stats = DiscoveryStatistics({layer: 16 for layer in range(3)}, 2, layout, threshold=threshold,
+                                        outlier_rows=rows)
+            stats.update(activations, norms)
+            sums.append(stats.score_sums)
+        for layer in range(3):
+            torch.testing.assert_close(sums[0][layer], sums[1][layer])
 
 
 def test_the_settings_are_checked_once_and_name_discoverys_keywords(demo_model):
