@@ -191,7 +191,7 @@ def export_image_model(modified: ModifiedModel, out: str | os.PathLike, *, forma
         if tolerance is None:
             relative = RELATIVE_TOLERANCE.get(_loosest_dtype(modified, references[0]), RELATIVE_TOLERANCE[torch.float32])
             tolerance = relative * scale
-        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".export", dir=out.parent))
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".export", dir=out.parent)).resolve()
         try:
             artifact = work / f"model{FORMATS[format]}"
             started = time.perf_counter()

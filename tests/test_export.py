@@ -16,6 +16,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -257,6 +258,14 @@ def test_onnx_refuses_a_model_that_is_not_float32(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_onnx_refuses_a_model_run_under_autocast(tiny, tmp_path):
+    model, _, neurons, images = tiny
+    hook_manager = hook_manager_for(model, autocast_dtype=torch.bfloat16)
+    with pytest.raises(ExportError, match="runs under torch.autocast in bfloat16; load it in fp32, or export to pt2"):
+        export_image_model(ModifiedModel(model, hook_manager, neurons), tmp_path / "m.onnx", example=images[:2])
+    assert leftovers(tmp_path) == []
+
+
 def test_a_forward_torch_export_cannot_capture_is_refused_in_one_line(tiny, tmp_path):
     model, hook_manager, neurons, images = tiny
     modified = ModifiedModel(model, hook_manager, neurons, edit=data_dependent_edit)
@@ -329,8 +338,9 @@ def test_an_unreadable_neuron_file_is_one_line_and_exit_code_2(tmp_path, capsys)
     assert leftovers(tmp_path) == ["neurons.json"]
 
 
-def test_the_command_exports_the_demo_to_onnx(tmp_path, capsys):
-    out = tmp_path / "new" / "demo.onnx"
+def test_the_command_exports_the_demo_to_onnx(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = Path("new") / "demo.onnx"   # relative, in a folder the command makes
     assert export_cli.main(["--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "SYNTHETIC DEMO" in printed and "register neurons: the demo's 4 planted ones" in printed
