@@ -232,7 +232,8 @@ def _check_format(format: str | None, out: Path) -> str:
     if format not in FORMATS:
         raise InvalidArgumentError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if suffix != FORMATS[format]:
-        raise InvalidArgumentError(f"a {format} export is written to a *{FORMATS[format]} file, not {out.name!r}: "
+        article = "an" if format == "onnx" else "a"
+        raise InvalidArgumentError(f"{article} {format} export is written to a *{FORMATS[format]} file, not {out.name!r}: "
                                    f"name it {out.stem}{FORMATS[format]}")
     if out.is_dir():
         raise InvalidArgumentError(f"{out} is a folder; give a file name")

@@ -236,7 +236,7 @@ def test_edits_that_are_not_graph_safe_are_refused(tiny, tmp_path, edit, message
 
 
 @pytest.mark.parametrize("out,fmt,message", [
-    ("m.pt2", "onnx", "a onnx export is written to a [*].onnx file, not 'm.pt2': name it m.onnx"),
+    ("m.pt2", "onnx", "an onnx export is written to a [*].onnx file, not 'm.pt2': name it m.onnx"),
     ("m.onnx", "pt2", "name it m.pt2"),
     ("m.bin", None, "cannot tell the format from 'm.bin'"),
     ("m.onnx", "tflite", "format must be one of onnx, pt2"),
