@@ -194,18 +194,18 @@ def test_help_shows_the_defaults(capsys):
         assert expected in text, expected
 
 
-def _readme_flags(section: str) -> set[str]:
-    text = (ROOT / "README.md").read_text().split(section, 1)[1]
+def _documented_flags(page: str, heading: str) -> set[str]:
+    text = (ROOT / "docs" / "pages" / page).read_text().split(f"{heading}\n", 1)[1]
     table = text[text.index("| flag |"):].split("\n\n", 1)[0]
     return {flag for row in table.splitlines()[2:] for flag in re.findall(r"--[a-z][a-z-]*", row.split("|")[1])}
 
 
-@pytest.mark.parametrize("section, parser", [("## The command line", find_register_neurons.build_parser),
-                                             ("## Speed", benchmark.build_parser),
-                                             ("## Visualize", visualize.build_parser)])
-def test_the_readme_flag_tables_list_every_flag(section, parser):
+@pytest.mark.parametrize("page, heading, parser", [("find.md", "## On the command line", find_register_neurons.build_parser),
+                                                   ("deploy.md", "## Speed", benchmark.build_parser),
+                                                   ("visualize.md", "# Visualize", visualize.build_parser)])
+def test_the_documented_flag_tables_list_every_flag(page, heading, parser):
     flags = {option for action in parser()._actions for option in action.option_strings if option.startswith("--")}
-    assert _readme_flags(section) == flags - {"--help"}
+    assert _documented_flags(page, heading) == flags - {"--help"}
 
 
 def test_the_demo_banner_names_the_images_it_ran_on(tmp_path, photos, capsys):
