@@ -33,6 +33,9 @@ def test_the_site_builds_in_strict_mode(tmp_path):
     loaders = (tmp_path / "site" / "reference" / "clip" / "index.html").read_text()
     assert "test_time_registers.clip.loader.load_openclip" in loaders           # the subpackages outside shared/
     assert (tmp_path / "site" / "img" / "evaluate_demo.png").is_file()
+    find = (tmp_path / "site" / "find" / "index.html").read_text()
+    assert "<code>openclip:NAME:TAG|CHECKPOINT|random</code>" in find          # docs/hooks.py: GitHub's \| in tables
+    assert "<ul>\n<li>a folder is visited in an order" in find                  # lists nest (4-space indents)
     assert 'src="../img/evaluate_demo.png"' in (tmp_path / "site" / "evaluate" / "index.html").read_text()
 
 
