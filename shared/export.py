@@ -413,6 +413,7 @@ def _export(modified: ModifiedModel, artifact: Path, format: str, exporter: str,
             onnx_program = torch.onnx.export(program, (example,), dynamo=True, input_names=[INPUT_NAME],
                                              output_names=list(names), opset_version=DYNAMO_OPSET, verbose=False)
             onnx_program.save(str(artifact), external_data=False)
+            _name_batch_dimension(artifact)
             return f"{captured} + torch.onnx dynamo exporter, opset {DYNAMO_OPSET}"
     except (TestTimeRegistersError, KeyboardInterrupt):
         raise
@@ -421,6 +422,19 @@ def _export(modified: ModifiedModel, artifact: Path, format: str, exporter: str,
                   else "its forward has data-dependent control flow or an operation the exporter does not support")
         raise ExportError(f"{stage} cannot capture {name} with test-time registers: {first_line(error)} ({advice})") \
             from error
+
+
+def _name_batch_dimension(artifact: Path) -> None:
+    """Call the first dimension of every input and output ``batch``, as the TorchScript exporter does
+    (the dynamo-based one names it after its symbol, ``s0`` or so)."""
+    import onnx
+
+    graph_file = onnx.load(str(artifact))
+    for value in (*graph_file.graph.input, *graph_file.graph.output):
+        first = value.type.tensor_type.shape.dim[0]
+        if first.HasField("dim_param"):
+            first.dim_param = BATCH
+    onnx.save(graph_file, str(artifact))
 
 
 #: Runs an exported file in a fresh process: argv = format, file, inputs, outputs, device. It imports

@@ -43,6 +43,11 @@ class _PassState:
     depth: int = 0                          # open intervention() contexts of this ModifiedModel
     unmodified_length: int | None = None    # tokens at the insertion point, i.e. without the registers
 
+    def reset(self) -> None:
+        # In place: torch.export (non-strict) restores module attributes after tracing, so a state
+        # object swapped in on exit would be swapped back out, still open.
+        self.depth, self.unmodified_length = 0, None
+
 
 class _TestTimeRegisters(Extension):
     """What a :class:`ModifiedModel` adds, for its hook manager view."""
@@ -158,7 +163,7 @@ class ModifiedModel(nn.Module):
         with base.hooks() as hooks:
             _OPEN[key] = self
             state.depth, state.unmodified_length = 1, None
-            hooks.on_exit(lambda: (_OPEN.pop(key, None), setattr(self, "_state", _PassState())))
+            hooks.on_exit(lambda: (_OPEN.pop(key, None), state.reset()))
             if self.num_registers:
                 base.prepare_for_registers(self.num_registers, hooks)
                 hooks.on(base.register_insertion_site(), self._append_registers, prepend=True)
