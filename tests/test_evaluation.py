@@ -13,7 +13,7 @@ from test_time_registers.analysis.evaluation import (Comparison, box_iou, compar
                                                      zero_shot_accuracy, zero_shot_classifier)
 from test_time_registers.data.labelled import scene_images
 from test_time_registers.scripts import evaluate
-from tests.test_cli_messages import _readme_flags, error_line
+from tests.test_cli_messages import _documented_flags, error_line
 from tests.test_labelled import classes  # noqa: F401 - a fixture
 
 
@@ -152,9 +152,9 @@ def test_the_attention_bias_edit_and_the_ablations_run_from_the_cli(capsys):
     assert outliers.split()[-6:] == ["100.0%", "[100.0,", "100.0]"] * 2     # shuffling moves the outliers, it does not remove them
 
 
-def test_the_readme_flag_table_lists_every_flag():
+def test_the_documented_flag_table_lists_every_flag():
     flags = {option for action in evaluate.build_parser()._actions for option in action.option_strings}
-    assert _readme_flags("## Evaluate") == flags - {"--help", "-h"}
+    assert _documented_flags("evaluate.md", "# Evaluate") == flags - {"--help", "-h"}
 
 
 def test_the_figure_shows_each_images_attention_and_boxes_per_column(tmp_path, capsys):
