@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from test_time_registers import RegisterNeurons
-from test_time_registers.scripts import benchmark, find_register_neurons, visualize
+from test_time_registers.scripts import benchmark, export, find_register_neurons, visualize
 from tests.tiny_models import dinov2_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -202,6 +202,7 @@ def _documented_flags(page: str, heading: str) -> set[str]:
 
 @pytest.mark.parametrize("page, heading, parser", [("find.md", "## On the command line", find_register_neurons.build_parser),
                                                    ("deploy.md", "## Speed", benchmark.build_parser),
+                                                   ("deploy.md", "## Export to ONNX and torch.export", export.build_parser),
                                                    ("visualize.md", "# Visualize", visualize.build_parser)])
 def test_the_documented_flag_tables_list_every_flag(page, heading, parser):
     flags = {option for action in parser()._actions for option in action.option_strings if option.startswith("--")}
