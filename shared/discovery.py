@@ -35,6 +35,7 @@ from .errors import CheckpointError, ImageSourceError, InvalidArgumentError, che
 from .files import parse_json, read_bounded, write_atomically
 from .hooks import HookManager, StopForward
 from .intervention import ModifiedModel
+from .layout import TokenLayout
 from .neurons import RegisterNeurons
 from .statistics import (AUTO, AUTO_CALIBRATION_IMAGES, AUTO_TARGET_RATIO, STATE_TENSORS, DiscoverySettings,
                          DiscoveryStatistics, auto_threshold, check_state, check_target_ratio)
@@ -326,17 +327,27 @@ class _CompiledPass:
         self.activations.clear()
         self.norms.clear()
 
-    def keep_activations(self, layer: int):
-        def keep(tensor):   # a graph output: the compiled graph allocates it anyway
-            self.activations[layer] = tensor
 
-        return keep
+def _keep_activations(into: dict[int, torch.Tensor], layer: int):
+    """A hook holding layer ``layer``'s MLP activations [B, L, N] in ``into``.
 
-    def keep_patch_norms(self, layer: int):
-        def keep(residual):
-            self.norms[layer] = measures.patch_norms(residual, self.hook_manager.layout)   # [B, P]
+    The model's own tensor, held until the batch's statistics are in: nothing reads or writes it
+    after the MLP's output projection. Copying it into a buffer reused across batches measured
+    slower (ViT-B/16, every patch an outlier: 1.17x a plain forward against 1.08x). Compiled, it
+    is a graph output, which the graph allocates anyway.
+    """
+    def keep(tensor):
+        into[layer] = tensor
 
-        return keep
+    return keep
+
+
+def _keep_patch_norms(into: dict[int, torch.Tensor], layer: int, layout: TokenLayout):
+    """A hook keeping the patch norms [B, P] of block ``layer``'s output in ``into``."""
+    def keep(residual):
+        into[layer] = measures.patch_norms(residual, layout)
+
+    return keep
 
 
 class _Pass:
@@ -345,7 +356,7 @@ class _Pass:
     def __init__(self, hook_manager: HookManager, stats: DiscoveryStatistics, candidate_layers: list[int],
                  detect_layer: int, shard: Shard, ordered: bool, compile: bool = False):
         self.hook_manager, self.stats, self.shard, self.ordered = hook_manager, stats, shard, ordered
-        # Compiled after the hooks are placed (``attach``), so that Dynamo traces them into the graph.
+        # Compiled at its first call, after ``attach`` placed the hooks: Dynamo traces them into the graph.
         self.compiled = _CompiledPass.of(hook_manager, candidate_layers, detect_layer) if compile else None
         self.forward = (lambda pixels: self.compiled.run(pixels, self.activations, self.norms)) if compile \
             else hook_manager.forward_images
@@ -358,31 +369,15 @@ class _Pass:
         self.bound = AUTO_CALIBRATION_IMAGES
 
     def attach(self, hooks) -> None:
+        kept = self.compiled or self   # compiled: into the dictionaries its graph was traced with
         for layer in self.candidate_layers:
-            hooks.on_neurons(layer, self.compiled.keep_activations(layer) if self.compiled
-                             else self._keep_activations(layer))
+            hooks.on_neurons(layer, _keep_activations(kept.activations, layer))
         for layer in range(self.detect_layer + 1):
-            hooks.on_block_output(layer, self.compiled.keep_patch_norms(layer) if self.compiled
-                                  else self._keep_patch_norms(layer))
+            hooks.on_block_output(layer, _keep_patch_norms(kept.norms, layer, self.hook_manager.layout))
         if not self.compiled:
             # Compiled, the pass runs to the end: an exception raised in a hook breaks the graph there,
             # and Dynamo (torch 2.14) then drops what that module's other hooks did.
             hooks.stop_after_block(self.detect_layer)
-
-    def _keep_activations(self, layer: int):
-        # The model's own tensor, held until the batch's statistics are in: nothing reads or writes
-        # it after the MLP's output projection. Copying it into a buffer reused across batches
-        # measured slower (ViT-B/16, every patch an outlier: 1.17x a plain forward against 1.08x).
-        def keep(tensor):
-            self.activations[layer] = tensor
-
-        return keep
-
-    def _keep_patch_norms(self, layer: int):
-        def keep(residual):
-            self.norms[layer] = measures.patch_norms(residual, self.hook_manager.layout)   # [B, P]
-
-        return keep
 
     def run(self, batch) -> None:
         try:
