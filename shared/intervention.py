@@ -77,6 +77,10 @@ class ModifiedModel(nn.Module):
     holds the registers as they left the last block. With no neurons and ``num_registers=0`` no
     hook is placed at all, so the output is bit-identical to the model's.
 
+    ``torch.compile`` of the ModifiedModel, its ``forward_images`` or a forwarded method gives the
+    eager answer: the hooks are placed eagerly and the pass, edits included, is one graph of this
+    ModifiedModel's own. An edit that does not declare ``graph_safe`` runs eagerly instead.
+
     ``hook_manager`` is a view of the given hook manager (:meth:`HookManager.view`): the same
     sites, a layout with the test-time registers, and a ``forward_images`` that runs with them;
     analysis code takes it like any hook manager.
