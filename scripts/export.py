@@ -23,16 +23,14 @@ import torch
 from test_time_registers import ImageFolder, LegacyEdit, ModifiedModel, PaperEdit, RegisterNeurons
 from test_time_registers.data.batching import batches
 from test_time_registers.data.scenes import demo_images
-from test_time_registers.edits import NORMAL_VALUES
-from test_time_registers.export import FORMATS, export_image_model
+from test_time_registers.edits import NORMAL_VALUES, RANDOM_NORMAL_VALUES
+from test_time_registers.export import FORMATS, REPRODUCIBLE_NORMAL_VALUES, export_image_model, format_of
 from test_time_registers.registry import load_model
 
 from test_time_registers.scripts.common import (Parser, UsageError, add_model_flags, check_device, check_output_paths,
                                                 checked_neurons, new_outputs, non_negative_float, non_negative_int,
                                                 positive_int, run_main)
 
-#: Normal values drawn at random: an exported graph cannot reproduce them.
-RANDOM_NORMAL_VALUES = ("noise", "shuffled")
 SCENE_SIZE = 224
 
 
@@ -71,16 +69,13 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.force and not args.neurons:
         raise UsageError("--force only applies to --neurons")
     if args.replace in RANDOM_NORMAL_VALUES:
-        kept = ", ".join(value for value in NORMAL_VALUES if value not in RANDOM_NORMAL_VALUES)
         raise UsageError(f"--replace {args.replace} draws random values at every call, which an exported graph cannot "
-                         f"reproduce; use one of {kept}")
-    suffix = args.out.suffix.lower()
+                         f"reproduce; use one of {', '.join(REPRODUCIBLE_NORMAL_VALUES)}")
     if args.format is None:
-        by_suffix = {value: key for key, value in FORMATS.items()}
-        if suffix not in by_suffix:
+        args.format = format_of(args.out)
+        if args.format is None:
             raise UsageError(f"--out {args.out}: name the file *.onnx or *.pt2, or give --format")
-        args.format = by_suffix[suffix]
-    elif suffix != FORMATS[args.format]:
+    elif args.out.suffix.lower() != FORMATS[args.format]:
         raise UsageError(f"--out {args.out} does not end in {FORMATS[args.format]}, but --format is {args.format}: "
                          f"name it {args.out.with_suffix(FORMATS[args.format]).name}")
     if args.format == "onnx" and args.precision != "fp32":

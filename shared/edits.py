@@ -44,6 +44,8 @@ from .layout import TokenLayout, gather_parts
 
 NormalValues = Literal["zero", "mean", "only_outliers", "same", "noise", "shuffled"]
 NORMAL_VALUES = ("zero", "mean", "only_outliers", "same", "noise", "shuffled")
+#: The normal values drawn at random, from a ``torch.Generator``: neither traced nor exported.
+RANDOM_NORMAL_VALUES = ("noise", "shuffled")
 
 
 def normal_values_for(values: torch.Tensor, stats: tuple[slice, ...], mode: NormalValues,
@@ -226,10 +228,10 @@ class _MovingEdit:
         The ``noise`` and ``shuffled`` normal values draw from a ``torch.Generator``, which
         Dynamo does not trace; with them the edit runs eagerly (see :class:`ModifiedModel`).
         """
-        return self.normal_values not in ("noise", "shuffled")
+        return self.normal_values not in RANDOM_NORMAL_VALUES
 
     def _generator(self, activations: torch.Tensor, layer: int) -> torch.Generator | None:
-        if self.normal_values not in ("noise", "shuffled"):
+        if self.normal_values not in RANDOM_NORMAL_VALUES:
             return None
         return torch.Generator(device=activations.device).manual_seed(self.seed * 1_000_003 + layer)
 

@@ -48,11 +48,14 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import (ExportError, ExportMismatchError, InvalidArgumentError, InvalidArgumentTypeError,
                      MissingDependencyError, TestTimeRegistersError, first_line)
+from .edits import NORMAL_VALUES, RANDOM_NORMAL_VALUES
 from .intervention import ModifiedModel
 
 Format = Literal["onnx", "pt2"]
 OnnxExporter = Literal["auto", "dynamo", "torchscript"]
 
+#: The normal values an exported graph reproduces: all but the random ones.
+REPRODUCIBLE_NORMAL_VALUES = tuple(value for value in NORMAL_VALUES if value not in RANDOM_NORMAL_VALUES)
 #: Each format and the suffix its file must have.
 FORMATS: dict[str, str] = {"onnx": ".onnx", "pt2": ".pt2"}
 #: The name of the exported model's input, and of its dynamic dimension.
@@ -221,14 +224,19 @@ def export_image_model(modified: ModifiedModel, out: str | os.PathLike, *, forma
 
 # ---- checks before any work --------------------------------------------------------------------
 
+def format_of(path: str | os.PathLike) -> str | None:
+    """The format a file's suffix names (``"onnx"`` for ``*.onnx``, ``"pt2"`` for ``*.pt2``), or None."""
+    suffix = Path(path).suffix.lower()
+    return next((format for format, expected in FORMATS.items() if suffix == expected), None)
+
+
 def _check_format(format: str | None, out: Path) -> str:
     suffix = out.suffix.lower()
     if format is None:
-        by_suffix = {value: key for key, value in FORMATS.items()}
-        if suffix not in by_suffix:
+        format = format_of(out)
+        if format is None:
             raise InvalidArgumentError(f"cannot tell the format from {out.name!r}: name the file *.onnx or *.pt2, "
                                        "or give format='onnx' or 'pt2'")
-        format = by_suffix[suffix]
     if format not in FORMATS:
         raise InvalidArgumentError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if suffix != FORMATS[format]:
@@ -261,7 +269,8 @@ def _check_edit(modified: ModifiedModel) -> None:
     if not getattr(edit, "graph_safe", False):
         raise ExportError(f"the edit {edit!r} is not graph_safe, so an export could not reproduce it (random normal "
                           "values, or a callable that does not declare graph_safe = True); export with PaperEdit() "
-                          "or LegacyEdit() and normal values zero, mean, only_outliers or same")
+                          f"or LegacyEdit() and normal values {', '.join(REPRODUCIBLE_NORMAL_VALUES[:-1])} or "
+                          f"{REPRODUCIBLE_NORMAL_VALUES[-1]}")
 
 
 def _check_precision(modified: ModifiedModel, format: str) -> None:
